@@ -1,0 +1,14 @@
+//! sluice: the agent library. The `sluice` binary (`main.rs`) is glue over these modules.
+//!
+//! - [`config`]: the agent's TOML configuration, validated once at start.
+//! - [`intercept`]: loads and attaches the eBPF programs (aya); the only place that calls aya.
+//! - [`proxy`]: accept loop, one task per connection, target selection, upstream dialing.
+//! - [`protocol`]: one module per wire protocol (codec, no I/O) and the shared vocabulary.
+//! - [`read`]: reading the journal back: `sessions`, `replay`, `export`.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod intercept;
+pub mod protocol;
+pub mod proxy;
+pub mod read;

@@ -1,0 +1,2 @@
+//! Wire protocols: one module per protocol.
+pub mod postgres;

@@ -1,0 +1,6 @@
+//! `cargo xtask build-ebpf` (being written).
+#[derive(clap::Args)]
+pub struct Args {}
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("not yet")
+}
