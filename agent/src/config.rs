@@ -1,1 +1,302 @@
-//! (being written)
+//! The agent's configuration file (TOML), parsed and validated once at start.
+//!
+//! Everything the rest of the agent needs is resolved here into typed values (socket addresses,
+//! paths, target matches); a configuration that loads is one the agent can run with. The
+//! documented example lives in `policies/sluice.toml` and is parsed by a test below, so the
+//! example cannot drift from the code.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where the agent looks for its configuration when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/sluice/sluice.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub agent: AgentConfig,
+    #[serde(rename = "target", default)]
+    pub targets: Vec<TargetConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Where redirected connections arrive (IPv4 loopback); the same port on [::1] takes IPv6.
+    #[serde(default = "default_proxy_listen")]
+    pub proxy_listen: SocketAddr,
+    /// The cgroup v2 directory to attach to; default: the cgroup2 root (every process).
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    #[serde(default = "default_journal_dir")]
+    pub journal_dir: PathBuf,
+    /// SO_MARK on the proxy's upstream sockets; connects carrying it are never redirected.
+    #[serde(default = "default_mark")]
+    pub upstream_mark: u32,
+    /// Also exempt every process in the agent's own cgroup (run the agent in its own unit).
+    #[serde(default = "default_true")]
+    pub exempt_own_cgroup: bool,
+    /// bpffs directory where the attachments are pinned (they outlive a crashed agent, so a
+    /// crash fails closed: protected connects are refused instead of bypassing the proxy).
+    #[serde(default = "default_pin_dir")]
+    pub bpf_pin_dir: PathBuf,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Largest single protocol message accepted after authentication.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+    /// Time a client gets to send its startup message.
+    #[serde(default = "default_startup_timeout")]
+    pub startup_timeout_secs: u64,
+    /// Time allowed to connect to a backend.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Postgres,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Postgres => "postgres",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub name: String,
+    pub protocol: Protocol,
+    /// `HOST:PORT`, `[V6]:PORT`, or `*:PORT` for any address on the port.
+    #[serde(rename = "match")]
+    pub match_: Option<String>,
+    /// An explicit listener for this target (for hosts without eBPF, or clients that connect
+    /// to sluice on purpose).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Where an explicit listener's connections go (default: the exact `match` address).
+    #[serde(default)]
+    pub backend: Option<SocketAddr>,
+}
+
+/// A target's address match, resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetMatch {
+    Exact(SocketAddr),
+    AnyAddress { port: u16 },
+}
+
+/// One configured target, resolved.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// 1-based; the id the eBPF maps carry.
+    pub id: u32,
+    pub name: String,
+    pub protocol: Protocol,
+    pub matches: Option<TargetMatch>,
+    pub listen: Option<SocketAddr>,
+    pub backend: Option<SocketAddr>,
+}
+
+fn default_proxy_listen() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15432)
+}
+fn default_journal_dir() -> PathBuf {
+    PathBuf::from("/var/lib/sluice/journal")
+}
+fn default_mark() -> u32 {
+    0x5c1c_e000
+}
+fn default_true() -> bool {
+    true
+}
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/sluice")
+}
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_max_message() -> usize {
+    16 << 20
+}
+fn default_startup_timeout() -> u64 {
+    10
+}
+fn default_connect_timeout() -> u64 {
+    5
+}
+
+impl AgentConfig {
+    pub fn startup_timeout(&self) -> Duration {
+        Duration::from_secs(self.startup_timeout_secs)
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_secs)
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.targets()?;
+        Ok(config)
+    }
+
+    /// The targets, resolved and checked (unique names, a match or a listener each).
+    pub fn targets(&self) -> Result<Vec<Target>, ConfigError> {
+        if self.agent.max_message_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "agent.max_message_bytes must be at least 1024".into(),
+            ));
+        }
+        if !self.agent.proxy_listen.ip().is_loopback() || !self.agent.proxy_listen.is_ipv4() {
+            return Err(ConfigError::Invalid(format!(
+                "agent.proxy_listen must be an IPv4 loopback address, got {}",
+                self.agent.proxy_listen
+            )));
+        }
+        let mut names = HashSet::new();
+        let mut out = Vec::new();
+        for (i, t) in self.targets.iter().enumerate() {
+            if t.name.is_empty() || !names.insert(t.name.clone()) {
+                return Err(ConfigError::Invalid(format!(
+                    "target #{} needs a unique, non-empty name",
+                    i + 1
+                )));
+            }
+            let matches = t
+                .match_
+                .as_deref()
+                .map(|m| {
+                    parse_match(m)
+                        .map_err(|e| ConfigError::Invalid(format!("target {}: {e}", t.name)))
+                })
+                .transpose()?;
+            if matches.is_none() && t.listen.is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "target {} needs `match` or `listen`",
+                    t.name
+                )));
+            }
+            let backend = match (t.backend, matches) {
+                (Some(b), _) => Some(b),
+                (None, Some(TargetMatch::Exact(a))) => Some(a),
+                (None, _) => None,
+            };
+            if t.listen.is_some() && backend.is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "target {} has `listen` but no `backend` (and `match` is not one exact address)",
+                    t.name
+                )));
+            }
+            let id = u32::try_from(i + 1)
+                .map_err(|_| ConfigError::Invalid("too many targets".into()))?;
+            out.push(Target {
+                id,
+                name: t.name.clone(),
+                protocol: t.protocol,
+                matches,
+                listen: t.listen,
+                backend,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Parses `HOST:PORT`, `[V6]:PORT` or `*:PORT`.
+pub fn parse_match(text: &str) -> Result<TargetMatch, String> {
+    if let Some(port) = text.strip_prefix("*:") {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("bad port in match {text:?}"))?;
+        return Ok(TargetMatch::AnyAddress { port });
+    }
+    text.parse::<SocketAddr>()
+        .map(TargetMatch::Exact)
+        .map_err(|_| format!("match {text:?} is not HOST:PORT, [V6]:PORT or *:PORT"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/sluice.toml");
+        let config = Config::load(&path).unwrap();
+        let targets = config.targets().unwrap();
+        assert!(!targets.is_empty());
+        assert_eq!(targets[0].id, 1);
+    }
+
+    #[test]
+    fn matches_parse_exact_v6_and_any() {
+        assert_eq!(
+            parse_match("127.0.0.1:5432").unwrap(),
+            TargetMatch::Exact("127.0.0.1:5432".parse().unwrap())
+        );
+        assert_eq!(
+            parse_match("[::1]:5432").unwrap(),
+            TargetMatch::Exact("[::1]:5432".parse().unwrap())
+        );
+        assert_eq!(
+            parse_match("*:5432").unwrap(),
+            TargetMatch::AnyAddress { port: 5432 }
+        );
+        assert!(parse_match("db:5432").is_err());
+        assert!(parse_match("*:x").is_err());
+    }
+
+    #[test]
+    fn duplicate_names_and_unknown_keys_are_rejected() {
+        let text = "[agent]\n[[target]]\nname='a'\nprotocol='postgres'\nmatch='*:1'\n[[target]]\nname='a'\nprotocol='postgres'\nmatch='*:2'\n";
+        let c: Config = toml::from_str(text).unwrap();
+        assert!(c.targets().unwrap_err().to_string().contains("unique"));
+        let bad = "[agent]\nproxy_lissten='127.0.0.1:1'\n";
+        assert!(toml::from_str::<Config>(bad).is_err());
+    }
+
+    #[test]
+    fn a_listener_without_a_backend_is_rejected() {
+        let text = "[agent]\n[[target]]\nname='a'\nprotocol='postgres'\nmatch='*:1'\nlisten='127.0.0.1:7000'\n";
+        let c: Config = toml::from_str(text).unwrap();
+        assert!(
+            c.targets()
+                .unwrap_err()
+                .to_string()
+                .contains("no `backend`")
+        );
+    }
+}

@@ -1,1 +1,217 @@
-fn main() {}
+//! The `sluice` binary: command-line glue over the library. It parses arguments, sets up
+//! logging, runs one command, and prints any error once, with its chain of causes.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use sluice::config::{self, Config};
+use sluice::proxy::{self, RunOptions};
+use sluice::read;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Identity-aware, recording gateway for database connections",
+    long_about = "sluice intercepts every connection to a protected database port on this host (eBPF on \
+the cgroup v2 hierarchy), passes it through a Layer 7 proxy that records every request and every \
+response in a local journal before forwarding it, and lets you read the recordings back.\n\n\
+Run the agent as root with `sluice agent --config FILE`; read its journal with `sluice sessions`, \
+`sluice replay ID` and `sluice export`, also while it runs."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExportFormat {
+    Jsonl,
+    Csv,
+}
+
+#[derive(clap::Args)]
+struct JournalArgs {
+    /// Agent config whose `journal_dir` to read.
+    #[arg(long, short, env = "SLUICE_CONFIG", default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+    /// Journal directory to read (overrides the config's).
+    #[arg(long, short)]
+    journal: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: attach the eBPF programs, proxy and record protected connections.
+    Agent {
+        /// Config file (TOML); see policies/sluice.toml for a documented example.
+        #[arg(long, short, env = "SLUICE_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// Do not load eBPF: serve only targets with an explicit `listen` address.
+        #[arg(long)]
+        no_ebpf: bool,
+        /// Log format on stderr (filter with RUST_LOG, default info).
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
+    /// Check a config file and print the targets it protects.
+    CheckConfig {
+        #[arg(long, short, env = "SLUICE_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// List recorded sessions: id, start, end, target, uid, comm, statements, bytes.
+    Sessions {
+        #[command(flatten)]
+        journal: JournalArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a readable transcript of one session: statements, result rows, tags, errors.
+    Replay {
+        /// Session id, or a unique prefix of it.
+        id: String,
+        #[command(flatten)]
+        journal: JournalArgs,
+        /// Rows shown per result set; the rest are counted.
+        #[arg(long, default_value_t = 1000)]
+        max_rows: usize,
+    },
+    /// Export recordings: one record per statement, row, tag, error and session start/end.
+    Export {
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// Only this session (id or unique prefix).
+        #[arg(long)]
+        session: Option<String>,
+        /// Write here instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        journal: JournalArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut text = format!("sluice: error: {e}");
+            for cause in e.chain().skip(1) {
+                text.push_str(&format!("\n  caused by: {cause}"));
+            }
+            eprintln!("{text}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Agent { config, no_ebpf, log_format } => {
+            init_logging(log_format);
+            let config = Config::load(&config)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+            runtime.block_on(async {
+                let shutdown = shutdown_signal()?;
+                proxy::run(config, RunOptions { no_ebpf }, shutdown).await.map_err(anyhow::Error::from)
+            })
+        }
+        Command::CheckConfig { config } => {
+            let loaded = Config::load(&config)?;
+            println!("{}: ok", config.display());
+            for t in loaded.targets()? {
+                println!(
+                    "  target {} ({}): match {} listen {} backend {}",
+                    t.name,
+                    t.protocol.as_str(),
+                    t.matches.map(|m| format!("{m:?}")).unwrap_or_else(|| "-".into()),
+                    t.listen.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+                    t.backend.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+                );
+            }
+            Ok(())
+        }
+        Command::Sessions { journal, json } => {
+            let reader = open_reader(&journal)?;
+            let mut out = std::io::stdout().lock();
+            read::print_sessions(&reader, json, &mut out)?;
+            out.flush()?;
+            Ok(())
+        }
+        Command::Replay { id, journal, max_rows } => {
+            let reader = open_reader(&journal)?;
+            let mut out = std::io::stdout().lock();
+            read::replay(&reader, &id, &read::ReplayOptions { max_rows }, &mut out)?;
+            out.flush()?;
+            Ok(())
+        }
+        Command::Export { format, session, output, journal } => {
+            let reader = open_reader(&journal)?;
+            let format = match format {
+                ExportFormat::Jsonl => read::Format::Jsonl,
+                ExportFormat::Csv => read::Format::Csv,
+            };
+            let mut out: Box<dyn Write> = match &output {
+                Some(path) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+                )),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+            };
+            read::export(&reader, session.as_deref(), format, &mut out)?;
+            out.flush()?;
+            Ok(())
+        }
+    }
+}
+
+/// The journal directory: `--journal`, else the config's `journal_dir`, else the default.
+fn journal_dir(args: &JournalArgs) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = &args.journal {
+        return Ok(dir.clone());
+    }
+    if args.config.exists() {
+        return Ok(Config::load(&args.config)?.agent.journal_dir);
+    }
+    if args.config != Path::new(config::DEFAULT_PATH) {
+        anyhow::bail!("config file {} does not exist", args.config.display());
+    }
+    Ok(PathBuf::from("/var/lib/sluice/journal"))
+}
+
+fn open_reader(args: &JournalArgs) -> anyhow::Result<sluice_journal::Reader> {
+    let dir = journal_dir(args)?;
+    Ok(sluice_journal::Reader::open(&dir)?)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
+}

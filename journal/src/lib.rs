@@ -1,1 +1,29 @@
+//! sluice's journal: the record model and the RocksDB spool that holds it.
+//!
+//! The agent appends to it on the data path (every message is recorded **before** it is
+//! forwarded); the read commands (`sluice sessions|replay|export`) and, later, the collector
+//! read the same format through [`Reader`]. This crate is the one definition of that format:
+//! never copy it elsewhere.
+//!
+//! ```text
+//! column family  key                                   value
+//! "events"       session id (16 B, UUIDv7) ++ seq (u64 BE)   FORMAT ++ postcard(Event body + time)
+//! "sessions"     session id (16 B)                     FORMAT ++ postcard(SessionSummary)
+//! ```
+//! UUIDv7 ids sort by start time, so both families iterate in time order. A session's events
+//! are numbered from 0 without gaps; the summary is written with the start event and rewritten
+//! with the end event in the same atomic batch, so a session with no `ended_ns` is one that is
+//! still open or whose agent died (the reader then derives its counters from the events).
+//!
+//! What must never happen here: blocking on the network, holding a clear credential (the agent
+//! redacts password messages before they reach [`SessionRecorder::append`]), or a panic on a
+//! corrupt value (decoding errors are returned, naming the key).
+#![forbid(unsafe_code)]
 
+mod model;
+mod store;
+
+pub use model::{
+    Body, Direction, Event, NoteLevel, ProcessInfo, SessionId, SessionStart, SessionSummary, now_ns,
+};
+pub use store::{Journal, JournalError, Reader, SessionRecorder};

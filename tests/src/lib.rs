@@ -1,1 +1,500 @@
+//! The end-to-end harness: real PostgreSQL servers, real cgroups, the real `sluice` binary and
+//! real clients, each in a temporary directory and on free loopback ports. Used by the tests in
+//! `tests/tests/`, and by `cargo xtask demo` and `cargo xtask bench`.
+//!
+//! Everything started here is stopped when its handle drops (servers get SIGTERM, then SIGKILL
+//! after a bounded wait; cgroups are removed), so a failing test leaves nothing running.
+//! Every wait is bounded. Tests that need root call [`require_root`]: outside CI they print a
+//! loud SKIPPED line and return; under `CI=true` they fail.
 
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv6Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// The uid/gid intercepted clients run as in tests (`nobody`), so the recorded uid is not root's.
+pub const CLIENT_UID: u32 = 65534;
+
+/// True when running as root. Otherwise prints why the test is skipped, or panics under CI.
+pub fn require_root(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test} needs root (eBPF, cgroups) and CI=true: refusing to skip");
+    }
+    eprintln!("\n*** SKIPPED {test}: needs root (eBPF, cgroups). Run `sudo cargo xtask test`. ***\n");
+    false
+}
+
+fn is_root() -> bool {
+    // The effective uid, read from /proc so the harness needs no unsafe libc call.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A free TCP port on 127.0.0.1 that is also free on [::1].
+pub fn free_port() -> u16 {
+    for _ in 0..100 {
+        let Ok(l) = TcpListener::bind("127.0.0.1:0") else { continue };
+        let Ok(addr) = l.local_addr() else { continue };
+        if TcpListener::bind(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())).is_ok() {
+            return addr.port();
+        }
+    }
+    panic!("no free loopback port found in 100 tries");
+}
+
+/// The directory holding PostgreSQL's server binaries (initdb, postgres, pg_ctl).
+pub fn pg_bin_dir() -> anyhow::Result<PathBuf> {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("PostgreSQL is not installed (/usr/lib/postgresql missing): apt-get install postgresql")?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("postgres").exists())
+        .collect();
+    versions.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    versions.pop().context("no PostgreSQL server binaries under /usr/lib/postgresql/*/bin")
+}
+
+/// A throwaway PostgreSQL server: initdb in a temp dir, trust auth, listening on 127.0.0.1 and
+/// ::1 on a free port. Runs as the `postgres` OS user when started as root.
+pub struct Postgres {
+    pub port: u16,
+    pub bin: PathBuf,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Postgres {
+    pub fn start() -> anyhow::Result<Postgres> {
+        let bin = pg_bin_dir()?;
+        let dir = tempfile::Builder::new().prefix("sluice-pg-").tempdir().context("temp dir")?;
+        let data = dir.path().join("data");
+        let sock = dir.path().join("sock");
+        std::fs::create_dir_all(&sock)?;
+        let as_root = is_root();
+        if as_root {
+            run_ok(Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()))?;
+        }
+        let initdb = user_cmd(as_root, &bin.join("initdb"));
+        run_ok(initdb_args(initdb, &data))?;
+        let port = free_port();
+        let mut postgres = user_cmd(as_root, &bin.join("postgres"));
+        postgres
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-k"])
+            .arg(&sock)
+            .args(["-c", "listen_addresses=127.0.0.1,::1", "-c", "fsync=off", "-c", "max_connections=200"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(dir.path().join("postgres.log"))?));
+        let child = postgres.spawn().context("cannot start postgres")?;
+        let pg = Postgres { port, bin, child: Some(child), dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = Command::new(pg.bin.join("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q"])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ready {
+                return Ok(pg);
+            }
+            if Instant::now() > deadline {
+                bail!("postgres did not become ready in 30 s; log:\n{}", pg.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+
+    /// The server's own address for clients.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Runs SQL directly (not intercepted: the test process is outside the test cgroup).
+    pub fn sql(&self, sql: &str) -> anyhow::Result<String> {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres", "-p"])
+            .arg(self.port.to_string())
+            .args(["-d", "postgres", "-c", sql])
+            .output()?;
+        if !out.status.success() {
+            bail!("psql failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+fn initdb_args(mut cmd: Command, data: &Path) -> Command {
+    cmd.arg("-D").arg(data).args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]);
+    cmd.stdout(Stdio::null());
+    cmd
+}
+
+/// A command run as the `postgres` OS user when we are root (PostgreSQL refuses root).
+fn user_cmd(as_root: bool, program: &Path) -> Command {
+    if as_root {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            stop(child, "postgres");
+        }
+    }
+}
+
+/// Sends SIGTERM, waits up to 10 s, then SIGKILL.
+fn stop(mut child: Child, what: &str) {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("{what} did not stop within 10 s of SIGTERM: killing it");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn run_ok(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// The cgroup2 mount point, from /proc/self/mountinfo.
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    for line in info.lines() {
+        // ... mount-point ... - fstype source options
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        if right.split_whitespace().next() == Some("cgroup2") {
+            if let Some(mount) = left.split_whitespace().nth(4) {
+                return Ok(PathBuf::from(mount));
+            }
+        }
+    }
+    bail!("no cgroup2 mount in /proc/self/mountinfo")
+}
+
+/// A cgroup created for one test and removed when dropped.
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn create(name: &str) -> anyhow::Result<Cgroup> {
+        let path = cgroup2_root()?.join(format!("sluice-test-{name}-{}", std::process::id()));
+        if path.exists() {
+            let _ = std::fs::remove_dir(&path);
+        }
+        std::fs::create_dir(&path).with_context(|| format!("cannot create cgroup {}", path.display()))?;
+        Ok(Cgroup { path })
+    }
+
+    /// A command that moves itself into this cgroup, drops to `uid` (when given), then runs
+    /// `program args...` (exec all the way, so pid and comm are the program's own).
+    pub fn command(&self, uid: Option<u32>, program: &str) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
+            .arg(&self.path);
+        if let Some(uid) = uid {
+            c.args(["setpriv", &format!("--reuid={uid}"), &format!("--regid={uid}"), "--clear-groups", "--"]);
+        }
+        c.arg(program);
+        c
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Processes that exited leave the cgroup on their own; give stragglers a moment.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("could not remove cgroup {}", self.path.display());
+    }
+}
+
+/// The `sluice` binary built from this workspace.
+pub fn sluice_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("SLUICE_BIN") {
+        return PathBuf::from(p);
+    }
+    // target/<profile>/deps/<test-binary> -> target/<profile>/sluice
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("sluice");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build --workspace --bins`; `cargo xtask test` does) or set SLUICE_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// Options for a test agent.
+pub struct AgentOptions {
+    pub cgroup: Option<PathBuf>,
+    pub targets: Vec<String>,
+    pub exempt_own_cgroup: bool,
+    pub no_ebpf: bool,
+    /// Run the agent itself inside this cgroup (to prove its upstream connects are exempt).
+    pub run_in_cgroup: Option<PathBuf>,
+    pub max_message_bytes: usize,
+    /// bpffs pin directory (default: unique to this agent).
+    pub pin_dir: Option<String>,
+    /// The `sluice` binary (default: [`sluice_bin`]).
+    pub bin: Option<PathBuf>,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            cgroup: None,
+            targets: Vec::new(),
+            exempt_own_cgroup: true,
+            no_ebpf: false,
+            run_in_cgroup: None,
+            max_message_bytes: 16 << 20,
+            pin_dir: None,
+            bin: None,
+        }
+    }
+}
+
+/// A running `sluice agent` with its own config, journal and pin dir.
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    pub proxy_port: u16,
+    pub config: PathBuf,
+    bin: PathBuf,
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+}
+
+/// A `[[target]]` table for a PostgreSQL target.
+pub fn pg_target(name: &str, matches: &str) -> String {
+    format!("[[target]]\nname = \"{name}\"\nprotocol = \"postgres\"\nmatch = \"{matches}\"\n")
+}
+
+impl Agent {
+    pub fn start(options: AgentOptions) -> anyhow::Result<Agent> {
+        let dir = tempfile::Builder::new().prefix("sluice-agent-").tempdir()?;
+        let proxy_port = free_port();
+        let pin = options
+            .pin_dir
+            .clone()
+            .unwrap_or_else(|| format!("/sys/fs/bpf/sluice-test-{}-{proxy_port}", std::process::id()));
+        let mut text = format!(
+            "[agent]\nproxy_listen = \"127.0.0.1:{proxy_port}\"\njournal_dir = \"{}\"\nbpf_pin_dir = \"{pin}\"\nexempt_own_cgroup = {}\nmax_message_bytes = {}\n",
+            dir.path().join("journal").display(),
+            options.exempt_own_cgroup,
+            options.max_message_bytes,
+        );
+        if let Some(cg) = &options.cgroup {
+            text.push_str(&format!("cgroup = \"{}\"\n", cg.display()));
+        }
+        for t in &options.targets {
+            text.push_str(t);
+        }
+        let config = dir.path().join("sluice.toml");
+        std::fs::write(&config, text)?;
+
+        let bin = options.bin.clone().unwrap_or_else(sluice_bin);
+        let mut cmd = match &options.run_in_cgroup {
+            Some(cg) => {
+                let mut c = Command::new("sh");
+                c.arg("-c").arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"").arg(cg).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        cmd.arg("agent").arg("--config").arg(&config);
+        if options.no_ebpf {
+            cmd.arg("--no-ebpf");
+        }
+        cmd.env("RUST_LOG", "info,sluice=debug").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("cannot start sluice agent")?;
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        if let Some(stderr) = child.stderr.take() {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("sluice agent ready") {
+                        let _ = tx.send(());
+                    }
+                    if std::env::var_os("SLUICE_TEST_LOG").is_some() {
+                        eprintln!("[agent] {line}");
+                    }
+                    if let Ok(mut l) = log.lock() {
+                        l.push_str(&line);
+                        l.push('\n');
+                    }
+                }
+            });
+        }
+        let mut agent = Agent { dir, proxy_port, config, bin, child: Some(child), log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if rx.recv_timeout(Duration::from_millis(100)).is_ok() {
+                return Ok(agent);
+            }
+            if let Some(c) = agent.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    std::thread::sleep(Duration::from_millis(200));
+                    bail!("sluice agent exited ({status}) before it was ready; log:\n{}", agent.log());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("sluice agent not ready within 30 s; log:\n{}", agent.log());
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn journal_dir(&self) -> PathBuf {
+        self.dir.path().join("journal")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Stops the agent with SIGTERM and waits for it (bounded).
+    pub fn stop(&mut self) {
+        if let Some(child) = self.child.take() {
+            stop(child, "sluice agent");
+        }
+    }
+
+    /// Runs a `sluice` read command against this agent's journal and returns its stdout.
+    pub fn read(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(&self.bin)
+            .args(args)
+            .arg("--journal")
+            .arg(self.journal_dir())
+            .output()?;
+        if !out.status.success() {
+            bail!("sluice {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `sluice sessions --json`, parsed.
+    pub fn sessions(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let text = self.read(&["sessions", "--json"])?;
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    }
+
+    /// `sluice export --format jsonl`, parsed.
+    pub fn export(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let text = self.read(&["export", "--format", "jsonl"])?;
+        text.lines().map(|l| serde_json::from_str(l).map_err(anyhow::Error::from)).collect()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Output of a finished client process.
+pub struct Output {
+    pub status: std::process::ExitStatus,
+    pub pid: u32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `cmd` to completion within `timeout`, killing it after that.
+pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Output> {
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => {
+            let out = out?;
+            Ok(Output {
+                status: out.status,
+                pid,
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            })
+        }
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            bail!("{cmd:?} did not finish within {timeout:?}: killed")
+        }
+    }
+}
+
+/// psql arguments for an unattended run against `host:port` as `postgres`.
+pub fn psql_args(host: &str, port: u16, sql: &str) -> Vec<String> {
+    vec![
+        "-X".into(),
+        "-A".into(),
+        "-t".into(),
+        "-v".into(),
+        "ON_ERROR_STOP=1".into(),
+        "-h".into(),
+        host.into(),
+        "-p".into(),
+        port.to_string(),
+        "-U".into(),
+        "postgres".into(),
+        "-d".into(),
+        "postgres".into(),
+        "-c".into(),
+        sql.into(),
+    ]
+}

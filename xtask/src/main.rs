@@ -1,7 +1,11 @@
 //! `cargo xtask`: the project's own tasks (build the eBPF object, demo, tests, benchmarks).
 //! Each subcommand lives in its own module; this file only dispatches.
 
+mod bench;
+mod demo;
 mod ebpf;
+mod test;
+mod util;
 
 use clap::{Parser, Subcommand};
 
@@ -16,10 +20,19 @@ struct Cli {
 enum Command {
     /// Rebuild agent-ebpf/sluice.bpf.o with clang-19 (`--check`: fail if the committed object is stale).
     BuildEbpf(ebpf::Args),
+    /// Run every test: the eBPF object check, unit tests, and the end-to-end tests (as root).
+    Test(test::Args),
+    /// Start a throwaway PostgreSQL and the agent, run psql through it, print the replay.
+    Demo(demo::Args),
+    /// pgbench -S direct vs through sluice (1 and 8 clients), with ratios.
+    Bench(bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::BuildEbpf(args) => ebpf::run(args),
+        Command::Test(args) => test::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

@@ -1,1 +1,323 @@
-//! (being written)
+//! The proxy: listeners, the accept loop, one task per connection, and shutdown.
+//!
+//! Two kinds of listener feed the same path:
+//! - the **redirect listener** (`agent.proxy_listen`, and [::1] on the same port), where the eBPF
+//!   programs send every protected connect; the accepted connection's 4-tuple finds the record
+//!   the kernel saved in `connect()` (original destination, process identity, target id);
+//! - **explicit listeners** (`target.listen`), for clients that connect to sluice on purpose and
+//!   for hosts without eBPF (`--no-ebpf`); their target and backend come from the config.
+//!
+//! Shutdown follows mini-redis: a broadcast tells every task to stop, each connection task holds
+//! a clone of an `mpsc::Sender` so that dropping the last one means all have sealed their
+//! sessions, and a semaphore bounds concurrent connections. Accept loops stop first (new
+//! redirected connects are then refused), sessions are sealed, and the eBPF programs are
+//! detached last.
+//!
+//! This module never parses protocol bytes: that is `postgres.rs` (and later one file per
+//! protocol) on top of `protocol::`.
+
+mod postgres;
+mod upstream;
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use sluice_journal::{Journal, ProcessInfo};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, broadcast, mpsc};
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::config::{Config, Protocol, Target, TargetMatch};
+use crate::intercept::{self, ConnTable, InterceptConfig, Interceptor, Match};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Journal(#[from] sluice_journal::JournalError),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up eBPF interception (run as root, or use --no-ebpf with explicit listeners)")]
+    Intercept(#[from] intercept::InterceptError),
+}
+
+/// How the agent runs.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Do not load eBPF; serve only the targets' explicit listeners.
+    pub no_ebpf: bool,
+}
+
+/// What every connection task shares.
+pub(crate) struct Shared {
+    pub config: crate::config::AgentConfig,
+    pub targets: Vec<Target>,
+    pub journal: Journal,
+    pub conns: Option<ConnTable>,
+}
+
+impl Shared {
+    fn target(&self, id: u32) -> Option<&Target> {
+        self.targets.iter().find(|t| t.id == id)
+    }
+}
+
+/// Where an accepted connection came in.
+#[derive(Debug, Clone, Copy)]
+enum Entry {
+    Redirect,
+    Explicit { target_id: u32 },
+}
+
+/// A connection whose destination and origin are known.
+pub(crate) struct Routed {
+    pub target: Target,
+    pub backend: SocketAddr,
+    pub orig_dst: SocketAddr,
+    pub client_addr: SocketAddr,
+    pub process: Option<ProcessInfo>,
+    pub connected_at: Option<SystemTime>,
+}
+
+/// Runs the agent until `shutdown` resolves, then seals every session and detaches.
+pub async fn run(
+    config: Config,
+    options: RunOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ProxyError> {
+    let targets = config.targets()?;
+    std::fs::create_dir_all(&config.agent.journal_dir).map_err(|source| ProxyError::Listen {
+        addr: config.agent.proxy_listen,
+        source,
+    })?;
+    let journal = Journal::open(&config.agent.journal_dir)?;
+
+    let mut listeners: Vec<(TcpListener, Entry)> = Vec::new();
+    let mut interceptor = None;
+    if !options.no_ebpf {
+        let v4 = config.agent.proxy_listen;
+        listeners.push((bind(v4).await?, Entry::Redirect));
+        let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), v4.port());
+        match bind(v6).await {
+            Ok(l) => listeners.push((l, Entry::Redirect)),
+            Err(e) => warn!(error = %e, "no IPv6 loopback: IPv6 clients of protected targets will be refused"),
+        }
+        let matches = intercept_matches(&targets)?;
+        let cgroup = match &config.agent.cgroup {
+            Some(c) => c.clone(),
+            None => intercept::cgroup2_root()?,
+        };
+        let exempt_cgroup_id = if config.agent.exempt_own_cgroup { Some(intercept::own_cgroup_id()?) } else { None };
+        let cfg = InterceptConfig {
+            cgroup: cgroup.clone(),
+            proxy_port: v4.port(),
+            mark: config.agent.upstream_mark,
+            exempt_cgroup_id,
+            pin_dir: config.agent.bpf_pin_dir.clone(),
+        };
+        let attached = Interceptor::attach(&cfg, &matches)?;
+        info!(cgroup = %cgroup.display(), protected = matches.len(), exempt_cgroup_id, "eBPF interception attached");
+        interceptor = Some(attached);
+    }
+    for t in &targets {
+        match t.listen {
+            Some(addr) => listeners.push((bind(addr).await?, Entry::Explicit { target_id: t.id })),
+            None if options.no_ebpf => {
+                warn!(target = %t.name, "target has no `listen` address: unreachable without eBPF")
+            }
+            None => {}
+        }
+    }
+
+    let shared = Arc::new(Shared {
+        config: config.agent.clone(),
+        targets,
+        journal,
+        conns: interceptor.as_ref().map(Interceptor::connections),
+    });
+    let (stop_tx, _) = broadcast::channel::<()>(1);
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let limit = Arc::new(Semaphore::new(shared.config.max_connections.max(1)));
+
+    let mut accept_tasks = Vec::new();
+    for (listener, entry) in listeners {
+        let addr = listener.local_addr().map_err(|source| ProxyError::Listen { addr: config.agent.proxy_listen, source })?;
+        info!(%addr, ?entry, "listening");
+        accept_tasks.push(tokio::spawn(accept_loop(
+            listener,
+            entry,
+            shared.clone(),
+            limit.clone(),
+            stop_tx.clone(),
+            done_tx.clone(),
+        )));
+    }
+    drop(done_tx);
+    info!(targets = shared.targets.len(), ebpf = !options.no_ebpf, "sluice agent ready");
+
+    shutdown.await;
+    info!("shutting down: sealing open sessions");
+    let _ = stop_tx.send(());
+    for task in accept_tasks {
+        let _ = task.await;
+    }
+    drop(stop_tx);
+    // Every connection task holds a Sender; recv() returns None once all have finished.
+    if tokio::time::timeout(Duration::from_secs(10), done_rx.recv()).await.is_err() {
+        warn!("some sessions did not finish within 10 s of shutdown");
+    }
+    if let Some(i) = interceptor {
+        match i.counters() {
+            Ok(c) => info!(counters = ?c, "eBPF counters at shutdown"),
+            Err(e) => warn!(error = %e, "cannot read eBPF counters"),
+        }
+        i.detach()?;
+        info!("eBPF interception detached");
+    }
+    info!("sluice agent stopped");
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+    TcpListener::bind(addr).await.map_err(|source| ProxyError::Listen { addr, source })
+}
+
+/// The eBPF map entries for the configured targets. A backend on this host is reachable
+/// through every local address (loopback, unspecified, each interface address), so an exact
+/// match on any of them protects all of them: otherwise `127.0.0.2` or the host's own address
+/// would be a way around the proxy.
+fn intercept_matches(targets: &[Target]) -> Result<Vec<(Match, u32)>, ProxyError> {
+    let locals = intercept::local_addresses()?;
+    let mut out = Vec::new();
+    for t in targets {
+        match t.matches {
+            Some(TargetMatch::Exact(addr)) => {
+                let ip = addr.ip();
+                let local = ip.is_loopback() || ip.is_unspecified() || locals.contains(&ip);
+                out.push((Match::Exact(addr), t.id));
+                if local {
+                    out.push((Match::AnyLocal { port: addr.port() }, t.id));
+                    for l in &locals {
+                        out.push((Match::Exact(SocketAddr::new(*l, addr.port())), t.id));
+                    }
+                }
+            }
+            Some(TargetMatch::AnyAddress { port }) => out.push((Match::Any { port }, t.id)),
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    entry: Entry,
+    shared: Arc<Shared>,
+    limit: Arc<Semaphore>,
+    stop: broadcast::Sender<()>,
+    done: mpsc::Sender<()>,
+) {
+    let mut stopping = stop.subscribe();
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stopping.recv() => return,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopping.recv() => return,
+        };
+        let shared = shared.clone();
+        let mut conn_stop = stop.subscribe();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _done = done;
+            handle(stream, peer, entry, &shared, &mut conn_stop).await;
+        });
+    }
+}
+
+async fn handle(stream: TcpStream, peer: SocketAddr, entry: Entry, shared: &Shared, stop: &mut broadcast::Receiver<()>) {
+    let _ = stream.set_nodelay(true);
+    let local = match stream.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            debug!(error = %e, %peer, "connection gone before it could be routed");
+            return;
+        }
+    };
+    let routed = match route(peer, local, entry, shared).await {
+        Some(r) => r,
+        None => return,
+    };
+    let span = info_span!("session", target = %routed.target.name, client = %peer, session = tracing::field::Empty);
+    match routed.target.protocol {
+        Protocol::Postgres => postgres::serve(stream, routed, shared, stop).instrument(span).await,
+    }
+}
+
+async fn route(peer: SocketAddr, local: SocketAddr, entry: Entry, shared: &Shared) -> Option<Routed> {
+    match entry {
+        Entry::Explicit { target_id } => {
+            let target = shared.target(target_id)?.clone();
+            let backend = target.backend?;
+            Some(Routed { target, backend, orig_dst: local, client_addr: peer, process: None, connected_at: None })
+        }
+        Entry::Redirect => {
+            let conns = shared.conns.as_ref()?;
+            // The sockops program stores the record before the client's ACK, so it is there
+            // by the time accept() returns; the retries only cover an unexpected delay.
+            let mut record = None;
+            for _ in 0..20 {
+                match conns.take(peer, local) {
+                    Ok(Some(r)) => {
+                        record = Some(r);
+                        break;
+                    }
+                    Ok(None) => tokio::time::sleep(Duration::from_millis(1)).await,
+                    Err(e) => {
+                        error!(error = %e, %peer, "cannot read the interception record");
+                        return None;
+                    }
+                }
+            }
+            let Some(record) = record else {
+                warn!(%peer, %local, "connection to the redirect port without an interception record: closed");
+                return None;
+            };
+            let Some(target) = shared.target(record.target_id).cloned() else {
+                warn!(%peer, target_id = record.target_id, "interception record names an unknown target: closed");
+                return None;
+            };
+            Some(Routed {
+                target,
+                backend: record.orig_dst,
+                orig_dst: record.orig_dst,
+                client_addr: peer,
+                process: Some(ProcessInfo {
+                    uid: record.uid,
+                    gid: record.gid,
+                    pid: record.pid,
+                    comm: record.comm.clone(),
+                    cgroup_id: record.cgroup_id,
+                }),
+                connected_at: Some(record.connected_at),
+            })
+        }
+    }
+}

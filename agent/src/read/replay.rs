@@ -1,0 +1,180 @@
+//! `sluice replay ID`: a readable transcript of one session.
+//!
+//! ```text
+//! 08:01:02.123456  > select id, email from users where id = $1   [$1 = '7']
+//! 08:01:02.124001  < id | email
+//!                    ---+------------------
+//!                    7  | ada@example.com
+//!                    (1 row)
+//!                    SELECT 1
+//! 08:01:02.130000  ! ERROR 42P01: relation "nope" does not exist
+//! ```
+//! Result rows are buffered per result set (to align the table) up to `max_rows`; the rest is
+//! counted, not printed, so memory stays bounded on huge results.
+
+use std::io::Write;
+
+use sluice_journal::{Body, NoteLevel, Reader};
+
+use super::{Decoder, ReadError, rfc3339};
+use crate::protocol::Item;
+
+pub struct ReplayOptions {
+    /// Rows shown per result set; the rest are counted.
+    pub max_rows: usize,
+}
+
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        ReplayOptions { max_rows: 1000 }
+    }
+}
+
+/// A result set being collected for display.
+#[derive(Default)]
+struct Table {
+    columns: Vec<String>,
+    rows: Vec<Vec<String>>,
+    hidden: u64,
+    total: u64,
+    ts: Option<u64>,
+}
+
+pub fn replay(reader: &Reader, id: &str, options: &ReplayOptions, out: &mut dyn Write) -> Result<(), ReadError> {
+    let summary = reader.find(id)?;
+    let s = &summary.start;
+    writeln!(out, "session {}  target {} ({})  to {}  from {}", summary.id, s.target, s.protocol, s.orig_dst, s.client_addr)?;
+    match &s.process {
+        Some(p) => writeln!(out, "process uid {} gid {} pid {} comm {} cgroup {}", p.uid, p.gid, p.pid, p.comm, p.cgroup_id)?,
+        None => writeln!(out, "process (explicit listener: not known)")?,
+    }
+    if !s.params.is_empty() {
+        let params: Vec<String> = s.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        writeln!(out, "startup {}", params.join(" "))?;
+    }
+    writeln!(
+        out,
+        "started {}  ended {}",
+        rfc3339(summary.started_ns),
+        match (summary.ended_ns, &summary.end_reason) {
+            (Some(t), Some(r)) => format!("{} ({r})", rfc3339(t)),
+            (Some(t), None) => rfc3339(t),
+            _ => "(open, or not sealed)".into(),
+        }
+    )?;
+    writeln!(out)?;
+
+    let mut decoder = Decoder::for_protocol(&s.protocol);
+    let mut table: Option<Table> = None;
+    for event in reader.events(&summary.id)? {
+        let event = event?;
+        match &event.body {
+            Body::Note { level, text } => {
+                let mark = match level {
+                    NoteLevel::Info => "*",
+                    NoteLevel::Warning | NoteLevel::Error => "!",
+                };
+                writeln!(out, "{}  {mark} sluice: {text}", clock(event.ts_ns))?;
+            }
+            Body::End { reason } => {
+                flush(&mut table, out)?;
+                writeln!(out, "{}  = session ended: {reason}", clock(event.ts_ns))?;
+            }
+            _ => {}
+        }
+        for item in decoder.items(&event) {
+            match item {
+                Item::Columns(columns) => {
+                    flush(&mut table, out)?;
+                    table = Some(Table { columns, ts: Some(event.ts_ns), ..Table::default() });
+                }
+                Item::Row(values) => {
+                    let t = table.get_or_insert_with(|| Table { ts: Some(event.ts_ns), ..Table::default() });
+                    t.total += 1;
+                    if t.rows.len() < options.max_rows {
+                        t.rows.push(values.into_iter().map(|v| v.unwrap_or_else(|| "NULL".into())).collect());
+                    } else {
+                        t.hidden += 1;
+                    }
+                }
+                Item::Complete { tag } => {
+                    let ts = table.as_ref().and_then(|t| t.ts).unwrap_or(event.ts_ns);
+                    if table.is_some() {
+                        flush(&mut table, out)?;
+                        writeln!(out, "{:15}    {tag}", "")?;
+                    } else {
+                        writeln!(out, "{}  < {tag}", clock(ts))?;
+                    }
+                }
+                Item::Statement { sql, params } => {
+                    flush(&mut table, out)?;
+                    let mut line = format!("{}  > {}", clock(event.ts_ns), sql.trim());
+                    if !params.is_empty() {
+                        let shown: Vec<String> = params
+                            .iter()
+                            .enumerate()
+                            .map(|(i, p)| match p {
+                                Some(v) => format!("${} = '{v}'", i + 1),
+                                None => format!("${} = NULL", i + 1),
+                            })
+                            .collect();
+                        line.push_str(&format!("   [{}]", shown.join(", ")));
+                    }
+                    writeln!(out, "{line}")?;
+                }
+                Item::Error { code, message } => {
+                    flush(&mut table, out)?;
+                    writeln!(out, "{}  ! ERROR {code}: {message}", clock(event.ts_ns))?;
+                }
+                Item::Notice { code, message } => writeln!(out, "{}  ~ NOTICE {code}: {message}", clock(event.ts_ns))?,
+                Item::Notification { channel, payload } => {
+                    writeln!(out, "{}  ~ NOTIFY {channel}: {payload}", clock(event.ts_ns))?
+                }
+            }
+        }
+    }
+    flush(&mut table, out)?;
+    Ok(())
+}
+
+/// Time of day with microseconds, UTC.
+fn clock(ns: u64) -> String {
+    let full = rfc3339(ns);
+    // 2026-11-28T08:01:02.123456789Z -> 08:01:02.123456
+    full.get(11..26).map(str::to_string).unwrap_or(full)
+}
+
+fn flush(table: &mut Option<Table>, out: &mut dyn Write) -> Result<(), ReadError> {
+    let Some(t) = table.take() else { return Ok(()) };
+    let ncols = t.columns.len().max(t.rows.iter().map(Vec::len).max().unwrap_or(0));
+    let mut widths = vec![0usize; ncols];
+    for (i, c) in t.columns.iter().enumerate() {
+        widths[i] = widths[i].max(c.chars().count());
+    }
+    for row in &t.rows {
+        for (i, v) in row.iter().enumerate() {
+            widths[i] = widths[i].max(v.chars().count());
+        }
+    }
+    let line = |cells: &[String]| -> String {
+        let padded: Vec<String> = (0..ncols)
+            .map(|i| {
+                let v = cells.get(i).map(String::as_str).unwrap_or("");
+                format!("{v:<w$}", w = widths[i])
+            })
+            .collect();
+        padded.join(" | ").trim_end().to_string()
+    };
+    let ts = t.ts.map(clock).unwrap_or_default();
+    writeln!(out, "{ts:15}  < {}", line(&t.columns))?;
+    let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+    writeln!(out, "{:15}    {}", "", rule.join("-+-"))?;
+    for row in &t.rows {
+        writeln!(out, "{:15}    {}", "", line(row))?;
+    }
+    if t.hidden > 0 {
+        writeln!(out, "{:15}    ... {} more rows not shown (--max-rows)", "", t.hidden)?;
+    }
+    writeln!(out, "{:15}    ({} row{})", "", t.total, if t.total == 1 { "" } else { "s" })?;
+    Ok(())
+}

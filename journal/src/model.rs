@@ -1,0 +1,149 @@
+//! The journal's record model: what a session is made of, independent of storage.
+//!
+//! Wire data is kept as the exact bytes that crossed the proxy (`Body::Client`, `Body::Server`):
+//! recording is a copy, and replay/export decode later with the protocol's own decoder, so a
+//! better parser can always be re-run on exactly what was sent. Everything the agent itself
+//! decided or observed (a refusal, a malformed message, an unreachable backend) is a `Note`.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A recorded session's id: a UUIDv7, so ids sort by start time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SessionId(pub Uuid);
+
+impl SessionId {
+    pub fn new() -> SessionId {
+        SessionId(Uuid::now_v7())
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        self.0.as_bytes()
+    }
+}
+
+impl Default for SessionId {
+    fn default() -> Self {
+        SessionId::new()
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for SessionId {
+    type Err = uuid::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s).map(SessionId)
+    }
+}
+
+/// Who opened the connection, as the kernel saw it in `connect()`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+}
+
+/// The first event of every session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionStart {
+    /// The configured target's name.
+    pub target: String,
+    /// "postgres", "mysql", ...
+    pub protocol: String,
+    /// Where the client was going (the address it passed to connect()).
+    pub orig_dst: String,
+    /// The client's address as the proxy saw it.
+    pub client_addr: String,
+    /// Present when the connection was intercepted by eBPF; absent on an explicit listener.
+    pub process: Option<ProcessInfo>,
+    /// The protocol's own startup facts (PostgreSQL: user, database, application_name, ...).
+    pub params: Vec<(String, String)>,
+}
+
+impl SessionStart {
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NoteLevel {
+    Info,
+    Warning,
+    Error,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Direction {
+    Client,
+    Server,
+}
+
+/// One recorded event's content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Body {
+    Start(SessionStart),
+    /// Whole messages from the client, as received (credentials redacted), before forwarding.
+    Client(Bytes),
+    /// Whole messages from the server, exactly as forwarded to the client, before forwarding.
+    Server(Bytes),
+    /// Something the agent decided or observed.
+    Note {
+        level: NoteLevel,
+        text: String,
+    },
+    /// The last event of a session.
+    End {
+        reason: String,
+    },
+}
+
+/// One event as stored: its place in the session and when it happened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub session: SessionId,
+    pub seq: u64,
+    /// Nanoseconds since the Unix epoch.
+    pub ts_ns: u64,
+    pub body: Body,
+}
+
+/// The per-session index entry that `sluice sessions` lists.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionSummary {
+    pub id: SessionId,
+    pub start: SessionStart,
+    pub started_ns: u64,
+    /// None while the session is open, or when its agent died before sealing it.
+    pub ended_ns: Option<u64>,
+    pub end_reason: Option<String>,
+    /// Statements the client sent (simple queries and extended-protocol executions).
+    pub statements: u64,
+    pub client_bytes: u64,
+    pub server_bytes: u64,
+    pub events: u64,
+}
+
+/// Nanoseconds since the Unix epoch, now.
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,468 @@
+//! The RocksDB spool: the agent's writer ([`Journal`], [`SessionRecorder`]) and the readers'
+//! view ([`Reader`]).
+//!
+//! Writes go through RocksDB's WAL (on) without fsync: an append survives a crash of the agent
+//! (the data is in the kernel's page cache), not a power loss; batched fsync is a later,
+//! configurable step. An append is a few microseconds and is done inline on the connection's
+//! task; a RocksDB write stall therefore slows that connection, which is the intended
+//! backpressure: nothing is forwarded that was not recorded.
+//!
+//! [`Reader`] opens the same directory read-only, which works while the agent holds it open: it
+//! sees everything written up to the moment it opened.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use rocksdb::{
+    ColumnFamilyDescriptor, DB, Direction as IterDirection, IteratorMode, Options, WriteBatch,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Body, Event, NoteLevel, SessionId, SessionStart, SessionSummary, now_ns};
+
+const CF_EVENTS: &str = "events";
+const CF_SESSIONS: &str = "sessions";
+/// First byte of every stored value: the value format. Bump it when the encoding changes.
+const FORMAT: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("cannot open the journal at {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rocksdb::Error,
+    },
+    #[error("no journal at {path} (has the agent run with journal_dir set to it?)")]
+    Missing { path: PathBuf },
+    #[error("journal write failed for session {session}")]
+    Write {
+        session: SessionId,
+        #[source]
+        source: rocksdb::Error,
+    },
+    #[error("journal read failed")]
+    Read {
+        #[source]
+        source: rocksdb::Error,
+    },
+    #[error("undecodable journal value at {what}")]
+    Decode {
+        what: String,
+        #[source]
+        source: postcard::Error,
+    },
+    #[error("journal value at {what} has unknown format {format} (written by a newer sluice?)")]
+    Format { what: String, format: u8 },
+    #[error("no session matches {0:?}")]
+    NoSuchSession(String),
+    #[error("{prefix:?} matches several sessions: {candidates}")]
+    Ambiguous { prefix: String, candidates: String },
+}
+
+/// The stored form of an event (the key carries session and seq).
+#[derive(Serialize, Deserialize)]
+struct StoredEvent {
+    ts_ns: u64,
+    body: Body,
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = vec![FORMAT];
+    // Serializing our own plain data types into a Vec cannot fail.
+    match postcard::to_extend(value, out) {
+        Ok(v) => v,
+        Err(_) => vec![FORMAT],
+    }
+}
+
+fn decode<'a, T: Deserialize<'a>>(
+    bytes: &'a [u8],
+    what: impl Fn() -> String,
+) -> Result<T, JournalError> {
+    match bytes.split_first() {
+        Some((&FORMAT, rest)) => {
+            postcard::from_bytes(rest).map_err(|source| JournalError::Decode {
+                what: what(),
+                source,
+            })
+        }
+        Some((&format, _)) => Err(JournalError::Format {
+            what: what(),
+            format,
+        }),
+        None => Err(JournalError::Format {
+            what: what(),
+            format: 0,
+        }),
+    }
+}
+
+fn event_key(session: &SessionId, seq: u64) -> [u8; 24] {
+    let mut key = [0u8; 24];
+    key[..16].copy_from_slice(session.as_bytes());
+    key[16..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn options() -> Options {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    opts
+}
+
+fn descriptors() -> Vec<ColumnFamilyDescriptor> {
+    [CF_EVENTS, CF_SESSIONS]
+        .into_iter()
+        .map(|name| ColumnFamilyDescriptor::new(name, options()))
+        .collect()
+}
+
+/// The agent's handle on its journal. Cheap to clone.
+#[derive(Clone)]
+pub struct Journal {
+    db: Arc<DB>,
+}
+
+impl Journal {
+    /// Opens (creating if needed) the journal in `dir`.
+    pub fn open(dir: &Path) -> Result<Journal, JournalError> {
+        let db = DB::open_cf_descriptors(&options(), dir, descriptors()).map_err(|source| {
+            JournalError::Open {
+                path: dir.to_path_buf(),
+                source,
+            }
+        })?;
+        Ok(Journal { db: Arc::new(db) })
+    }
+
+    /// Starts recording a session: writes its start event and index entry.
+    pub fn start_session(&self, start: SessionStart) -> Result<SessionRecorder, JournalError> {
+        let id = SessionId::new();
+        let ts = now_ns();
+        let summary = SessionSummary {
+            id,
+            start: start.clone(),
+            started_ns: ts,
+            ended_ns: None,
+            end_reason: None,
+            statements: 0,
+            client_bytes: 0,
+            server_bytes: 0,
+            events: 1,
+        };
+        let recorder = SessionRecorder {
+            journal: self.clone(),
+            summary: std::sync::Mutex::new(summary),
+            seq: AtomicU64::new(0),
+            statements: AtomicU64::new(0),
+            client_bytes: AtomicU64::new(0),
+            server_bytes: AtomicU64::new(0),
+        };
+        recorder.write(Body::Start(start), true)?;
+        Ok(recorder)
+    }
+
+    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, JournalError> {
+        cf(&self.db, name)
+    }
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily, JournalError> {
+    db.cf_handle(name).ok_or_else(|| JournalError::Format {
+        what: format!("column family {name}"),
+        format: 0,
+    })
+}
+
+/// Records one session. Shared (behind an `Arc`) by the tasks that pump each direction.
+pub struct SessionRecorder {
+    journal: Journal,
+    summary: std::sync::Mutex<SessionSummary>,
+    seq: AtomicU64,
+    statements: AtomicU64,
+    client_bytes: AtomicU64,
+    server_bytes: AtomicU64,
+}
+
+impl SessionRecorder {
+    pub fn id(&self) -> SessionId {
+        self.lock_summary().id
+    }
+
+    fn lock_summary(&self) -> std::sync::MutexGuard<'_, SessionSummary> {
+        // A poisoned lock only means another task panicked mid-update of plain counters.
+        self.summary.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records whole messages from the client, carrying `statements` statements.
+    pub fn client(&self, data: Bytes, statements: u64) -> Result<(), JournalError> {
+        self.statements.fetch_add(statements, Ordering::Relaxed);
+        self.client_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.write(Body::Client(data), false)
+    }
+
+    /// Records whole messages from the server.
+    pub fn server(&self, data: Bytes) -> Result<(), JournalError> {
+        self.server_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.write(Body::Server(data), false)
+    }
+
+    pub fn note(&self, level: NoteLevel, text: impl Into<String>) -> Result<(), JournalError> {
+        self.write(
+            Body::Note {
+                level,
+                text: text.into(),
+            },
+            false,
+        )
+    }
+
+    /// Seals the session: the end event and the final index entry, in one batch.
+    pub fn end(&self, reason: impl Into<String>) -> Result<(), JournalError> {
+        let reason = reason.into();
+        {
+            let mut s = self.lock_summary();
+            s.end_reason = Some(reason.clone());
+        }
+        self.write(Body::End { reason }, true)
+    }
+
+    fn write(&self, body: Body, with_summary: bool) -> Result<(), JournalError> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let ts_ns = now_ns();
+        let ended = matches!(body, Body::End { .. });
+        let id = self.id();
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.journal.cf(CF_EVENTS)?,
+            event_key(&id, seq),
+            encode(&StoredEvent { ts_ns, body }),
+        );
+        if with_summary {
+            let mut s = self.lock_summary();
+            if ended {
+                s.ended_ns = Some(ts_ns);
+            }
+            s.statements = self.statements.load(Ordering::Relaxed);
+            s.client_bytes = self.client_bytes.load(Ordering::Relaxed);
+            s.server_bytes = self.server_bytes.load(Ordering::Relaxed);
+            s.events = seq + 1;
+            batch.put_cf(self.journal.cf(CF_SESSIONS)?, id.as_bytes(), encode(&*s));
+        }
+        self.journal
+            .db
+            .write(batch)
+            .map_err(|source| JournalError::Write {
+                session: id,
+                source,
+            })
+    }
+}
+
+/// A read-only view of a journal directory; safe to open while the agent writes to it.
+pub struct Reader {
+    db: DB,
+}
+
+impl Reader {
+    pub fn open(dir: &Path) -> Result<Reader, JournalError> {
+        if !dir.join("CURRENT").exists() {
+            return Err(JournalError::Missing {
+                path: dir.to_path_buf(),
+            });
+        }
+        let db = DB::open_cf_descriptors_read_only(&options(), dir, descriptors(), false).map_err(
+            |source| JournalError::Open {
+                path: dir.to_path_buf(),
+                source,
+            },
+        )?;
+        Ok(Reader { db })
+    }
+
+    /// Every session's index entry, oldest first. For sessions that were never sealed, the
+    /// byte and event counters are derived from the events (statements stay as last written).
+    pub fn sessions(&self) -> Result<Vec<SessionSummary>, JournalError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(cf(&self.db, CF_SESSIONS)?, IteratorMode::Start)
+        {
+            let (key, value) = item.map_err(|source| JournalError::Read { source })?;
+            let mut summary: SessionSummary = decode(&value, || format!("session {}", hex(&key)))?;
+            if summary.ended_ns.is_none() {
+                let (mut client, mut server, mut events) = (0, 0, 0);
+                for event in self.events(&summary.id)? {
+                    events += 1;
+                    match event?.body {
+                        Body::Client(b) => client += b.len() as u64,
+                        Body::Server(b) => server += b.len() as u64,
+                        _ => {}
+                    }
+                }
+                summary.client_bytes = client;
+                summary.server_bytes = server;
+                summary.events = events;
+            }
+            out.push(summary);
+        }
+        Ok(out)
+    }
+
+    /// Finds a session by its full id or a unique prefix of it.
+    pub fn find(&self, prefix: &str) -> Result<SessionSummary, JournalError> {
+        let wanted = prefix.trim().to_ascii_lowercase();
+        let matches: Vec<SessionSummary> = self
+            .sessions()?
+            .into_iter()
+            .filter(|s| !wanted.is_empty() && s.id.to_string().starts_with(&wanted))
+            .collect();
+        match matches.len() {
+            0 => Err(JournalError::NoSuchSession(prefix.to_string())),
+            1 => Ok(matches
+                .into_iter()
+                .next()
+                .ok_or_else(|| JournalError::NoSuchSession(prefix.to_string()))?),
+            _ => Err(JournalError::Ambiguous {
+                prefix: prefix.to_string(),
+                candidates: matches
+                    .iter()
+                    .map(|s| s.id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    /// A session's events in order.
+    pub fn events(
+        &self,
+        session: &SessionId,
+    ) -> Result<impl Iterator<Item = Result<Event, JournalError>> + '_, JournalError> {
+        let prefix = *session.as_bytes();
+        let session = *session;
+        let iter = self.db.iterator_cf(
+            cf(&self.db, CF_EVENTS)?,
+            IteratorMode::From(&prefix, IterDirection::Forward),
+        );
+        Ok(iter
+            .take_while(move |item| match item {
+                Ok((key, _)) => key.starts_with(&prefix),
+                Err(_) => true,
+            })
+            .map(move |item| {
+                let (key, value) = item.map_err(|source| JournalError::Read { source })?;
+                let seq = key
+                    .get(16..24)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| JournalError::Format {
+                        what: format!("event key {}", hex(&key)),
+                        format: 0,
+                    })?;
+                let stored: StoredEvent = decode(&value, || format!("event {session}/{seq}"))?;
+                Ok(Event {
+                    session,
+                    seq,
+                    ts_ns: stored.ts_ns,
+                    body: stored.body,
+                })
+            }))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::model::ProcessInfo;
+
+    fn start() -> SessionStart {
+        SessionStart {
+            target: "app-db".into(),
+            protocol: "postgres".into(),
+            orig_dst: "127.0.0.1:5432".into(),
+            client_addr: "127.0.0.1:40000".into(),
+            process: Some(ProcessInfo {
+                uid: 1000,
+                gid: 1000,
+                pid: 42,
+                comm: "psql".into(),
+                cgroup_id: 7,
+            }),
+            params: vec![("user".into(), "app".into())],
+        }
+    }
+
+    #[test]
+    fn a_sealed_session_reads_back_in_order_with_its_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let rec = journal.start_session(start()).unwrap();
+        rec.client(Bytes::from_static(b"Q\0\0\0\x0dselect 1\0"), 1)
+            .unwrap();
+        rec.server(Bytes::from_static(b"Z\0\0\0\x05I")).unwrap();
+        rec.note(NoteLevel::Info, "hello").unwrap();
+        rec.end("client closed").unwrap();
+        drop(journal);
+        drop(rec);
+
+        let reader = Reader::open(dir.path()).unwrap();
+        let sessions = reader.sessions().unwrap();
+        assert_eq!(sessions.len(), 1);
+        let s = &sessions[0];
+        assert_eq!(s.statements, 1);
+        assert_eq!(s.client_bytes, 14);
+        assert_eq!(s.server_bytes, 6);
+        assert_eq!(s.events, 5);
+        assert_eq!(s.end_reason.as_deref(), Some("client closed"));
+        let events: Vec<Event> = reader.events(&s.id).unwrap().map(|e| e.unwrap()).collect();
+        let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![0, 1, 2, 3, 4]);
+        assert!(matches!(events[0].body, Body::Start(_)));
+        assert!(matches!(events[4].body, Body::End { .. }));
+        assert_eq!(reader.find(&s.id.to_string()[..8]).unwrap().id, s.id);
+    }
+
+    #[test]
+    fn a_reader_sees_an_open_session_while_the_writer_holds_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let rec = journal.start_session(start()).unwrap();
+        rec.server(Bytes::from_static(b"Z\0\0\0\x05I")).unwrap();
+        let reader = Reader::open(dir.path()).unwrap();
+        let sessions = reader.sessions().unwrap();
+        assert_eq!(sessions.len(), 1);
+        assert_eq!(sessions[0].ended_ns, None);
+        assert_eq!(sessions[0].server_bytes, 6);
+        assert_eq!(sessions[0].events, 2);
+    }
+
+    #[test]
+    fn a_missing_journal_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Reader::open(&dir.path().join("nope")).err().unwrap();
+        assert!(err.to_string().contains("no journal at"), "{err}");
+    }
+
+    #[test]
+    fn a_corrupt_value_is_an_error_not_a_panic() {
+        let err = decode::<StoredEvent>(&[FORMAT, 0xff, 0xff, 0xff], || "x".into())
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("undecodable"));
+        let err = decode::<StoredEvent>(&[9], || "x".into()).err().unwrap();
+        assert!(err.to_string().contains("unknown format 9"));
+    }
+}

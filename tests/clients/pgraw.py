@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""A raw PostgreSQL wire client for sluice's end-to-end tests (stdlib only).
+
+It does what real clients never do on purpose: send malformed or oversized messages, hang up
+mid-message, or just report what the server (through sluice) answered. Every socket operation
+has a timeout, so a test never hangs on it.
+
+usage: pgraw.py HOST PORT MODE
+  peer        connect, print "peer <addr> <port>" from getpeername(), close
+  error       send a startup message, print "error <SQLSTATE> <message>" for the first
+              ErrorResponse (or "ok" when authentication succeeded)
+  malformed   log in, then send a message whose length field is 2 (invalid)
+  oversized   log in, then announce a 64 MiB Query
+  huge-startup  send a startup packet that claims 1 MiB
+  midmessage  log in, send half of a Query message, close
+  idle        log in, print "ready", then wait (up to 60 s) for the server to close;
+              print "closed <SQLSTATE> <message>" from its last ErrorResponse
+"""
+import socket
+import struct
+import sys
+import time
+
+
+def connect(host, port):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(15)
+    s.connect((host, int(port)))
+    return s
+
+
+def startup(user="postgres", database="postgres"):
+    body = struct.pack("!I", 196608)
+    for k, v in (("user", user), ("database", database), ("application_name", "pgraw")):
+        body += k.encode() + b"\0" + v.encode() + b"\0"
+    body += b"\0"
+    return struct.pack("!I", len(body) + 4) + body
+
+
+def read_message(s):
+    head = recv_exact(s, 5)
+    if head is None:
+        return None, None
+    tag, length = head[:1], struct.unpack("!I", head[1:])[0]
+    body = recv_exact(s, length - 4)
+    return tag, body
+
+
+def recv_exact(s, n):
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def error_fields(body):
+    fields = {}
+    for part in body.split(b"\0"):
+        if part:
+            fields[part[:1].decode()] = part[1:].decode(errors="replace")
+    return fields
+
+
+def login(s):
+    """Sends the startup message; returns None when ReadyForQuery arrived, else the error."""
+    s.sendall(startup())
+    for _ in range(100):
+        tag, body = read_message(s)
+        if tag is None:
+            return ("EOF", "connection closed")
+        if tag == b"E":
+            f = error_fields(body)
+            return (f.get("C", "?"), f.get("M", "?"))
+        if tag == b"Z":
+            return None
+    return ("?", "no ReadyForQuery")
+
+
+def last_error(s):
+    """Reads until EOF; returns the last ErrorResponse's code and message."""
+    code, message = "none", ""
+    for _ in range(1000):
+        try:
+            tag, body = read_message(s)
+        except (ConnectionResetError, socket.timeout):
+            break
+        if tag is None:
+            break
+        if tag == b"E":
+            f = error_fields(body)
+            code, message = f.get("C", "?"), f.get("M", "?")
+    return code, message
+
+
+def main():
+    host, port, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+    s = connect(host, port)
+    if mode == "peer":
+        addr = s.getpeername()
+        print("peer", addr[0], addr[1])
+        return
+    if mode == "huge-startup":
+        s.sendall(struct.pack("!II", 1 << 20, 196608))
+        print("closed", *last_error(s))
+        return
+    err = login(s)
+    if mode == "error":
+        print("ok" if err is None else "error %s %s" % err)
+        return
+    if err is not None:
+        print("login failed", *err)
+        sys.exit(2)
+    if mode == "malformed":
+        s.sendall(b"Q" + struct.pack("!I", 2))
+        print("closed", *last_error(s))
+    elif mode == "oversized":
+        s.sendall(b"Q" + struct.pack("!I", 64 << 20) + b"select")
+        print("closed", *last_error(s))
+    elif mode == "midmessage":
+        query = b"select 1\0"
+        message = b"Q" + struct.pack("!I", len(query) + 4) + query
+        s.sendall(message[:7])
+        time.sleep(0.2)
+        s.close()
+        print("sent half")
+    elif mode == "idle":
+        print("ready", flush=True)
+        s.settimeout(60)
+        print("closed", *last_error(s))
+    else:
+        sys.exit("unknown mode " + mode)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+//! `cargo xtask bench`: throughput through sluice against a direct connection, measured in the
+//! same run on the same server. PostgreSQL: `pgbench -S` (select-only, scale 10) for 1 and 8
+//! clients, direct and through the agent (release build, eBPF interception of a bench cgroup),
+//! plus pgbouncer (session pooling) as a reference proxy when it is installed. Prints TPS and
+//! ratios; never asserts on them.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use sluice_tests::{Agent, AgentOptions, Cgroup, Postgres, pg_target, run_bounded};
+
+use crate::util::{cargo, ensure_packages, is_root, run, target_dir};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Seconds per pgbench run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u32,
+    /// pgbench scale factor.
+    #[arg(long, default_value_t = 10)]
+    scale: u32,
+}
+
+pub fn run_bench(args: Args) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the benchmark attaches eBPF programs: run it as root");
+    }
+    ensure_packages(&[("/usr/lib/postgresql", "postgresql")])?;
+    run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+    let bin = target_dir().join("release/sluice");
+
+    let pg = Postgres::start()?;
+    let pgbench = pg.bin.join("pgbench");
+    let port = pg.port.to_string();
+    eprintln!("bench: pgbench -i -s {}", args.scale);
+    let init = Command::new(&pgbench)
+        .args(["-i", "-q", "-s", &args.scale.to_string(), "-h", "127.0.0.1", "-p", &port, "-U", "postgres", "postgres"])
+        .output()?;
+    if !init.status.success() {
+        bail!("pgbench -i failed: {}", String::from_utf8_lossy(&init.stderr));
+    }
+    let cgroup = Cgroup::create("bench")?;
+    let agent = Agent::start(AgentOptions {
+        bin: Some(bin),
+        cgroup: Some(cgroup.path.clone()),
+        targets: vec![pg_target("bench-db", &format!("127.0.0.1:{}", pg.port))],
+        ..AgentOptions::default()
+    })?;
+
+    let pgbouncer = std::path::Path::new("/usr/sbin/pgbouncer").exists().then(|| start_pgbouncer(&pg)).transpose()?;
+
+    println!("\npgbench -S, scale {}, {} s per run (TPS; ratio against direct)", args.scale, args.seconds);
+    println!("{:<10} {:>12} {:>12} {:>8} {:>12} {:>8}", "clients", "direct", "sluice", "ratio", "pgbouncer", "ratio");
+    for clients in [1u32, 8] {
+        let direct = pgbench_tps(Command::new(&pgbench), &port, clients, args.seconds)?;
+        let through = pgbench_tps(cgroup.command(None, pgbench.to_str().unwrap_or("pgbench")), &port, clients, args.seconds)?;
+        let bouncer = match &pgbouncer {
+            Some((_, bport)) => Some(pgbench_tps(Command::new(&pgbench), &bport.to_string(), clients, args.seconds)?),
+            None => None,
+        };
+        println!(
+            "{:<10} {:>12.0} {:>12.0} {:>8.3} {:>12} {:>8}",
+            clients,
+            direct,
+            through,
+            through / direct,
+            bouncer.map(|b| format!("{b:.0}")).unwrap_or_else(|| "-".into()),
+            bouncer.map(|b| format!("{:.3}", b / direct)).unwrap_or_else(|| "-".into()),
+        );
+    }
+    let sessions = agent.sessions()?;
+    let statements: u64 = sessions.iter().filter_map(|s| s["statements"].as_u64()).sum();
+    println!("\nsluice recorded {} sessions, {statements} statements", sessions.len());
+    drop(pgbouncer);
+    Ok(())
+}
+
+pub use run_bench as run;
+
+fn pgbench_tps(mut cmd: Command, port: &str, clients: u32, seconds: u32) -> anyhow::Result<f64> {
+    let c = clients.to_string();
+    cmd.args(["-S", "-n", "-c", &c, "-j", &c, "-T", &seconds.to_string(), "-h", "127.0.0.1", "-p", port, "-U", "postgres", "postgres"]);
+    let out = run_bounded(&mut cmd, Duration::from_secs(u64::from(seconds) + 60))?;
+    if !out.status.success() {
+        bail!("pgbench failed: {}{}", out.stdout, out.stderr);
+    }
+    out.stdout
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.trim_start_matches("tps = ").split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no tps line in pgbench output:\n{}", out.stdout))
+}
+
+/// pgbouncer in session mode in front of `pg`, on a free port.
+fn start_pgbouncer(pg: &Postgres) -> anyhow::Result<(Pgbouncer, u16)> {
+    let dir = tempfile::tempdir()?;
+    let port = sluice_tests::free_port();
+    let ini = dir.path().join("pgbouncer.ini");
+    std::fs::write(dir.path().join("users.txt"), "\"postgres\" \"\"\n")?;
+    std::fs::write(
+        &ini,
+        format!(
+            "[databases]\npostgres = host=127.0.0.1 port={} dbname=postgres\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = trust\nauth_file = {}\npool_mode = session\nmax_client_conn = 100\ndefault_pool_size = 20\nunix_socket_dir =\n",
+            pg.port,
+            dir.path().join("users.txt").display()
+        ),
+    )?;
+    Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status()?;
+    let child = Command::new("setpriv")
+        .args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--", "/usr/sbin/pgbouncer", "-q"])
+        .arg(&ini)
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    Ok((Pgbouncer { child, _dir: dir }, port))
+}
+
+struct Pgbouncer {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Pgbouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
