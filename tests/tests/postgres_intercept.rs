@@ -44,7 +44,7 @@ impl Setup {
 
     /// The raw wire client inside the cgroup.
     fn raw(&self, host: &str, port: u16, mode: &str) -> sluice_tests::Output {
-        let mut cmd = self.cgroup.command(Some(CLIENT_UID), "python3");
+        let mut cmd = self.cgroup.command(Some(CLIENT_UID), "/usr/bin/python3");
         cmd.arg(pgraw()).args([host, &port.to_string(), mode]);
         run_bounded(&mut cmd, LIMIT).unwrap()
     }
@@ -286,7 +286,7 @@ fn shutdown_seals_open_sessions_and_detaches_the_programs() {
         return;
     }
     let mut s = setup("shutdown", |_| {});
-    let mut idle = s.cgroup.command(Some(CLIENT_UID), "python3");
+    let mut idle = s.cgroup.command(Some(CLIENT_UID), "/usr/bin/python3");
     idle.arg(pgraw()).args(["127.0.0.1", &s.pg.port.to_string(), "idle"]);
     let idle = idle.stdout(std::process::Stdio::piped()).spawn().unwrap();
     // Wait for "ready" (bounded by the client's own timeouts).

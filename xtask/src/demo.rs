@@ -33,7 +33,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     ensure_packages(&[("/usr/bin/psql", "postgresql"), ("/usr/lib/postgresql", "postgresql")])?;
     step("building sluice");
-    crate::util::run(cargo().args(["build", "--workspace", "--bins"]))?;
+    crate::util::run(cargo().args(["build", "--workspace", "--all-targets"]))?;
     let bin = target_dir().join("debug/sluice");
 
     step("starting a throwaway PostgreSQL");

@@ -25,7 +25,7 @@ pub fn run_tests(args: Args) -> anyhow::Result<()> {
     }
     // Build exactly as the tests will (--workspace), so features unify the same way and the
     // RocksDB build is shared.
-    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    run(cargo().args(["build", "--workspace", "--all-targets"]))?;
     let mut test = cargo();
     test.args(["test", "--workspace"]).env("SLUICE_BIN", target_dir().join("debug/sluice"));
     if !args.rest.is_empty() {
