@@ -118,13 +118,22 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Agent { config, no_ebpf, log_format } => {
+        Command::Agent {
+            config,
+            no_ebpf,
+            log_format,
+        } => {
             init_logging(log_format);
             let config = Config::load(&config)?;
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")?;
             runtime.block_on(async {
                 let shutdown = shutdown_signal()?;
-                proxy::run(config, RunOptions { no_ebpf }, shutdown).await.map_err(anyhow::Error::from)
+                proxy::run(config, RunOptions { no_ebpf }, shutdown)
+                    .await
+                    .map_err(anyhow::Error::from)
             })
         }
         Command::CheckConfig { config } => {
@@ -135,9 +144,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "  target {} ({}): match {} listen {} backend {}",
                     t.name,
                     t.protocol.as_str(),
-                    t.matches.map(|m| format!("{m:?}")).unwrap_or_else(|| "-".into()),
-                    t.listen.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
-                    t.backend.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+                    t.matches
+                        .map(|m| format!("{m:?}"))
+                        .unwrap_or_else(|| "-".into()),
+                    t.listen
+                        .map(|a| a.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    t.backend
+                        .map(|a| a.to_string())
+                        .unwrap_or_else(|| "-".into()),
                 );
             }
             Ok(())
@@ -149,14 +164,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out.flush()?;
             Ok(())
         }
-        Command::Replay { id, journal, max_rows } => {
+        Command::Replay {
+            id,
+            journal,
+            max_rows,
+        } => {
             let reader = open_reader(&journal)?;
             let mut out = std::io::stdout().lock();
             read::replay(&reader, &id, &read::ReplayOptions { max_rows }, &mut out)?;
             out.flush()?;
             Ok(())
         }
-        Command::Export { format, session, output, journal } => {
+        Command::Export {
+            format,
+            session,
+            output,
+            journal,
+        } => {
             let reader = open_reader(&journal)?;
             let format = match format {
                 ExportFormat::Jsonl => read::Format::Jsonl,
@@ -164,7 +188,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let mut out: Box<dyn Write> = match &output {
                 Some(path) => Box::new(std::io::BufWriter::new(
-                    std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+                    std::fs::File::create(path)
+                        .with_context(|| format!("cannot create {}", path.display()))?,
                 )),
                 None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
             };
@@ -195,8 +220,13 @@ fn open_reader(args: &JournalArgs) -> anyhow::Result<sluice_journal::Reader> {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -54,6 +54,8 @@ pub struct ProcessInfo {
     pub pid: u32,
     pub comm: String,
     pub cgroup_id: u64,
+    /// When the process called connect(), in nanoseconds since the Unix epoch.
+    pub connected_ns: u64,
 }
 
 /// The first event of every session.

@@ -70,7 +70,7 @@ struct StoredEvent {
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = vec![FORMAT];
+    let out = vec![FORMAT];
     // Serializing our own plain data types into a Vec cannot fail.
     match postcard::to_extend(value, out) {
         Ok(v) => v,
@@ -400,6 +400,7 @@ mod tests {
                 pid: 42,
                 comm: "psql".into(),
                 cgroup_id: 7,
+                connected_ns: 1,
             }),
             params: vec![("user".into(), "app".into())],
         }

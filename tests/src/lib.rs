@@ -27,7 +27,9 @@ pub fn require_root(test: &str) -> bool {
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{test} needs root (eBPF, cgroups) and CI=true: refusing to skip");
     }
-    eprintln!("\n*** SKIPPED {test}: needs root (eBPF, cgroups). Run `sudo cargo xtask test`. ***\n");
+    eprintln!(
+        "\n*** SKIPPED {test}: needs root (eBPF, cgroups). Run `sudo cargo xtask test`. ***\n"
+    );
     false
 }
 
@@ -46,7 +48,9 @@ fn is_root() -> bool {
 /// A free TCP port on 127.0.0.1 that is also free on [::1].
 pub fn free_port() -> u16 {
     for _ in 0..100 {
-        let Ok(l) = TcpListener::bind("127.0.0.1:0") else { continue };
+        let Ok(l) = TcpListener::bind("127.0.0.1:0") else {
+            continue;
+        };
         let Ok(addr) = l.local_addr() else { continue };
         if TcpListener::bind(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())).is_ok() {
             return addr.port();
@@ -58,7 +62,9 @@ pub fn free_port() -> u16 {
 /// The directory holding PostgreSQL's server binaries (initdb, postgres, pg_ctl).
 pub fn pg_bin_dir() -> anyhow::Result<PathBuf> {
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .context("PostgreSQL is not installed (/usr/lib/postgresql missing): apt-get install postgresql")?
+        .context(
+            "PostgreSQL is not installed (/usr/lib/postgresql missing): apt-get install postgresql",
+        )?
         .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
         .filter(|p| p.join("postgres").exists())
         .collect();
@@ -69,7 +75,9 @@ pub fn pg_bin_dir() -> anyhow::Result<PathBuf> {
             .and_then(|v| v.parse::<u32>().ok())
             .unwrap_or(0)
     });
-    versions.pop().context("no PostgreSQL server binaries under /usr/lib/postgresql/*/bin")
+    versions
+        .pop()
+        .context("no PostgreSQL server binaries under /usr/lib/postgresql/*/bin")
 }
 
 /// A throwaway PostgreSQL server: initdb in a temp dir, trust auth, listening on 127.0.0.1 and
@@ -84,16 +92,23 @@ pub struct Postgres {
 impl Postgres {
     pub fn start() -> anyhow::Result<Postgres> {
         let bin = pg_bin_dir()?;
-        let dir = tempfile::Builder::new().prefix("sluice-pg-").tempdir().context("temp dir")?;
+        let dir = tempfile::Builder::new()
+            .prefix("sluice-pg-")
+            .tempdir()
+            .context("temp dir")?;
         let data = dir.path().join("data");
         let sock = dir.path().join("sock");
         std::fs::create_dir_all(&sock)?;
         let as_root = is_root();
         if as_root {
-            run_ok(Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()))?;
+            run_ok(
+                Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(dir.path()),
+            )?;
         }
         let initdb = user_cmd(as_root, &bin.join("initdb"));
-        run_ok(initdb_args(initdb, &data))?;
+        run_ok(&mut initdb_args(initdb, &data))?;
         let port = free_port();
         let mut postgres = user_cmd(as_root, &bin.join("postgres"));
         postgres
@@ -101,12 +116,26 @@ impl Postgres {
             .arg(&data)
             .args(["-p", &port.to_string(), "-k"])
             .arg(&sock)
-            .args(["-c", "listen_addresses=127.0.0.1,::1", "-c", "fsync=off", "-c", "max_connections=200"])
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1,::1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=200",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(dir.path().join("postgres.log"))?));
+            .stderr(Stdio::from(std::fs::File::create(
+                dir.path().join("postgres.log"),
+            )?));
         let child = postgres.spawn().context("cannot start postgres")?;
-        let pg = Postgres { port, bin, child: Some(child), dir };
+        let pg = Postgres {
+            port,
+            bin,
+            child: Some(child),
+            dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let ready = Command::new(pg.bin.join("pg_isready"))
@@ -136,7 +165,18 @@ impl Postgres {
     /// Runs SQL directly (not intercepted: the test process is outside the test cgroup).
     pub fn sql(&self, sql: &str) -> anyhow::Result<String> {
         let out = Command::new(self.bin.join("psql"))
-            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres", "-p"])
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-p",
+            ])
             .arg(self.port.to_string())
             .args(["-d", "postgres", "-c", sql])
             .output()?;
@@ -148,7 +188,9 @@ impl Postgres {
 }
 
 fn initdb_args(mut cmd: Command, data: &Path) -> Command {
-    cmd.arg("-D").arg(data).args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]);
+    cmd.arg("-D")
+        .arg(data)
+        .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]);
     cmd.stdout(Stdio::null());
     cmd
 }
@@ -157,7 +199,13 @@ fn initdb_args(mut cmd: Command, data: &Path) -> Command {
 fn user_cmd(as_root: bool, program: &Path) -> Command {
     if as_root {
         let mut c = Command::new("setpriv");
-        c.args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"]).arg(program);
+        c.args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+            "--",
+        ])
+        .arg(program);
         c
     } else {
         Command::new(program)
@@ -174,7 +222,9 @@ impl Drop for Postgres {
 
 /// Sends SIGTERM, waits up to 10 s, then SIGKILL.
 fn stop(mut child: Child, what: &str) {
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
@@ -188,9 +238,15 @@ fn stop(mut child: Child, what: &str) {
 }
 
 fn run_ok(cmd: &mut Command) -> anyhow::Result<()> {
-    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
@@ -200,7 +256,9 @@ pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     for line in info.lines() {
         // ... mount-point ... - fstype source options
-        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
         if right.split_whitespace().next() == Some("cgroup2") {
             if let Some(mount) = left.split_whitespace().nth(4) {
                 return Ok(PathBuf::from(mount));
@@ -221,7 +279,8 @@ impl Cgroup {
         if path.exists() {
             let _ = std::fs::remove_dir(&path);
         }
-        std::fs::create_dir(&path).with_context(|| format!("cannot create cgroup {}", path.display()))?;
+        std::fs::create_dir(&path)
+            .with_context(|| format!("cannot create cgroup {}", path.display()))?;
         Ok(Cgroup { path })
     }
 
@@ -233,7 +292,13 @@ impl Cgroup {
             .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
             .arg(&self.path);
         if let Some(uid) = uid {
-            c.args(["setpriv", &format!("--reuid={uid}"), &format!("--regid={uid}"), "--clear-groups", "--"]);
+            c.args([
+                "setpriv",
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
+                "--clear-groups",
+                "--",
+            ]);
         }
         c.arg(program);
         c
@@ -322,10 +387,12 @@ impl Agent {
     pub fn start(options: AgentOptions) -> anyhow::Result<Agent> {
         let dir = tempfile::Builder::new().prefix("sluice-agent-").tempdir()?;
         let proxy_port = free_port();
-        let pin = options
-            .pin_dir
-            .clone()
-            .unwrap_or_else(|| format!("/sys/fs/bpf/sluice-test-{}-{proxy_port}", std::process::id()));
+        let pin = options.pin_dir.clone().unwrap_or_else(|| {
+            format!(
+                "/sys/fs/bpf/sluice-test-{}-{proxy_port}",
+                std::process::id()
+            )
+        });
         let mut text = format!(
             "[agent]\nproxy_listen = \"127.0.0.1:{proxy_port}\"\njournal_dir = \"{}\"\nbpf_pin_dir = \"{pin}\"\nexempt_own_cgroup = {}\nmax_message_bytes = {}\n",
             dir.path().join("journal").display(),
@@ -345,7 +412,10 @@ impl Agent {
         let mut cmd = match &options.run_in_cgroup {
             Some(cg) => {
                 let mut c = Command::new("sh");
-                c.arg("-c").arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"").arg(cg).arg(&bin);
+                c.arg("-c")
+                    .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
+                    .arg(cg)
+                    .arg(&bin);
                 c
             }
             None => Command::new(&bin),
@@ -354,7 +424,10 @@ impl Agent {
         if options.no_ebpf {
             cmd.arg("--no-ebpf");
         }
-        cmd.env("RUST_LOG", "info,sluice=debug").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.env("RUST_LOG", "info,sluice=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().context("cannot start sluice agent")?;
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -375,7 +448,14 @@ impl Agent {
                 }
             });
         }
-        let mut agent = Agent { dir, proxy_port, config, bin, child: Some(child), log };
+        let mut agent = Agent {
+            dir,
+            proxy_port,
+            config,
+            bin,
+            child: Some(child),
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if rx.recv_timeout(Duration::from_millis(100)).is_ok() {
@@ -384,7 +464,10 @@ impl Agent {
             if let Some(c) = agent.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
                     std::thread::sleep(Duration::from_millis(200));
-                    bail!("sluice agent exited ({status}) before it was ready; log:\n{}", agent.log());
+                    bail!(
+                        "sluice agent exited ({status}) before it was ready; log:\n{}",
+                        agent.log()
+                    );
                 }
             }
             if Instant::now() > deadline {
@@ -420,7 +503,10 @@ impl Agent {
             .arg(self.journal_dir())
             .output()?;
         if !out.status.success() {
-            bail!("sluice {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "sluice {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -435,7 +521,9 @@ impl Agent {
     /// `sluice export --format jsonl`, parsed.
     pub fn export(&self) -> anyhow::Result<Vec<serde_json::Value>> {
         let text = self.read(&["export", "--format", "jsonl"])?;
-        text.lines().map(|l| serde_json::from_str(l).map_err(anyhow::Error::from)).collect()
+        text.lines()
+            .map(|l| serde_json::from_str(l).map_err(anyhow::Error::from))
+            .collect()
     }
 }
 
@@ -455,7 +543,11 @@ pub struct Output {
 
 /// Runs `cmd` to completion within `timeout`, killing it after that.
 pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Output> {
-    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -472,7 +564,9 @@ pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Outpu
             })
         }
         Err(_) => {
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
             bail!("{cmd:?} did not finish within {timeout:?}: killed")
         }
     }

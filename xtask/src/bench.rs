@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use sluice_tests::{Agent, AgentOptions, Cgroup, Postgres, pg_target, run_bounded};
 
-use crate::util::{cargo, ensure_packages, is_root, run, target_dir};
+use crate::util::{cargo, ensure_packages, is_root, target_dir};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -22,12 +22,12 @@ pub struct Args {
     scale: u32,
 }
 
-pub fn run_bench(args: Args) -> anyhow::Result<()> {
+pub fn run(args: Args) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmark attaches eBPF programs: run it as root");
     }
     ensure_packages(&[("/usr/lib/postgresql", "postgresql")])?;
-    run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+    crate::util::run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
     let bin = target_dir().join("release/sluice");
 
     let pg = Postgres::start()?;
@@ -35,10 +35,25 @@ pub fn run_bench(args: Args) -> anyhow::Result<()> {
     let port = pg.port.to_string();
     eprintln!("bench: pgbench -i -s {}", args.scale);
     let init = Command::new(&pgbench)
-        .args(["-i", "-q", "-s", &args.scale.to_string(), "-h", "127.0.0.1", "-p", &port, "-U", "postgres", "postgres"])
+        .args([
+            "-i",
+            "-q",
+            "-s",
+            &args.scale.to_string(),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "postgres",
+        ])
         .output()?;
     if !init.status.success() {
-        bail!("pgbench -i failed: {}", String::from_utf8_lossy(&init.stderr));
+        bail!(
+            "pgbench -i failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
     }
     let cgroup = Cgroup::create("bench")?;
     let agent = Agent::start(AgentOptions {
@@ -48,15 +63,34 @@ pub fn run_bench(args: Args) -> anyhow::Result<()> {
         ..AgentOptions::default()
     })?;
 
-    let pgbouncer = std::path::Path::new("/usr/sbin/pgbouncer").exists().then(|| start_pgbouncer(&pg)).transpose()?;
+    let pgbouncer = std::path::Path::new("/usr/sbin/pgbouncer")
+        .exists()
+        .then(|| start_pgbouncer(&pg))
+        .transpose()?;
 
-    println!("\npgbench -S, scale {}, {} s per run (TPS; ratio against direct)", args.scale, args.seconds);
-    println!("{:<10} {:>12} {:>12} {:>8} {:>12} {:>8}", "clients", "direct", "sluice", "ratio", "pgbouncer", "ratio");
+    println!(
+        "\npgbench -S, scale {}, {} s per run (TPS; ratio against direct)",
+        args.scale, args.seconds
+    );
+    println!(
+        "{:<10} {:>12} {:>12} {:>8} {:>12} {:>8}",
+        "clients", "direct", "sluice", "ratio", "pgbouncer", "ratio"
+    );
     for clients in [1u32, 8] {
         let direct = pgbench_tps(Command::new(&pgbench), &port, clients, args.seconds)?;
-        let through = pgbench_tps(cgroup.command(None, pgbench.to_str().unwrap_or("pgbench")), &port, clients, args.seconds)?;
+        let through = pgbench_tps(
+            cgroup.command(None, pgbench.to_str().unwrap_or("pgbench")),
+            &port,
+            clients,
+            args.seconds,
+        )?;
         let bouncer = match &pgbouncer {
-            Some((_, bport)) => Some(pgbench_tps(Command::new(&pgbench), &bport.to_string(), clients, args.seconds)?),
+            Some((_, bport)) => Some(pgbench_tps(
+                Command::new(&pgbench),
+                &bport.to_string(),
+                clients,
+                args.seconds,
+            )?),
             None => None,
         };
         println!(
@@ -65,22 +99,48 @@ pub fn run_bench(args: Args) -> anyhow::Result<()> {
             direct,
             through,
             through / direct,
-            bouncer.map(|b| format!("{b:.0}")).unwrap_or_else(|| "-".into()),
-            bouncer.map(|b| format!("{:.3}", b / direct)).unwrap_or_else(|| "-".into()),
+            bouncer
+                .map(|b| format!("{b:.0}"))
+                .unwrap_or_else(|| "-".into()),
+            bouncer
+                .map(|b| format!("{:.3}", b / direct))
+                .unwrap_or_else(|| "-".into()),
         );
     }
     let sessions = agent.sessions()?;
-    let statements: u64 = sessions.iter().filter_map(|s| s["statements"].as_u64()).sum();
-    println!("\nsluice recorded {} sessions, {statements} statements", sessions.len());
+    let statements: u64 = sessions
+        .iter()
+        .filter_map(|s| s["statements"].as_u64())
+        .sum();
+    println!(
+        "\nsluice recorded {} sessions, {statements} statements",
+        sessions.len()
+    );
     drop(pgbouncer);
     Ok(())
 }
 
-pub use run_bench as run;
+
 
 fn pgbench_tps(mut cmd: Command, port: &str, clients: u32, seconds: u32) -> anyhow::Result<f64> {
     let c = clients.to_string();
-    cmd.args(["-S", "-n", "-c", &c, "-j", &c, "-T", &seconds.to_string(), "-h", "127.0.0.1", "-p", port, "-U", "postgres", "postgres"]);
+    cmd.args([
+        "-S",
+        "-n",
+        "-c",
+        &c,
+        "-j",
+        &c,
+        "-T",
+        &seconds.to_string(),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        port,
+        "-U",
+        "postgres",
+        "postgres",
+    ]);
     let out = run_bounded(&mut cmd, Duration::from_secs(u64::from(seconds) + 60))?;
     if !out.status.success() {
         bail!("pgbench failed: {}{}", out.stdout, out.stderr);
@@ -107,9 +167,19 @@ fn start_pgbouncer(pg: &Postgres) -> anyhow::Result<(Pgbouncer, u16)> {
             dir.path().join("users.txt").display()
         ),
     )?;
-    Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status()?;
+    Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(dir.path())
+        .status()?;
     let child = Command::new("setpriv")
-        .args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--", "/usr/sbin/pgbouncer", "-q"])
+        .args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+            "--",
+            "/usr/sbin/pgbouncer",
+            "-q",
+        ])
         .arg(&ini)
         .spawn()?;
     std::thread::sleep(Duration::from_millis(500));

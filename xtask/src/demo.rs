@@ -8,7 +8,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use sluice_tests::{Agent, AgentOptions, CLIENT_UID, Cgroup, Postgres, pg_target, psql_args, run_bounded};
+use sluice_tests::{
+    Agent, AgentOptions, CLIENT_UID, Cgroup, Postgres, pg_target, psql_args, run_bounded,
+};
 
 use crate::util::{cargo, ensure_packages, is_root, target_dir};
 
@@ -29,16 +31,26 @@ const STATEMENTS: &[&str] = &[
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     if !is_root() {
-        bail!("the demo loads eBPF programs and creates a cgroup: run it as root (sudo -E cargo xtask demo)");
+        bail!(
+            "the demo loads eBPF programs and creates a cgroup: run it as root (sudo -E cargo xtask demo)"
+        );
     }
-    ensure_packages(&[("/usr/bin/psql", "postgresql"), ("/usr/lib/postgresql", "postgresql")])?;
+    ensure_packages(&[
+        ("/usr/bin/psql", "postgresql"),
+        ("/usr/lib/postgresql", "postgresql"),
+    ])?;
     step("building sluice");
     crate::util::run(cargo().args(["build", "--workspace", "--all-targets"]))?;
     let bin = target_dir().join("debug/sluice");
 
     step("starting a throwaway PostgreSQL");
     let pg = Postgres::start()?;
-    println!("    PostgreSQL {} listening on 127.0.0.1:{} and [::1]:{}", pg.bin.display(), pg.port, pg.port);
+    println!(
+        "    PostgreSQL {} listening on 127.0.0.1:{} and [::1]:{}",
+        pg.bin.display(),
+        pg.port,
+        pg.port
+    );
 
     step("starting the sluice agent, attached to a demo cgroup");
     let cgroup = Cgroup::create("demo")?;
@@ -49,8 +61,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         targets: vec![pg_target("demo-db", &target)],
         ..AgentOptions::default()
     })?;
-    println!("    protecting {target} for every process in {}", cgroup.path.display());
-    println!("    proxy on 127.0.0.1:{}, journal in {}", agent.proxy_port, agent.journal_dir().display());
+    println!(
+        "    protecting {target} for every process in {}",
+        cgroup.path.display()
+    );
+    println!(
+        "    proxy on 127.0.0.1:{}, journal in {}",
+        agent.proxy_port,
+        agent.journal_dir().display()
+    );
 
     step("running psql as `nobody` inside the cgroup, against the server's own address");
     for sql in STATEMENTS {
@@ -74,15 +93,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .to_string();
     step(&format!("sluice replay {select}"));
     print!("{}", agent.read(&["replay", &select])?);
-    let last = sessions.last().and_then(|s| s["id"].as_str()).unwrap_or_default().to_string();
+    let last = sessions
+        .last()
+        .and_then(|s| s["id"].as_str())
+        .unwrap_or_default()
+        .to_string();
     step(&format!("sluice replay {last}"));
     print!("{}", agent.read(&["replay", &last])?);
 
     println!();
-    println!("Read the journal yourself:  {} sessions --journal {}", bin.display(), agent.journal_dir().display());
+    println!(
+        "Read the journal yourself:  {} sessions --journal {}",
+        bin.display(),
+        agent.journal_dir().display()
+    );
     if args.keep {
         println!("Agent and server keep running; connect from the cgroup with:");
-        println!("    sh -c 'echo $$ > {}/cgroup.procs; exec psql -h 127.0.0.1 -p {} -U postgres'", cgroup.path.display(), pg.port);
+        println!(
+            "    sh -c 'echo $$ > {}/cgroup.procs; exec psql -h 127.0.0.1 -p {} -U postgres'",
+            cgroup.path.display(),
+            pg.port
+        );
         println!("Press Ctrl-C to stop.");
         let _ = Command::new("sleep").arg("infinity").status();
     }

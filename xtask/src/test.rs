@@ -4,7 +4,7 @@
 
 use anyhow::bail;
 
-use crate::util::{cargo, run, target_dir};
+use crate::util::{cargo, target_dir};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -13,25 +13,28 @@ pub struct Args {
     rest: Vec<String>,
 }
 
-pub fn run_tests(args: Args) -> anyhow::Result<()> {
+pub fn run(args: Args) -> anyhow::Result<()> {
     let ci = std::env::var("CI").as_deref() == Ok("true");
     let clang = std::path::Path::new("/usr/bin/clang-19").exists();
     if clang {
         crate::ebpf::run(crate::ebpf::Args { check: true })?;
     } else if ci {
-        bail!("clang-19 is missing, so the committed eBPF object cannot be checked (apt-get install clang-19)");
+        bail!(
+            "clang-19 is missing, so the committed eBPF object cannot be checked (apt-get install clang-19)"
+        );
     } else {
         eprintln!("xtask: clang-19 not installed: skipping the eBPF object check");
     }
     // Build exactly as the tests will (--workspace), so features unify the same way and the
     // RocksDB build is shared.
-    run(cargo().args(["build", "--workspace", "--all-targets"]))?;
+    crate::util::run(cargo().args(["build", "--workspace", "--all-targets"]))?;
     let mut test = cargo();
-    test.args(["test", "--workspace"]).env("SLUICE_BIN", target_dir().join("debug/sluice"));
+    test.args(["test", "--workspace"])
+        .env("SLUICE_BIN", target_dir().join("debug/sluice"));
     if !args.rest.is_empty() {
         test.arg("--").args(&args.rest);
     }
-    run(&mut test)
+    crate::util::run(&mut test)
 }
 
-pub use run_tests as run;
+

@@ -21,7 +21,7 @@ mod upstream;
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, UNIX_EPOCH};
 
 use sluice_journal::{Journal, ProcessInfo};
 use tokio::net::{TcpListener, TcpStream};
@@ -43,7 +43,9 @@ pub enum ProxyError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot set up eBPF interception (run as root, or use --no-ebpf with explicit listeners)")]
+    #[error(
+        "cannot set up eBPF interception (run as root, or use --no-ebpf with explicit listeners)"
+    )]
     Intercept(#[from] intercept::InterceptError),
 }
 
@@ -82,7 +84,6 @@ pub(crate) struct Routed {
     pub orig_dst: SocketAddr,
     pub client_addr: SocketAddr,
     pub process: Option<ProcessInfo>,
-    pub connected_at: Option<SystemTime>,
 }
 
 /// Runs the agent until `shutdown` resolves, then seals every session and detaches.
@@ -106,14 +107,16 @@ pub async fn run(
         let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), v4.port());
         match bind(v6).await {
             Ok(l) => listeners.push((l, Entry::Redirect)),
-            Err(e) => warn!(error = %e, "no IPv6 loopback: IPv6 clients of protected targets will be refused"),
+            Err(e) => {
+                warn!(error = %e, "no IPv6 loopback: IPv6 clients of protected targets will be refused")
+            }
         }
         let matches = intercept_matches(&targets)?;
         let cgroup = match &config.agent.cgroup {
             Some(c) => c.clone(),
             None => intercept::cgroup2_root()?,
         };
-        let exempt_cgroup_id = if config.agent.exempt_own_cgroup { Some(intercept::own_cgroup_id()?) } else { None };
+        let exempt_cgroup_id = own_cgroup_exemption(config.agent.exempt_own_cgroup, &cgroup)?;
         let cfg = InterceptConfig {
             cgroup: cgroup.clone(),
             proxy_port: v4.port(),
@@ -147,7 +150,10 @@ pub async fn run(
 
     let mut accept_tasks = Vec::new();
     for (listener, entry) in listeners {
-        let addr = listener.local_addr().map_err(|source| ProxyError::Listen { addr: config.agent.proxy_listen, source })?;
+        let addr = listener.local_addr().map_err(|source| ProxyError::Listen {
+            addr: config.agent.proxy_listen,
+            source,
+        })?;
         info!(%addr, ?entry, "listening");
         accept_tasks.push(tokio::spawn(accept_loop(
             listener,
@@ -159,7 +165,11 @@ pub async fn run(
         )));
     }
     drop(done_tx);
-    info!(targets = shared.targets.len(), ebpf = !options.no_ebpf, "sluice agent ready");
+    info!(
+        targets = shared.targets.len(),
+        ebpf = !options.no_ebpf,
+        "sluice agent ready"
+    );
 
     shutdown.await;
     info!("shutting down: sealing open sessions");
@@ -169,7 +179,10 @@ pub async fn run(
     }
     drop(stop_tx);
     // Every connection task holds a Sender; recv() returns None once all have finished.
-    if tokio::time::timeout(Duration::from_secs(10), done_rx.recv()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), done_rx.recv())
+        .await
+        .is_err()
+    {
         warn!("some sessions did not finish within 10 s of shutdown");
     }
     if let Some(i) = interceptor {
@@ -184,8 +197,30 @@ pub async fn run(
     Ok(())
 }
 
+/// The agent's own cgroup id, when it may be exempted. Never the cgroup2 root's, nor the attach
+/// cgroup's: exempting those would exempt every process the programs are meant to cover.
+fn own_cgroup_exemption(wanted: bool, attach: &std::path::Path) -> Result<Option<u64>, ProxyError> {
+    if !wanted {
+        return Ok(None);
+    }
+    let own = intercept::own_cgroup_id()?;
+    let root = intercept::cgroup_id(&intercept::cgroup2_root()?)?;
+    let attached = intercept::cgroup_id(attach)?;
+    if own == root || own == attached {
+        warn!(
+            "the agent runs in the cgroup2 root or in the cgroup it attaches to, so its cgroup is not exempted \
+             (that would exempt everything); its upstream connections are exempt by SO_MARK alone. \
+             Run the agent in a cgroup of its own (e.g. a systemd unit)"
+        );
+        return Ok(None);
+    }
+    Ok(Some(own))
+}
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
-    TcpListener::bind(addr).await.map_err(|source| ProxyError::Listen { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ProxyError::Listen { addr, source })
 }
 
 /// The eBPF map entries for the configured targets. A backend on this host is reachable
@@ -252,7 +287,13 @@ async fn accept_loop(
     }
 }
 
-async fn handle(stream: TcpStream, peer: SocketAddr, entry: Entry, shared: &Shared, stop: &mut broadcast::Receiver<()>) {
+async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    entry: Entry,
+    shared: &Shared,
+    stop: &mut broadcast::Receiver<()>,
+) {
     let _ = stream.set_nodelay(true);
     let local = match stream.local_addr() {
         Ok(a) => a,
@@ -267,16 +308,31 @@ async fn handle(stream: TcpStream, peer: SocketAddr, entry: Entry, shared: &Shar
     };
     let span = info_span!("session", target = %routed.target.name, client = %peer, session = tracing::field::Empty);
     match routed.target.protocol {
-        Protocol::Postgres => postgres::serve(stream, routed, shared, stop).instrument(span).await,
+        Protocol::Postgres => {
+            postgres::serve(stream, routed, shared, stop)
+                .instrument(span)
+                .await
+        }
     }
 }
 
-async fn route(peer: SocketAddr, local: SocketAddr, entry: Entry, shared: &Shared) -> Option<Routed> {
+async fn route(
+    peer: SocketAddr,
+    local: SocketAddr,
+    entry: Entry,
+    shared: &Shared,
+) -> Option<Routed> {
     match entry {
         Entry::Explicit { target_id } => {
             let target = shared.target(target_id)?.clone();
             let backend = target.backend?;
-            Some(Routed { target, backend, orig_dst: local, client_addr: peer, process: None, connected_at: None })
+            Some(Routed {
+                target,
+                backend,
+                orig_dst: local,
+                client_addr: peer,
+                process: None,
+            })
         }
         Entry::Redirect => {
             let conns = shared.conns.as_ref()?;
@@ -315,8 +371,12 @@ async fn route(peer: SocketAddr, local: SocketAddr, entry: Entry, shared: &Share
                     pid: record.pid,
                     comm: record.comm.clone(),
                     cgroup_id: record.cgroup_id,
+                    connected_ns: record
+                        .connected_at
+                        .duration_since(UNIX_EPOCH)
+                        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+                        .unwrap_or(0),
                 }),
-                connected_at: Some(record.connected_at),
             })
         }
     }

@@ -26,7 +26,9 @@ use tracing::{Span, debug, info, warn};
 use super::{Routed, Shared, upstream};
 use crate::protocol::postgres::encode::{SSL_REFUSED, Severity, error_response};
 use crate::protocol::postgres::frame::{messages, whole_messages};
-use crate::protocol::postgres::startup::{StartupPacket, is_tls_client_hello, parse_startup, startup_len};
+use crate::protocol::postgres::startup::{
+    StartupPacket, is_tls_client_hello, parse_startup, startup_len,
+};
 
 /// Cap on any client message before the server has accepted the login.
 const PRE_AUTH_MAX: usize = 10 * 1024;
@@ -40,8 +42,14 @@ enum End {
     ServerClosed,
     ClientClosedMidMessage,
     ServerClosedMidMessage,
-    Malformed { from: &'static str, reason: String },
-    Io { from: &'static str, error: std::io::Error },
+    Malformed {
+        from: &'static str,
+        reason: String,
+    },
+    Io {
+        from: &'static str,
+        error: std::io::Error,
+    },
     Journal(sluice_journal::JournalError),
     Shutdown,
 }
@@ -53,7 +61,9 @@ impl End {
             End::ServerClosed => "server closed the connection".into(),
             End::ClientClosedMidMessage => "client disconnected in the middle of a message".into(),
             End::ServerClosedMidMessage => "server disconnected in the middle of a message".into(),
-            End::Malformed { from, reason } => format!("malformed message from the {from}: {reason}"),
+            End::Malformed { from, reason } => {
+                format!("malformed message from the {from}: {reason}")
+            }
             End::Io { from, error } => format!("i/o error on the {from} connection: {error}"),
             End::Journal(e) => format!("journal write failed: {e}"),
             End::Shutdown => "agent shutdown".into(),
@@ -61,7 +71,12 @@ impl End {
     }
 }
 
-pub(crate) async fn serve(mut client: TcpStream, routed: Routed, shared: &Shared, stop: &mut broadcast::Receiver<()>) {
+pub(crate) async fn serve(
+    mut client: TcpStream,
+    routed: Routed,
+    shared: &Shared,
+    stop: &mut broadcast::Receiver<()>,
+) {
     let target = routed.target.name.clone();
     let startup = tokio::select! {
         r = tokio::time::timeout(shared.config.startup_timeout(), read_startup(&mut client, &routed, shared)) => match r {
@@ -75,7 +90,13 @@ pub(crate) async fn serve(mut client: TcpStream, routed: Routed, shared: &Shared
         Err(StartupFailure::Quiet) => return,
         Err(StartupFailure::Refuse(reason)) => {
             warn!(%reason, "connection refused before startup");
-            let _ = client.write_all(&error_response(Severity::Fatal, "08P01", &format!("sluice: {reason}"))).await;
+            let _ = client
+                .write_all(&error_response(
+                    Severity::Fatal,
+                    "08P01",
+                    &format!("sluice: {reason}"),
+                ))
+                .await;
             if let Ok(rec) = start(shared, &routed, Vec::new()) {
                 let _ = rec.note(NoteLevel::Error, reason.clone());
                 let _ = rec.end(reason);
@@ -100,25 +121,49 @@ pub(crate) async fn serve(mut client: TcpStream, routed: Routed, shared: &Shared
     };
     Span::current().record("session", tracing::field::display(recorder.id()));
 
-    let server = match upstream::dial(routed.backend, shared.config.upstream_mark, shared.config.connect_timeout()).await {
+    let server = match upstream::dial(
+        routed.backend,
+        shared.config.upstream_mark,
+        shared.config.connect_timeout(),
+    )
+    .await
+    {
         Ok(s) => s,
         Err(e) => {
-            let text = format!("sluice: cannot reach target \"{target}\" at {}: {e}", routed.backend);
+            let text = format!(
+                "sluice: cannot reach target \"{target}\" at {}: {e}",
+                routed.backend
+            );
             warn!(backend = %routed.backend, error = %e, "backend unreachable");
             let _ = recorder.note(NoteLevel::Error, text.clone());
-            let _ = client.write_all(&error_response(Severity::Fatal, "08006", &text)).await;
+            let _ = client
+                .write_all(&error_response(Severity::Fatal, "08006", &text))
+                .await;
             let _ = recorder.end("backend unreachable");
             return;
         }
     };
     info!(backend = %routed.backend, "session started");
-    let end = relay(client, server, packet, &recorder, shared.config.max_message_bytes, stop).await;
+    let end = relay(
+        client,
+        server,
+        packet,
+        &recorder,
+        shared.config.max_message_bytes,
+        stop,
+    )
+    .await;
     let text = end.text();
     match &end {
-        End::ClientClosed | End::ServerClosed | End::Shutdown => info!(reason = %text, "session ended"),
+        End::ClientClosed | End::ServerClosed | End::Shutdown => {
+            info!(reason = %text, "session ended")
+        }
         _ => warn!(reason = %text, "session ended abnormally"),
     }
-    if !matches!(end, End::ClientClosed | End::ServerClosed | End::Shutdown | End::Journal(_)) {
+    if !matches!(
+        end,
+        End::ClientClosed | End::ServerClosed | End::Shutdown | End::Journal(_)
+    ) {
         let _ = recorder.note(NoteLevel::Error, text.clone());
     }
     if let Err(e) = recorder.end(text) {
@@ -126,7 +171,11 @@ pub(crate) async fn serve(mut client: TcpStream, routed: Routed, shared: &Shared
     }
 }
 
-fn start(shared: &Shared, routed: &Routed, params: Vec<(String, String)>) -> Result<SessionRecorder, sluice_journal::JournalError> {
+fn start(
+    shared: &Shared,
+    routed: &Routed,
+    params: Vec<(String, String)>,
+) -> Result<SessionRecorder, sluice_journal::JournalError> {
     shared.journal.start_session(SessionStart {
         target: routed.target.name.clone(),
         protocol: routed.target.protocol.as_str().into(),
@@ -166,7 +215,11 @@ async fn read_startup(
             }
             match client.read_buf(&mut buf).await {
                 Ok(0) if buf.is_empty() => return Err(StartupFailure::Quiet),
-                Ok(0) => return Err(StartupFailure::Refuse("client disconnected during startup".into())),
+                Ok(0) => {
+                    return Err(StartupFailure::Refuse(
+                        "client disconnected during startup".into(),
+                    ));
+                }
                 Ok(_) => {}
                 Err(_) => return Err(StartupFailure::Quiet),
             }
@@ -174,11 +227,20 @@ async fn read_startup(
         let packet = buf.split_to(len).freeze();
         match parse_startup(&packet) {
             Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => {
-                client.write_all(&[SSL_REFUSED]).await.map_err(|_| StartupFailure::Quiet)?;
+                client
+                    .write_all(&[SSL_REFUSED])
+                    .await
+                    .map_err(|_| StartupFailure::Quiet)?;
             }
             Ok(StartupPacket::Cancel { .. }) => {
                 // Authentication passes through, so the client holds the backend's own keys.
-                match upstream::dial(routed.backend, shared.config.upstream_mark, shared.config.connect_timeout()).await {
+                match upstream::dial(
+                    routed.backend,
+                    shared.config.upstream_mark,
+                    shared.config.connect_timeout(),
+                )
+                .await
+                {
                     Ok(mut s) => {
                         let _ = s.write_all(&packet).await;
                         info!(backend = %routed.backend, "cancel request forwarded");
@@ -189,7 +251,9 @@ async fn read_startup(
             }
             Ok(StartupPacket::Startup { params, .. }) => {
                 if !buf.is_empty() {
-                    return Err(StartupFailure::Refuse("data sent before the server answered the startup message".into()));
+                    return Err(StartupFailure::Refuse(
+                        "data sent before the server answered the startup message".into(),
+                    ));
                 }
                 return Ok((packet, params));
             }
@@ -210,14 +274,31 @@ async fn relay(
 ) -> End {
     // The startup packet's content is the session start's `params`, already journaled.
     if let Err(error) = server.write_all(&startup).await {
-        return End::Io { from: "server", error };
+        return End::Io {
+            from: "server",
+            error,
+        };
     }
     let authenticated = AtomicBool::new(false);
     let (mut client_rd, mut client_wr) = client.into_split();
     let (mut server_rd, mut server_wr) = server.into_split();
     let end = {
-        let c2s = pump(&mut client_rd, &mut server_wr, Side::Client, recorder, max_message, &authenticated);
-        let s2c = pump(&mut server_rd, &mut client_wr, Side::Server, recorder, max_message, &authenticated);
+        let c2s = pump(
+            &mut client_rd,
+            &mut server_wr,
+            Side::Client,
+            recorder,
+            max_message,
+            &authenticated,
+        );
+        let s2c = pump(
+            &mut server_rd,
+            &mut client_wr,
+            Side::Server,
+            recorder,
+            max_message,
+            &authenticated,
+        );
         tokio::select! {
             e = c2s => e,
             e = s2c => e,
@@ -227,10 +308,26 @@ async fn relay(
     // The pumps are dropped at a message boundary of what they wrote, except when one was cut
     // mid-write; a final error from sluice is then best effort.
     let notice = match &end {
-        End::Shutdown => Some(error_response(Severity::Fatal, "57P01", "sluice: terminating connection because the agent is shutting down")),
-        End::Malformed { from, reason } => Some(error_response(Severity::Fatal, "08P01", &format!("sluice: malformed message from the {from}: {reason}"))),
-        End::Journal(_) => Some(error_response(Severity::Fatal, "58030", "sluice: the journal rejected a write, so the session is closed")),
-        End::ServerClosedMidMessage => Some(error_response(Severity::Fatal, "08006", "sluice: the server disconnected in the middle of a message")),
+        End::Shutdown => Some(error_response(
+            Severity::Fatal,
+            "57P01",
+            "sluice: terminating connection because the agent is shutting down",
+        )),
+        End::Malformed { from, reason } => Some(error_response(
+            Severity::Fatal,
+            "08P01",
+            &format!("sluice: malformed message from the {from}: {reason}"),
+        )),
+        End::Journal(_) => Some(error_response(
+            Severity::Fatal,
+            "58030",
+            "sluice: the journal rejected a write, so the session is closed",
+        )),
+        End::ServerClosedMidMessage => Some(error_response(
+            Severity::Fatal,
+            "08006",
+            "sluice: the server disconnected in the middle of a message",
+        )),
         _ => None,
     };
     if let Some(bytes) = notice {
@@ -285,12 +382,26 @@ where
                 };
             }
             Ok(_) => {}
-            Err(error) => return End::Io { from: side.name(), error },
+            Err(error) => {
+                return End::Io {
+                    from: side.name(),
+                    error,
+                };
+            }
         }
-        let max = if side == Side::Client && !authenticated.load(Ordering::Relaxed) { PRE_AUTH_MAX } else { max_message };
+        let max = if side == Side::Client && !authenticated.load(Ordering::Relaxed) {
+            PRE_AUTH_MAX
+        } else {
+            max_message
+        };
         let whole = match whole_messages(&buf, max) {
             Ok(n) => n,
-            Err(e) => return End::Malformed { from: side.name(), reason: e.to_string() },
+            Err(e) => {
+                return End::Malformed {
+                    from: side.name(),
+                    reason: e.to_string(),
+                };
+            }
         };
         if whole == 0 {
             continue;
@@ -352,7 +463,9 @@ fn client_chunk_for_journal(chunk: &Bytes) -> (Bytes, u64) {
 
 /// Does this chunk of server messages contain AuthenticationOk ('R', code 0)?
 fn is_authentication_ok(chunk: &[u8]) -> bool {
-    messages(chunk).flatten().any(|(tag, body)| tag == b'R' && body.get(..4) == Some(&[0, 0, 0, 0]))
+    messages(chunk)
+        .flatten()
+        .any(|(tag, body)| tag == b'R' && body.get(..4) == Some(&[0, 0, 0, 0]))
 }
 
 #[cfg(test)]

@@ -20,11 +20,16 @@ pub enum Format {
 
 /// CSV columns, in order. Values that are lists (params, columns, row values) are JSON arrays.
 const CSV_COLUMNS: [&str; 16] = [
-    "session", "seq", "ts", "target", "user", "database", "uid", "pid", "comm", "kind", "sql", "params", "columns",
-    "values", "tag", "message",
+    "session", "seq", "ts", "target", "user", "database", "uid", "pid", "comm", "kind", "sql",
+    "params", "columns", "values", "tag", "message",
 ];
 
-pub fn export(reader: &Reader, session: Option<&str>, format: Format, out: &mut dyn Write) -> Result<(), ReadError> {
+pub fn export(
+    reader: &Reader,
+    session: Option<&str>,
+    format: Format,
+    out: &mut dyn Write,
+) -> Result<(), ReadError> {
     let sessions = match session {
         Some(id) => vec![reader.find(id)?],
         None => reader.sessions()?,
@@ -38,7 +43,12 @@ pub fn export(reader: &Reader, session: Option<&str>, format: Format, out: &mut 
     Ok(())
 }
 
-fn export_session(reader: &Reader, s: &SessionSummary, format: Format, out: &mut dyn Write) -> Result<(), ReadError> {
+fn export_session(
+    reader: &Reader,
+    s: &SessionSummary,
+    format: Format,
+    out: &mut dyn Write,
+) -> Result<(), ReadError> {
     let base = json!({
         "session": s.id.to_string(),
         "target": s.start.target,
@@ -70,15 +80,21 @@ fn export_session(reader: &Reader, s: &SessionSummary, format: Format, out: &mut
         }
         for item in decoder.items(&event) {
             records.push(match item {
-                Item::Statement { sql, params } => json!({ "kind": "statement", "sql": sql, "params": params }),
+                Item::Statement { sql, params } => {
+                    json!({ "kind": "statement", "sql": sql, "params": params })
+                }
                 Item::Columns(c) => {
                     columns = c;
                     continue;
                 }
                 Item::Row(values) => json!({ "kind": "row", "columns": columns, "values": values }),
                 Item::Complete { tag } => json!({ "kind": "complete", "tag": tag }),
-                Item::Error { code, message } => json!({ "kind": "error", "code": code, "message": message }),
-                Item::Notice { code, message } => json!({ "kind": "notice", "code": code, "message": message }),
+                Item::Error { code, message } => {
+                    json!({ "kind": "error", "code": code, "message": message })
+                }
+                Item::Notice { code, message } => {
+                    json!({ "kind": "notice", "code": code, "message": message })
+                }
                 Item::Notification { channel, payload } => {
                     json!({ "kind": "notification", "channel": channel, "message": payload })
                 }

@@ -67,7 +67,11 @@ fn count_statements(reader: &Reader, summary: &SessionSummary) -> Result<u64, Re
     for event in reader.events(&summary.id)? {
         let event = event?;
         if matches!(event.body, Body::Client(_)) {
-            n += decoder.items(&event).iter().filter(|i| matches!(i, Item::Statement { .. })).count() as u64;
+            n += decoder
+                .items(&event)
+                .iter()
+                .filter(|i| matches!(i, Item::Statement { .. }))
+                .count() as u64;
         }
     }
     Ok(n)

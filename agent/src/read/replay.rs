@@ -40,12 +40,25 @@ struct Table {
     ts: Option<u64>,
 }
 
-pub fn replay(reader: &Reader, id: &str, options: &ReplayOptions, out: &mut dyn Write) -> Result<(), ReadError> {
+pub fn replay(
+    reader: &Reader,
+    id: &str,
+    options: &ReplayOptions,
+    out: &mut dyn Write,
+) -> Result<(), ReadError> {
     let summary = reader.find(id)?;
     let s = &summary.start;
-    writeln!(out, "session {}  target {} ({})  to {}  from {}", summary.id, s.target, s.protocol, s.orig_dst, s.client_addr)?;
+    writeln!(
+        out,
+        "session {}  target {} ({})  to {}  from {}",
+        summary.id, s.target, s.protocol, s.orig_dst, s.client_addr
+    )?;
     match &s.process {
-        Some(p) => writeln!(out, "process uid {} gid {} pid {} comm {} cgroup {}", p.uid, p.gid, p.pid, p.comm, p.cgroup_id)?,
+        Some(p) => writeln!(
+            out,
+            "process uid {} gid {} pid {} comm {} cgroup {}",
+            p.uid, p.gid, p.pid, p.comm, p.cgroup_id
+        )?,
         None => writeln!(out, "process (explicit listener: not known)")?,
     }
     if !s.params.is_empty() {
@@ -86,13 +99,25 @@ pub fn replay(reader: &Reader, id: &str, options: &ReplayOptions, out: &mut dyn 
             match item {
                 Item::Columns(columns) => {
                     flush(&mut table, out)?;
-                    table = Some(Table { columns, ts: Some(event.ts_ns), ..Table::default() });
+                    table = Some(Table {
+                        columns,
+                        ts: Some(event.ts_ns),
+                        ..Table::default()
+                    });
                 }
                 Item::Row(values) => {
-                    let t = table.get_or_insert_with(|| Table { ts: Some(event.ts_ns), ..Table::default() });
+                    let t = table.get_or_insert_with(|| Table {
+                        ts: Some(event.ts_ns),
+                        ..Table::default()
+                    });
                     t.total += 1;
                     if t.rows.len() < options.max_rows {
-                        t.rows.push(values.into_iter().map(|v| v.unwrap_or_else(|| "NULL".into())).collect());
+                        t.rows.push(
+                            values
+                                .into_iter()
+                                .map(|v| v.unwrap_or_else(|| "NULL".into()))
+                                .collect(),
+                        );
                     } else {
                         t.hidden += 1;
                     }
@@ -126,7 +151,9 @@ pub fn replay(reader: &Reader, id: &str, options: &ReplayOptions, out: &mut dyn 
                     flush(&mut table, out)?;
                     writeln!(out, "{}  ! ERROR {code}: {message}", clock(event.ts_ns))?;
                 }
-                Item::Notice { code, message } => writeln!(out, "{}  ~ NOTICE {code}: {message}", clock(event.ts_ns))?,
+                Item::Notice { code, message } => {
+                    writeln!(out, "{}  ~ NOTICE {code}: {message}", clock(event.ts_ns))?
+                }
                 Item::Notification { channel, payload } => {
                     writeln!(out, "{}  ~ NOTIFY {channel}: {payload}", clock(event.ts_ns))?
                 }
@@ -146,7 +173,10 @@ fn clock(ns: u64) -> String {
 
 fn flush(table: &mut Option<Table>, out: &mut dyn Write) -> Result<(), ReadError> {
     let Some(t) = table.take() else { return Ok(()) };
-    let ncols = t.columns.len().max(t.rows.iter().map(Vec::len).max().unwrap_or(0));
+    let ncols = t
+        .columns
+        .len()
+        .max(t.rows.iter().map(Vec::len).max().unwrap_or(0));
     let mut widths = vec![0usize; ncols];
     for (i, c) in t.columns.iter().enumerate() {
         widths[i] = widths[i].max(c.chars().count());
@@ -173,8 +203,18 @@ fn flush(table: &mut Option<Table>, out: &mut dyn Write) -> Result<(), ReadError
         writeln!(out, "{:15}    {}", "", line(row))?;
     }
     if t.hidden > 0 {
-        writeln!(out, "{:15}    ... {} more rows not shown (--max-rows)", "", t.hidden)?;
+        writeln!(
+            out,
+            "{:15}    ... {} more rows not shown (--max-rows)",
+            "", t.hidden
+        )?;
     }
-    writeln!(out, "{:15}    ({} row{})", "", t.total, if t.total == 1 { "" } else { "s" })?;
+    writeln!(
+        out,
+        "{:15}    ({} row{})",
+        "",
+        t.total,
+        if t.total == 1 { "" } else { "s" }
+    )?;
     Ok(())
 }
