@@ -63,7 +63,9 @@ mod tests {
     fn items_serialize_with_a_kind_tag() {
         let json = |i: &Item| serde_json::to_string(i).unwrap();
         assert_eq!(
-            json(&Item::Complete { tag: "SELECT 1".into() }),
+            json(&Item::Complete {
+                tag: "SELECT 1".into()
+            }),
             r#"{"kind":"complete","tag":"SELECT 1"}"#
         );
         assert_eq!(

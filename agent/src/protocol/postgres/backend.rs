@@ -33,15 +33,21 @@ pub enum Authentication<'a> {
     Ok,
     KerberosV5,
     CleartextPassword,
-    Md5Password { salt: [u8; 4] },
+    Md5Password {
+        salt: [u8; 4],
+    },
     Gss,
     GssContinue(&'a [u8]),
     Sspi,
-    Sasl { mechanisms: CStrs<'a> },
+    Sasl {
+        mechanisms: CStrs<'a>,
+    },
     SaslContinue(&'a [u8]),
     SaslFinal(&'a [u8]),
     /// A code this decoder does not know.
-    Other { code: i32 },
+    Other {
+        code: i32,
+    },
 }
 
 /// One column of a RowDescription.
@@ -136,7 +142,9 @@ pub struct CopyResponse<'a> {
     pub column_formats: Formats<'a>,
 }
 
-/// One decoded backend message.
+/// One decoded backend message. Variants are named as in the PostgreSQL protocol documentation
+/// (hence `BackendKeyData` inside `Backend`).
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend<'a> {
     /// 'R'
@@ -285,7 +293,8 @@ pub fn decode_backend(tag: u8, body: &[u8]) -> Result<Backend<'_>, DecodeError> 
             let value = match len {
                 -1 => None,
                 n => {
-                    let n = usize::try_from(n).map_err(|_| r.invalid("result length", i64::from(n)))?;
+                    let n =
+                        usize::try_from(n).map_err(|_| r.invalid("result length", i64::from(n)))?;
                     Some(r.bytes(n, "result")?)
                 }
             };

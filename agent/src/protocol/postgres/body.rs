@@ -44,10 +44,6 @@ impl<'a> Reader<'a> {
         Self { buf, tag }
     }
 
-    pub(crate) fn tag(&self) -> u8 {
-        self.tag
-    }
-
     pub(crate) fn remaining(&self) -> usize {
         self.buf.len()
     }
@@ -177,7 +173,10 @@ impl<'a> Reader<'a> {
     }
 
     /// NUL-terminated UTF-8 strings up to (and consuming) an empty one.
-    pub(crate) fn cstrs_until_empty(&mut self, field: &'static str) -> Result<CStrs<'a>, DecodeError> {
+    pub(crate) fn cstrs_until_empty(
+        &mut self,
+        field: &'static str,
+    ) -> Result<CStrs<'a>, DecodeError> {
         let start = self.buf;
         let mut count = 0;
         while !self.cstr(field)?.is_empty() {
@@ -192,7 +191,11 @@ impl<'a> Reader<'a> {
     }
 
     /// `count` NUL-terminated UTF-8 strings.
-    pub(crate) fn cstrs(&mut self, count: usize, field: &'static str) -> Result<CStrs<'a>, DecodeError> {
+    pub(crate) fn cstrs(
+        &mut self,
+        count: usize,
+        field: &'static str,
+    ) -> Result<CStrs<'a>, DecodeError> {
         let start = self.buf;
         for _ in 0..count {
             self.cstr(field)?;

@@ -137,7 +137,10 @@ mod tests {
         for len in [-1i32, 0, 3, i32::MIN] {
             let mut m = vec![b'Q'];
             m.extend_from_slice(&len.to_be_bytes());
-            assert!(matches!(message_len(&m, 1024), Err(FrameError::TooShort { .. })));
+            assert!(matches!(
+                message_len(&m, 1024),
+                Err(FrameError::TooShort { .. })
+            ));
             assert!(whole_messages(&m, 1024).is_err());
         }
     }

@@ -235,6 +235,9 @@ mod tests {
 
     #[test]
     fn unknown_tags_are_reported_not_rejected() {
-        assert_eq!(decode_frontend(b'z', b"abc"), Ok(Frontend::Unknown { tag: b'z' }));
+        assert_eq!(
+            decode_frontend(b'z', b"abc"),
+            Ok(Frontend::Unknown { tag: b'z' })
+        );
     }
 }

@@ -62,7 +62,10 @@ pub enum StartupError {
 pub enum StartupPacket {
     SslRequest,
     GssEncRequest,
-    Cancel { pid: i32, key: i32 },
+    Cancel {
+        pid: i32,
+        key: i32,
+    },
     Startup {
         version: (u16, u16),
         params: Vec<(String, String)>,
@@ -206,7 +209,10 @@ mod tests {
 
     #[test]
     fn ssl_gss_and_cancel_requests_are_recognised() {
-        assert_eq!(parse_startup(&packet(SSL_REQUEST_CODE, b"")), Ok(StartupPacket::SslRequest));
+        assert_eq!(
+            parse_startup(&packet(SSL_REQUEST_CODE, b"")),
+            Ok(StartupPacket::SslRequest)
+        );
         assert_eq!(
             parse_startup(&packet(GSSENC_REQUEST_CODE, b"")),
             Ok(StartupPacket::GssEncRequest)
@@ -247,7 +253,10 @@ mod tests {
     fn other_protocol_versions_are_rejected_with_their_number() {
         let e = parse_startup(&packet(0x0003_0002, b"\0")).unwrap_err();
         assert_eq!(e, StartupError::UnsupportedVersion { major: 3, minor: 2 });
-        assert_eq!(e.to_string(), "unsupported frontend protocol 3.2: sluice speaks 3.0");
+        assert_eq!(
+            e.to_string(),
+            "unsupported frontend protocol 3.2: sluice speaks 3.0"
+        );
         assert!(matches!(
             parse_startup(&packet(0x0002_0000, b"\0")),
             Err(StartupError::UnsupportedVersion { major: 2, minor: 0 })
@@ -257,7 +266,10 @@ mod tests {
     #[test]
     fn malformed_params_are_rejected() {
         for bad in [&b""[..], b"user\0", b"user\0alice\0", b"user", b"\0x"] {
-            assert!(parse_startup(&packet(PROTOCOL_3_0, bad)).is_err(), "{bad:?}");
+            assert!(
+                parse_startup(&packet(PROTOCOL_3_0, bad)).is_err(),
+                "{bad:?}"
+            );
         }
         let mut many = Vec::new();
         for i in 0..=MAX_PARAMS {
@@ -277,7 +289,10 @@ mod tests {
             assert_eq!(startup_len(&p[..end], 10_000), Ok(None));
         }
         assert_eq!(startup_len(&p, 10_000), Ok(Some(p.len())));
-        assert!(matches!(startup_len(&p, 8), Err(FrameError::TooLong { .. })));
+        assert!(matches!(
+            startup_len(&p, 8),
+            Err(FrameError::TooLong { .. })
+        ));
         assert!(matches!(
             startup_len(&7i32.to_be_bytes(), 10_000),
             Err(FrameError::TooShort { .. })

@@ -177,7 +177,9 @@ impl Transcriber {
                 let prepared = self.statements.get(statement);
                 let sql = match prepared {
                     Some(p) => p.sql.clone(),
-                    None => format!("/* prepared statement {statement:?}, not seen in this recording */"),
+                    None => format!(
+                        "/* prepared statement {statement:?}, not seen in this recording */"
+                    ),
                 };
                 let types = prepared.map(|p| p.param_types.as_slice()).unwrap_or(&[]);
                 let params = params
@@ -206,7 +208,9 @@ impl Transcriber {
                 Target::Statement => Pending::DescribeStatement(name.to_owned()),
                 Target::Portal => Pending::DescribePortal(name.to_owned()),
             }),
-            Frontend::Execute { portal, .. } => self.push_pending(Pending::Execute(portal.to_owned())),
+            Frontend::Execute { portal, .. } => {
+                self.push_pending(Pending::Execute(portal.to_owned()))
+            }
             Frontend::Close { target, name } => match target {
                 Target::Statement => {
                     self.statements.remove(name);
@@ -236,7 +240,10 @@ impl Transcriber {
                     .map(|(i, v)| v.map(|v| render(v, arg_formats.for_value(i), 0)))
                     .collect(),
             }),
-            Frontend::Flush | Frontend::Terminate | Frontend::Password | Frontend::Unknown { .. } => {}
+            Frontend::Flush
+            | Frontend::Terminate
+            | Frontend::Password
+            | Frontend::Unknown { .. } => {}
         }
     }
 
@@ -259,7 +266,9 @@ impl Transcriber {
                     self.pending.pop_front();
                     return;
                 }
-                out.push(Item::Columns(columns.iter().map(|c| c.name.clone()).collect()));
+                out.push(Item::Columns(
+                    columns.iter().map(|c| c.name.clone()).collect(),
+                ));
                 match self.pending.front() {
                     Some(Pending::DescribePortal(name)) => {
                         if let Some(p) = self.portals.get_mut(name) {
@@ -404,7 +413,9 @@ impl Transcriber {
                 ..c.clone()
             })
             .collect();
-        out.push(Item::Columns(columns.iter().map(|c| c.name.clone()).collect()));
+        out.push(Item::Columns(
+            columns.iter().map(|c| c.name.clone()).collect(),
+        ));
     }
 
     fn execute_done(&mut self) {
@@ -431,7 +442,9 @@ impl Transcriber {
         self.copy_line.extend_from_slice(rest);
         if self.copy_line.len() > MAX_COPY_LINE {
             let line = std::mem::take(&mut self.copy_line);
-            out.push(Item::Row(vec![Some(String::from_utf8_lossy(&line).into_owned())]));
+            out.push(Item::Row(vec![Some(
+                String::from_utf8_lossy(&line).into_owned(),
+            )]));
         }
     }
 
