@@ -32,7 +32,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let dir = tempfile::tempdir().context("creating a temporary directory")?;
         let fresh = dir.path().join("sluice.bpf.o");
         compile(&root, &fresh)?;
-        let built = std::fs::read(&fresh).with_context(|| format!("reading {}", fresh.display()))?;
+        let built =
+            std::fs::read(&fresh).with_context(|| format!("reading {}", fresh.display()))?;
         let committed = std::fs::read(root.join(OBJECT))
             .with_context(|| format!("reading {OBJECT} (run cargo xtask build-ebpf)"))?;
         if built != committed {
