@@ -322,11 +322,11 @@ impl Interceptor {
         for link in self.links {
             // Unpinning removes the file; dropping the returned FdLink closes the last
             // reference, which detaches the program from the cgroup.
-            let path_hint = self.pin_dir.clone();
-            drop(link.unpin().map_err(|source| InterceptError::Unpin {
-                path: path_hint,
+            let fd_link = link.unpin().map_err(|source| InterceptError::Unpin {
+                path: self.pin_dir.clone(),
                 source,
-            })?);
+            })?;
+            drop(fd_link);
         }
         programs::remove_pins(&self.pin_dir)?;
         if let Err(error) = std::fs::remove_dir(&self.pin_dir) {
