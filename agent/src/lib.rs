@@ -5,7 +5,7 @@
 //! - [`proxy`]: accept loop, one task per connection, target selection, upstream dialing.
 //! - [`protocol`]: one module per wire protocol (codec, no I/O) and the shared vocabulary.
 //! - [`read`]: reading the journal back: `sessions`, `replay`, `export`.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod config;
 pub mod intercept;
