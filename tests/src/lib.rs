@@ -259,10 +259,10 @@ pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
         let Some((left, right)) = line.split_once(" - ") else {
             continue;
         };
-        if right.split_whitespace().next() == Some("cgroup2") {
-            if let Some(mount) = left.split_whitespace().nth(4) {
-                return Ok(PathBuf::from(mount));
-            }
+        if right.split_whitespace().next() == Some("cgroup2")
+            && let Some(mount) = left.split_whitespace().nth(4)
+        {
+            return Ok(PathBuf::from(mount));
         }
     }
     bail!("no cgroup2 mount in /proc/self/mountinfo")
@@ -461,14 +461,14 @@ impl Agent {
             if rx.recv_timeout(Duration::from_millis(100)).is_ok() {
                 return Ok(agent);
             }
-            if let Some(c) = agent.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    std::thread::sleep(Duration::from_millis(200));
-                    bail!(
-                        "sluice agent exited ({status}) before it was ready; log:\n{}",
-                        agent.log()
-                    );
-                }
+            if let Some(c) = agent.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                std::thread::sleep(Duration::from_millis(200));
+                bail!(
+                    "sluice agent exited ({status}) before it was ready; log:\n{}",
+                    agent.log()
+                );
             }
             if Instant::now() > deadline {
                 bail!("sluice agent not ready within 30 s; log:\n{}", agent.log());

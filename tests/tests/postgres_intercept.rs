@@ -479,9 +479,9 @@ fn shutdown_seals_open_sessions_and_detaches_the_programs() {
     let mut idle = s.cgroup.command(Some(CLIENT_UID), "/usr/bin/python3");
     idle.arg(pgraw())
         .args(["127.0.0.1", &s.pg.port.to_string(), "idle"]);
-    let idle = idle.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut idle = idle.stdout(std::process::Stdio::piped()).spawn().unwrap();
     // Wait for "ready" (bounded by the client's own timeouts).
-    let mut reader = std::io::BufReader::new(idle.stdout.unwrap());
+    let mut reader = std::io::BufReader::new(idle.stdout.take().unwrap());
     let mut line = String::new();
     std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
     assert_eq!(line.trim(), "ready");
@@ -489,6 +489,7 @@ fn shutdown_seals_open_sessions_and_detaches_the_programs() {
     s.agent.stop();
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
+    assert!(idle.wait().unwrap().success());
     assert!(
         rest.starts_with("closed 57P01"),
         "the client is told why: {rest}"
@@ -544,4 +545,34 @@ fn a_killed_agent_fails_closed_and_the_next_start_replaces_its_attachments() {
     let second = Agent::start(options()).unwrap();
     assert_eq!(ok(&psql()), "through\n", "{}", second.log());
     assert_eq!(second.sessions().unwrap().len(), 1);
+}
+
+#[test]
+fn without_ebpf_an_explicit_listener_takes_the_same_recorded_path() {
+    // No eBPF and no cgroup: this one runs without root too.
+    let pg = Postgres::start().unwrap();
+    let listen = sluice_tests::free_port();
+    let target = format!(
+        "[[target]]\nname = \"explicit\"\nprotocol = \"postgres\"\nlisten = \"127.0.0.1:{listen}\"\nbackend = \"127.0.0.1:{}\"\n",
+        pg.port
+    );
+    let agent = Agent::start(AgentOptions {
+        no_ebpf: true,
+        targets: vec![target],
+        ..AgentOptions::default()
+    })
+    .unwrap();
+    let mut cmd = Command::new("psql");
+    cmd.args(psql_args("127.0.0.1", listen, "select 'explicit'"));
+    let out = run_bounded(&mut cmd, LIMIT).unwrap();
+    assert_eq!(ok(&out), "explicit\n", "{}", agent.log());
+    let sessions = agent.sessions().unwrap();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0]["target"], "explicit");
+    assert_eq!(
+        sessions[0]["comm"],
+        Value::Null,
+        "no process identity without eBPF"
+    );
+    assert_eq!(sessions[0]["statements"], 1);
 }

@@ -120,8 +120,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-
-
 fn pgbench_tps(mut cmd: Command, port: &str, clients: u32, seconds: u32) -> anyhow::Result<f64> {
     let c = clients.to_string();
     cmd.args([

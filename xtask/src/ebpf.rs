@@ -23,7 +23,7 @@ const OBJECT: &str = "agent-ebpf/sluice.bpf.o";
 pub struct Args {
     /// Build into a temporary file and fail if the committed object differs from it.
     #[arg(long)]
-    check: bool,
+    pub check: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {

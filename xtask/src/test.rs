@@ -36,5 +36,3 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     crate::util::run(&mut test)
 }
-
-
