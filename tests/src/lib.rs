@@ -351,6 +351,8 @@ pub struct AgentOptions {
     pub pin_dir: Option<String>,
     /// The `sluice` binary (default: [`sluice_bin`]).
     pub bin: Option<PathBuf>,
+    /// Where the journal goes (default: inside the agent's temp dir, removed with it).
+    pub journal_dir: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -364,6 +366,7 @@ impl Default for AgentOptions {
             max_message_bytes: 16 << 20,
             pin_dir: None,
             bin: None,
+            journal_dir: None,
         }
     }
 }
@@ -374,6 +377,7 @@ pub struct Agent {
     pub proxy_port: u16,
     pub config: PathBuf,
     bin: PathBuf,
+    journal: PathBuf,
     child: Option<Child>,
     log: Arc<Mutex<String>>,
 }
@@ -386,6 +390,10 @@ pub fn pg_target(name: &str, matches: &str) -> String {
 impl Agent {
     pub fn start(options: AgentOptions) -> anyhow::Result<Agent> {
         let dir = tempfile::Builder::new().prefix("sluice-agent-").tempdir()?;
+        let journal = options
+            .journal_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("journal"));
         let proxy_port = free_port();
         let pin = options.pin_dir.clone().unwrap_or_else(|| {
             format!(
@@ -395,7 +403,7 @@ impl Agent {
         });
         let mut text = format!(
             "[agent]\nproxy_listen = \"127.0.0.1:{proxy_port}\"\njournal_dir = \"{}\"\nbpf_pin_dir = \"{pin}\"\nexempt_own_cgroup = {}\nmax_message_bytes = {}\n",
-            dir.path().join("journal").display(),
+            journal.display(),
             options.exempt_own_cgroup,
             options.max_message_bytes,
         );
@@ -450,6 +458,7 @@ impl Agent {
         }
         let mut agent = Agent {
             dir,
+            journal,
             proxy_port,
             config,
             bin,
@@ -481,7 +490,7 @@ impl Agent {
     }
 
     pub fn journal_dir(&self) -> PathBuf {
-        self.dir.path().join("journal")
+        self.journal.clone()
     }
 
     pub fn pid(&self) -> Option<u32> {

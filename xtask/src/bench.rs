@@ -26,7 +26,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmark attaches eBPF programs: run it as root");
     }
-    ensure_packages(&[("/usr/lib/postgresql", "postgresql")])?;
+    ensure_packages(&[
+        ("/usr/lib/postgresql", "postgresql"),
+        ("/usr/sbin/pgbouncer", "pgbouncer"),
+    ])?;
     crate::util::run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
     let bin = target_dir().join("release/sluice");
 

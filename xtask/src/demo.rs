@@ -55,8 +55,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     step("starting the sluice agent, attached to a demo cgroup");
     let cgroup = Cgroup::create("demo")?;
     let target = format!("127.0.0.1:{}", pg.port);
+    // The demo's journal outlives the demo, so it can be read afterwards.
+    let journal = target_dir().join("sluice-demo/journal");
+    if journal.exists() {
+        std::fs::remove_dir_all(&journal)
+            .with_context(|| format!("cannot remove {}", journal.display()))?;
+    }
     let agent = Agent::start(AgentOptions {
         bin: Some(bin.clone()),
+        journal_dir: Some(journal.clone()),
         cgroup: Some(cgroup.path.clone()),
         targets: vec![pg_target("demo-db", &target)],
         ..AgentOptions::default()
@@ -101,12 +108,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     step(&format!("sluice replay {last}"));
     print!("{}", agent.read(&["replay", &last])?);
 
-    println!();
-    println!(
-        "Read the journal yourself:  {} sessions --journal {}",
-        bin.display(),
-        agent.journal_dir().display()
-    );
     if args.keep {
         println!("Agent and server keep running; connect from the cgroup with:");
         println!(
@@ -121,6 +122,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     drop(agent);
     drop(cgroup);
     drop(pg);
+    println!(
+        "\nThe journal stays in {}. Read it yourself:",
+        journal.display()
+    );
+    for cmd in ["sessions", "replay <ID>", "export --format csv"] {
+        println!(
+            "    {} {cmd} --journal {}",
+            bin.display(),
+            journal.display()
+        );
+    }
     Ok(())
 }
 
