@@ -351,6 +351,10 @@ pub struct AgentOptions {
     pub pin_dir: Option<String>,
     /// The `sluice` binary (default: [`sluice_bin`]).
     pub bin: Option<PathBuf>,
+    /// `agent.policy_dir` (default: none, every statement allowed).
+    pub policy_dir: Option<PathBuf>,
+    /// TOML appended after the targets (e.g. `[[identity]]` tables).
+    pub extra_config: String,
 }
 
 impl Default for AgentOptions {
@@ -364,6 +368,8 @@ impl Default for AgentOptions {
             max_message_bytes: 16 << 20,
             pin_dir: None,
             bin: None,
+            policy_dir: None,
+            extra_config: String::new(),
         }
     }
 }
@@ -402,9 +408,13 @@ impl Agent {
         if let Some(cg) = &options.cgroup {
             text.push_str(&format!("cgroup = \"{}\"\n", cg.display()));
         }
+        if let Some(dir) = &options.policy_dir {
+            text.push_str(&format!("policy_dir = \"{}\"\n", dir.display()));
+        }
         for t in &options.targets {
             text.push_str(t);
         }
+        text.push_str(&options.extra_config);
         let config = dir.path().join("sluice.toml");
         std::fs::write(&config, text)?;
 
