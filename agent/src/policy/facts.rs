@@ -369,13 +369,8 @@ fn base_kind(s: &Statement) -> Kind {
 
 fn statement_facts(statement: &Statement) -> Facts {
     let mut inner = statement;
-    loop {
-        match inner {
-            Statement::Prepare { statement, .. } | Statement::Explain { statement, .. } => {
-                inner = statement
-            }
-            _ => break,
-        }
+    while let Statement::Prepare { statement, .. } | Statement::Explain { statement, .. } = inner {
+        inner = statement;
     }
     let mut facts = Facts::new(base_kind(inner));
     let mut c = Collector::default();
