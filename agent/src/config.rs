@@ -35,6 +35,35 @@ pub struct Config {
     pub agent: AgentConfig,
     #[serde(rename = "target", default)]
     pub targets: Vec<TargetConfig>,
+    /// Who a caller is, for policy, until login-based identity exists (first match wins).
+    #[serde(rename = "identity", default)]
+    pub identities: Vec<IdentityConfig>,
+}
+
+/// One `[[identity]]` entry: callers matching `uid` or `cgroup` (a cgroup v2 directory; its
+/// descendants match too) are `principal`, member of `groups`. Exactly one of `uid` and
+/// `cgroup` is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    pub principal: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+/// What happens to a statement sluice cannot parse.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unparsed {
+    /// Denied before policy is asked (policy id `sluice-unparsed`).
+    #[default]
+    Deny,
+    /// Decided by policy as kind `other` with `parse_error`, and flagged in the journal.
+    Allow,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -69,6 +98,9 @@ pub struct AgentConfig {
     /// Time allowed to connect to a backend.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_secs: u64,
+    /// Cedar policies (`*.cedar` + `sluice.cedarschema`); none: every statement is allowed.
+    #[serde(default)]
+    pub policy_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -100,6 +132,9 @@ pub struct TargetConfig {
     /// Where an explicit listener's connections go (default: the exact `match` address).
     #[serde(default)]
     pub backend: Option<SocketAddr>,
+    /// Statements sluice cannot parse: "deny" (default) or "allow" (flagged in the journal).
+    #[serde(default)]
+    pub unparsed: Unparsed,
 }
 
 /// A target's address match, resolved.
@@ -119,6 +154,7 @@ pub struct Target {
     pub matches: Option<TargetMatch>,
     pub listen: Option<SocketAddr>,
     pub backend: Option<SocketAddr>,
+    pub unparsed: Unparsed,
 }
 
 fn default_proxy_listen() -> SocketAddr {
@@ -228,7 +264,16 @@ impl Config {
                 matches,
                 listen: t.listen,
                 backend,
+                unparsed: t.unparsed,
             });
+        }
+        for (i, id) in self.identities.iter().enumerate() {
+            if id.principal.is_empty() || id.uid.is_some() == id.cgroup.is_some() {
+                return Err(ConfigError::Invalid(format!(
+                    "identity #{} needs a principal and exactly one of `uid` and `cgroup`",
+                    i + 1
+                )));
+            }
         }
         Ok(out)
     }
@@ -286,6 +331,25 @@ mod tests {
         assert!(c.targets().unwrap_err().to_string().contains("unique"));
         let bad = "[agent]\nproxy_lissten='127.0.0.1:1'\n";
         assert!(toml::from_str::<Config>(bad).is_err());
+    }
+
+    #[test]
+    fn identities_policy_dir_and_unparsed_are_read_and_checked() {
+        let text = "[agent]\npolicy_dir = '/etc/sluice/policies'\n[[target]]\nname='a'\nprotocol='postgres'\nmatch='*:1'\nunparsed='allow'\n[[identity]]\nuid=1000\nprincipal='ada'\ngroups=['admins']\n[[identity]]\ncgroup='/sys/fs/cgroup/ops'\nprincipal='ops'\n";
+        let c: Config = toml::from_str(text).unwrap();
+        assert_eq!(
+            c.agent.policy_dir.as_deref(),
+            Some(Path::new("/etc/sluice/policies"))
+        );
+        assert_eq!(c.targets().unwrap()[0].unparsed, Unparsed::Allow);
+        assert_eq!(c.identities[0].groups, vec!["admins".to_string()]);
+        let both = "[agent]\n[[identity]]\nuid=1\ncgroup='/x'\nprincipal='p'\n";
+        let c: Config = toml::from_str(both).unwrap();
+        assert!(c.targets().unwrap_err().to_string().contains("exactly one"));
+        let default = "[agent]\n[[target]]\nname='a'\nprotocol='postgres'\nmatch='*:1'\n";
+        let c: Config = toml::from_str(default).unwrap();
+        assert_eq!(c.targets().unwrap()[0].unparsed, Unparsed::Deny);
+        assert!(c.agent.policy_dir.is_none());
     }
 
     #[test]

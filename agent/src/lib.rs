@@ -3,12 +3,14 @@
 //! - [`config`]: the agent's TOML configuration, validated once at start.
 //! - [`intercept`]: loads and attaches the eBPF programs (aya); the only place that calls aya.
 //! - [`proxy`]: accept loop, one task per connection, target selection, upstream dialing.
+//! - [`policy`]: statement facts (sqlparser) and Cedar policy decisions.
 //! - [`protocol`]: one module per wire protocol (codec, no I/O) and the shared vocabulary.
 //! - [`read`]: reading the journal back: `sessions`, `replay`, `export`.
 #![deny(unsafe_code)]
 
 pub mod config;
 pub mod intercept;
+pub mod policy;
 pub mod protocol;
 pub mod proxy;
 pub mod read;

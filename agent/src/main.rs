@@ -50,6 +50,24 @@ struct JournalArgs {
 }
 
 #[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy directory (sluice.cedarschema + *.cedar) and print the errors or "ok".
+    Check {
+        /// The directory (the agent's `policy_dir`).
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Measure the cost per statement of facts + Cedar, cached and uncached.
+    Bench {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Decisions per measurement.
+        #[arg(long, default_value_t = 100_000)]
+        iterations: usize,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run the agent: attach the eBPF programs, proxy and record protected connections.
     Agent {
@@ -67,6 +85,11 @@ enum Command {
     CheckConfig {
         #[arg(long, short, env = "SLUICE_CONFIG", default_value = config::DEFAULT_PATH)]
         config: PathBuf,
+    },
+    /// Policy tools: `sluice policy check --dir DIR`.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
     },
     /// List recorded sessions: id, start, end, target, uid, comm, statements, bytes.
     Sessions {
@@ -135,6 +158,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .await
                     .map_err(anyhow::Error::from)
             })
+        }
+        Command::Policy {
+            command: PolicyCommand::Check { dir },
+        } => {
+            let engine = sluice::policy::Engine::load(&dir)?;
+            println!("{}: ok ({} policies)", dir.display(), engine.len());
+            Ok(())
+        }
+        Command::Policy {
+            command: PolicyCommand::Bench { dir, iterations },
+        } => {
+            let r = sluice::policy::bench(&dir, iterations)?;
+            println!(
+                "policy: {} decisions over {} statements: cached {:.2} µs/statement, uncached {:.2} µs/statement (Cedar alone {:.2} µs)",
+                r.iterations,
+                sluice::policy::BENCH_MIX.len(),
+                r.cached_us,
+                r.uncached_us,
+                r.cedar_us
+            );
+            Ok(())
         }
         Command::CheckConfig { config } => {
             let loaded = Config::load(&config)?;

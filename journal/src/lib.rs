@@ -24,6 +24,7 @@ mod model;
 mod store;
 
 pub use model::{
-    Body, Direction, Event, NoteLevel, ProcessInfo, SessionId, SessionStart, SessionSummary, now_ns,
+    Body, Decision, Direction, Event, NoteLevel, Principal, ProcessInfo, SessionId, SessionStart,
+    SessionSummary, now_ns,
 };
 pub use store::{Journal, JournalError, Reader, SessionRecorder};

@@ -73,6 +73,33 @@ pub struct SessionStart {
     pub process: Option<ProcessInfo>,
     /// The protocol's own startup facts (PostgreSQL: user, database, application_name, ...).
     pub params: Vec<(String, String)>,
+    /// Who policy treated the client as (`None` when no policy is configured). Last field:
+    /// postcard is positional, new fields go at the end.
+    pub principal: Option<Principal>,
+}
+
+/// The identity policy decided for: a name and the groups it belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Principal {
+    pub name: String,
+    pub groups: Vec<String>,
+}
+
+/// What policy decided for one statement (or the session's `connect`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    /// The statement text as the client sent it (empty for `connect`).
+    pub sql: String,
+    /// The action asked for: a statement kind ("select", "ddl", ...) or "connect".
+    pub action: String,
+    /// A one-line summary of the statement facts policy saw.
+    pub facts: String,
+    /// True when the statement was forwarded.
+    pub allowed: bool,
+    /// Ids of the policies that decided it (`@id` annotations, else Cedar's policy ids).
+    pub policies: Vec<String>,
+    /// The sentence the client was given on a deny (empty when allowed).
+    pub reason: String,
 }
 
 impl SessionStart {
@@ -114,6 +141,8 @@ pub enum Body {
     End {
         reason: String,
     },
+    /// A policy decision (added after `End`: postcard encodes the variant index).
+    Decision(Decision),
 }
 
 /// One event as stored: its place in the session and when it happened.

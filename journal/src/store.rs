@@ -20,7 +20,9 @@ use rocksdb::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Body, Event, NoteLevel, SessionId, SessionStart, SessionSummary, now_ns};
+use crate::model::{
+    Body, Decision, Event, NoteLevel, SessionId, SessionStart, SessionSummary, now_ns,
+};
 
 const CF_EVENTS: &str = "events";
 const CF_SESSIONS: &str = "sessions";
@@ -224,6 +226,11 @@ impl SessionRecorder {
         )
     }
 
+    /// Records a policy decision.
+    pub fn decision(&self, decision: Decision) -> Result<(), JournalError> {
+        self.write(Body::Decision(decision), false)
+    }
+
     /// Seals the session: the end event and the final index entry, in one batch.
     pub fn end(&self, reason: impl Into<String>) -> Result<(), JournalError> {
         let reason = reason.into();
@@ -403,6 +410,7 @@ mod tests {
                 connected_ns: 1,
             }),
             params: vec![("user".into(), "app".into())],
+            principal: None,
         }
     }
 

@@ -15,6 +15,10 @@ usage: pgraw.py HOST PORT MODE
   midmessage  log in, send half of a Query message, close
   idle        log in, print "ready", then wait (up to 60 s) for the server to close;
               print "closed <SQLSTATE> <message>" from its last ErrorResponse
+  extended SQL...  log in, then for each SQL send Parse(named)/Bind/Execute/Sync as one
+              pipelined batch each, all batches in one write; print one line per response
+              message: "E <SQLSTATE> <message>", "D <first value>", "C <tag>", "Z <status>"
+  pipeline SQL...  the same with one simple Query message per SQL, all in one write
 """
 import socket
 import struct
@@ -96,6 +100,43 @@ def last_error(s):
     return code, message
 
 
+def frame(tag, body):
+    return tag + struct.pack("!I", len(body) + 4) + body
+
+
+def extended(n, sql):
+    name = b"s%d" % n
+    parse = frame(b"P", name + b"\0" + sql.encode() + b"\0" + struct.pack("!h", 0))
+    bind = frame(b"B", b"\0" + name + b"\0" + struct.pack("!hhh", 0, 0, 0))
+    execute = frame(b"E", b"\0" + struct.pack("!i", 0))
+    return parse + bind + execute + frame(b"S", b"")
+
+
+def transcript(s, syncs):
+    """Prints the responses until `syncs` ReadyForQuery messages arrived."""
+    seen = 0
+    while seen < syncs:
+        tag, body = read_message(s)
+        if tag is None:
+            print("EOF")
+            return
+        if tag == b"E":
+            f = error_fields(body)
+            print("E", f.get("C", "?"), f.get("M", "?"))
+        elif tag == b"D":
+            (count,) = struct.unpack("!h", body[:2])
+            value = "NULL"
+            if count > 0:
+                (length,) = struct.unpack("!i", body[2:6])
+                value = body[6:6 + length].decode() if length >= 0 else "NULL"
+            print("D", value)
+        elif tag == b"C":
+            print("C", body.rstrip(b"\0").decode())
+        elif tag == b"Z":
+            print("Z", body.decode())
+            seen += 1
+
+
 def main():
     host, port, mode = sys.argv[1], sys.argv[2], sys.argv[3]
     s = connect(host, port)
@@ -127,6 +168,14 @@ def main():
         time.sleep(0.2)
         s.close()
         print("sent half")
+    elif mode == "extended":
+        statements = sys.argv[4:]
+        s.sendall(b"".join(extended(n, sql) for n, sql in enumerate(statements)))
+        transcript(s, len(statements))
+    elif mode == "pipeline":
+        statements = sys.argv[4:]
+        s.sendall(b"".join(frame(b"Q", sql.encode() + b"\0") for sql in statements))
+        transcript(s, len(statements))
     elif mode == "idle":
         print("ready", flush=True)
         s.settimeout(60)

@@ -353,6 +353,10 @@ pub struct AgentOptions {
     pub bin: Option<PathBuf>,
     /// Where the journal goes (default: inside the agent's temp dir, removed with it).
     pub journal_dir: Option<PathBuf>,
+    /// `agent.policy_dir` (default: none, every statement allowed).
+    pub policy_dir: Option<PathBuf>,
+    /// TOML appended after the targets (e.g. `[[identity]]` tables).
+    pub extra_config: String,
 }
 
 impl Default for AgentOptions {
@@ -367,6 +371,8 @@ impl Default for AgentOptions {
             pin_dir: None,
             bin: None,
             journal_dir: None,
+            policy_dir: None,
+            extra_config: String::new(),
         }
     }
 }
@@ -410,9 +416,13 @@ impl Agent {
         if let Some(cg) = &options.cgroup {
             text.push_str(&format!("cgroup = \"{}\"\n", cg.display()));
         }
+        if let Some(dir) = &options.policy_dir {
+            text.push_str(&format!("policy_dir = \"{}\"\n", dir.display()));
+        }
         for t in &options.targets {
             text.push_str(t);
         }
+        text.push_str(&options.extra_config);
         let config = dir.path().join("sluice.toml");
         std::fs::write(&config, text)?;
 

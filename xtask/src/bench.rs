@@ -20,9 +20,16 @@ pub struct Args {
     /// pgbench scale factor.
     #[arg(long, default_value_t = 10)]
     scale: u32,
+    /// Only the policy micro-benchmark: facts + Cedar per statement, cached and uncached
+    /// (no root, no servers).
+    #[arg(long)]
+    policy: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.policy {
+        return run_policy();
+    }
     if !is_root() {
         bail!("the benchmark attaches eBPF programs: run it as root");
     }
@@ -197,4 +204,25 @@ impl Drop for Pgbouncer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `cargo xtask bench --policy`: `sluice policy bench` (release build) over the example
+/// policies in `policies/`.
+fn run_policy() -> anyhow::Result<()> {
+    crate::util::run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+    let bin = target_dir().join("release/sluice");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let out = Command::new(&bin)
+        .args(["policy", "bench", "--dir"])
+        .arg(&dir)
+        .output()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "sluice policy bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    Ok(())
 }

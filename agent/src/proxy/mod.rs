@@ -28,8 +28,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, broadcast, mpsc};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::config::{Config, Protocol, Target, TargetMatch};
+use crate::config::{Config, IdentityConfig, Protocol, Target, TargetMatch};
 use crate::intercept::{self, ConnTable, InterceptConfig, Interceptor, Match};
+use crate::policy::Policy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -43,6 +44,8 @@ pub enum ProxyError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot load the policies")]
+    Policy(#[from] crate::policy::PolicyError),
     #[error(
         "cannot set up eBPF interception (run as root, or use --no-ebpf with explicit listeners)"
     )]
@@ -62,6 +65,9 @@ pub(crate) struct Shared {
     pub targets: Vec<Target>,
     pub journal: Journal,
     pub conns: Option<ConnTable>,
+    /// None: no `policy_dir`, every statement is allowed.
+    pub policy: Option<Arc<Policy>>,
+    pub identities: Vec<IdentityConfig>,
 }
 
 impl Shared {
@@ -98,6 +104,19 @@ pub async fn run(
         source,
     })?;
     let journal = Journal::open(&config.agent.journal_dir)?;
+    let policy = match &config.agent.policy_dir {
+        Some(dir) => {
+            let p = Policy::load(dir)?;
+            info!(dir = %dir.display(), policies = p.engine.len(), "policies loaded");
+            Some(p)
+        }
+        None => {
+            warn!(
+                "NO POLICY: agent.policy_dir is not set, so every statement is allowed (it is still recorded)"
+            );
+            None
+        }
+    };
 
     let mut listeners: Vec<(TcpListener, Entry)> = Vec::new();
     let mut interceptor = None;
@@ -143,6 +162,8 @@ pub async fn run(
         targets,
         journal,
         conns: interceptor.as_ref().map(Interceptor::connections),
+        policy,
+        identities: config.identities.clone(),
     });
     let (stop_tx, _) = broadcast::channel::<()>(1);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
@@ -306,7 +327,7 @@ async fn handle(
         Some(r) => r,
         None => return,
     };
-    let span = info_span!("session", target = %routed.target.name, client = %peer, session = tracing::field::Empty);
+    let span = info_span!("session", target = %routed.target.name, client = %peer, session = tracing::field::Empty, principal = tracing::field::Empty);
     match routed.target.protocol {
         Protocol::Postgres => {
             postgres::serve(stream, routed, shared, stop)

@@ -13,19 +13,54 @@
 //!   shutdown) writes the session's end event.
 //!
 //! Authentication is passed through unchanged for now; TLS requests are answered 'N'.
+//!
+//! **Policy** (when `agent.policy_dir` is set). At session start the principal is resolved
+//! (`policy::principal`), recorded in the session start, and asked for `connect`; a deny closes
+//! the session with FATAL 42501. Then, in the client->server direction, every simple Query,
+//! every Parse and every legacy FunctionCall is decided *before* it is forwarded; every
+//! decision is journaled (`Body::Decision`), after the client chunk that carried it (which is
+//! journaled as the client sent it, denied bytes included).
+//! - A denied **Query** (or FunctionCall, which names a function by OID that policy cannot
+//!   see, so it is always denied with policy id `sluice-fastpath`) is replaced by a **Sync**: the
+//!   backend never sees the statement, and answers the Sync with ReadyForQuery carrying its
+//!   real transaction status (a Sync inside a transaction block leaves the block as it is; in a
+//!   failed block the status stays 'E'). The proxy puts its ErrorResponse (42501, naming the
+//!   policy and reason) right before that ReadyForQuery.
+//! - A denied **Parse** is dropped, and so is every following message up to the next Sync, as
+//!   PostgreSQL itself skips to Sync after an error in an extended batch. That Sync is
+//!   forwarded; the ErrorResponse goes right before the ReadyForQuery answering it. Messages of
+//!   the same batch *before* the denied Parse were forwarded and run (outside a transaction
+//!   block their implicit transaction then commits at that Sync, where PostgreSQL would have
+//!   rolled it back: clients that need the batch atomic use BEGIN). A named statement is
+//!   decided at Parse; Bind/Execute name it and the server holds its SQL, so it cannot be
+//!   swapped. Caveat: the error arrives at the Sync, so a client that sends a Parse and a Flush
+//!   and waits without a Sync waits until it syncs.
+//! - **Ordering.** The server->client pump is the only writer to the client. The client side
+//!   numbers the sync points it forwards (startup, Query, Sync, the Sync replacing a denied
+//!   message); each one is answered by exactly one ReadyForQuery. An injected error is sent to
+//!   the server side over a channel, tagged with the number of the ReadyForQuery it must
+//!   precede, *before* the sync point is written to the backend; the server side counts
+//!   ReadyForQuery messages and splices the error in right before the right one. So an
+//!   injected error never overtakes responses to earlier pipelined messages, and the journal's
+//!   server chunk holds exactly what the client received.
 
+use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bytes::{Bytes, BytesMut};
-use sluice_journal::{NoteLevel, SessionRecorder, SessionStart};
+use bytes::{BufMut, Bytes, BytesMut};
+use sluice_journal::{Decision, NoteLevel, Principal, SessionRecorder, SessionStart};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use tracing::{Span, debug, info, warn};
 
 use super::{Routed, Shared, upstream};
+use crate::config::Unparsed;
+use crate::policy::{Policy, PrincipalRef, SessionPolicy, Source, principal};
 use crate::protocol::postgres::encode::{SSL_REFUSED, Severity, error_response};
-use crate::protocol::postgres::frame::{messages, whole_messages};
+use crate::protocol::postgres::frame::{HEADER_LEN, messages, whole_messages};
+use crate::protocol::postgres::frontend::{Frontend, decode_frontend};
 use crate::protocol::postgres::startup::{
     StartupPacket, is_tls_client_hello, parse_startup, startup_len,
 };
@@ -34,6 +69,13 @@ use crate::protocol::postgres::startup::{
 const PRE_AUTH_MAX: usize = 10 * 1024;
 /// How much a read asks for at a time.
 const READ_CHUNK: usize = 64 * 1024;
+/// Injected errors waiting for their ReadyForQuery; a client that keeps sending denied
+/// statements without reading waits here (backpressure), it does not grow memory.
+const INJECT_QUEUE: usize = 64;
+/// The Sync message that replaces a denied Query or FunctionCall.
+const SYNC: &[u8] = &[b'S', 0, 0, 0, 4];
+/// The policy id a legacy FunctionCall ('F') is denied by.
+const FASTPATH_POLICY: &str = "sluice-fastpath";
 
 /// Why a session ended; the text goes to the journal's end event and the log.
 #[derive(Debug)]
@@ -97,7 +139,7 @@ pub(crate) async fn serve(
                     &format!("sluice: {reason}"),
                 ))
                 .await;
-            if let Ok(rec) = start(shared, &routed, Vec::new()) {
+            if let Ok(rec) = start(shared, &routed, Vec::new(), None) {
                 let _ = rec.note(NoteLevel::Error, reason.clone());
                 let _ = rec.end(reason);
             }
@@ -105,7 +147,35 @@ pub(crate) async fn serve(
         }
     };
 
-    let recorder = match start(shared, &routed, params) {
+    // Policy: who this is, and may they connect at all.
+    let gate = match &shared.policy {
+        None => None,
+        Some(policy) => {
+            let who = principal::resolve(&shared.identities, routed.process.as_ref());
+            let source = Source {
+                uid: routed.process.as_ref().map(|p| p.uid),
+                comm: routed
+                    .process
+                    .as_ref()
+                    .map(|p| p.comm.as_str())
+                    .unwrap_or(""),
+            };
+            let session = policy.engine.session(
+                PrincipalRef {
+                    name: &who.name,
+                    groups: &who.groups,
+                },
+                &routed.target.name,
+                source,
+            );
+            Some((who, policy.clone(), session))
+        }
+    };
+    Span::current().record(
+        "principal",
+        tracing::field::display(gate.as_ref().map(|g| g.0.name.as_str()).unwrap_or("-")),
+    );
+    let recorder = match start(shared, &routed, params, gate.as_ref().map(|g| g.0.clone())) {
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e, "cannot record the session: refused");
@@ -143,6 +213,44 @@ pub(crate) async fn serve(
             return;
         }
     };
+    let gate = match gate {
+        None => None,
+        Some((who, policy, session)) => {
+            let connect = match &session {
+                Ok(s) => policy.engine.decide_connect(s),
+                Err(e) => crate::policy::Verdict {
+                    allowed: false,
+                    policies: Vec::new(),
+                    reason: format!("cannot build the policy request: {e}"),
+                    approval: None,
+                },
+            };
+            let _ = recorder.decision(Decision {
+                sql: String::new(),
+                action: "connect".into(),
+                facts: String::new(),
+                allowed: connect.allowed,
+                policies: connect.policies.clone(),
+                reason: connect.reason.clone(),
+            });
+            match session {
+                Ok(session) if connect.allowed => Some(Gate {
+                    policy,
+                    session,
+                    unparsed: routed.target.unparsed,
+                }),
+                _ => {
+                    let text = connect.message();
+                    warn!(principal = %who.name, reason = %text, "connect denied by policy");
+                    let bytes = error_response(Severity::Fatal, "42501", &text);
+                    let _ = recorder.server(bytes.clone());
+                    let _ = client.write_all(&bytes).await;
+                    let _ = recorder.end("connect denied by policy");
+                    return;
+                }
+            }
+        }
+    };
     info!(backend = %routed.backend, "session started");
     let end = relay(
         client,
@@ -150,6 +258,7 @@ pub(crate) async fn serve(
         packet,
         &recorder,
         shared.config.max_message_bytes,
+        gate.as_ref(),
         stop,
     )
     .await;
@@ -175,6 +284,7 @@ fn start(
     shared: &Shared,
     routed: &Routed,
     params: Vec<(String, String)>,
+    principal: Option<Principal>,
 ) -> Result<SessionRecorder, sluice_journal::JournalError> {
     shared.journal.start_session(SessionStart {
         target: routed.target.name.clone(),
@@ -183,6 +293,7 @@ fn start(
         client_addr: routed.client_addr.to_string(),
         process: routed.process.clone(),
         params,
+        principal,
     })
 }
 
@@ -263,6 +374,20 @@ async fn read_startup(
     Err(StartupFailure::Refuse("too many startup packets".into()))
 }
 
+/// What a session needs to decide statements.
+struct Gate {
+    policy: Arc<Policy>,
+    session: SessionPolicy,
+    unparsed: Unparsed,
+}
+
+/// An error the server side must put right before the ReadyForQuery numbered `before_ready`
+/// (counting from the one that ends the startup, number 1).
+struct Injection {
+    before_ready: u64,
+    error: Bytes,
+}
+
 /// Relays both directions until one ends or the agent stops.
 async fn relay(
     client: TcpStream,
@@ -270,6 +395,7 @@ async fn relay(
     startup: Bytes,
     recorder: &SessionRecorder,
     max_message: usize,
+    gate: Option<&Gate>,
     stop: &mut broadcast::Receiver<()>,
 ) -> End {
     // The startup packet's content is the session start's `params`, already journaled.
@@ -282,22 +408,24 @@ async fn relay(
     let authenticated = AtomicBool::new(false);
     let (mut client_rd, mut client_wr) = client.into_split();
     let (mut server_rd, mut server_wr) = server.into_split();
+    let (inject_tx, inject_rx) = mpsc::channel::<Injection>(INJECT_QUEUE);
     let end = {
-        let c2s = pump(
+        let c2s = client_pump(
             &mut client_rd,
             &mut server_wr,
-            Side::Client,
             recorder,
             max_message,
             &authenticated,
+            gate,
+            inject_tx,
         );
-        let s2c = pump(
+        let s2c = server_pump(
             &mut server_rd,
             &mut client_wr,
-            Side::Server,
             recorder,
             max_message,
             &authenticated,
+            inject_rx,
         );
         tokio::select! {
             e = c2s => e,
@@ -354,81 +482,356 @@ impl Side {
     }
 }
 
-/// Reads whole messages from `from`, journals each chunk, then writes it to `to`.
-async fn pump<R, W>(
+/// Reads from `from` until a chunk of whole messages is buffered; returns it, or why the
+/// stream ended.
+async fn read_chunk<R: AsyncRead + Unpin>(
+    from: &mut R,
+    buf: &mut BytesMut,
+    side: Side,
+    max: usize,
+) -> Result<Bytes, End> {
+    loop {
+        if let Some(chunk) = split_whole(buf, side, max)? {
+            return Ok(chunk);
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        match from.read_buf(buf).await {
+            Ok(0) => {
+                return Err(match (side, buf.is_empty()) {
+                    (Side::Client, true) => End::ClientClosed,
+                    (Side::Client, false) => End::ClientClosedMidMessage,
+                    (Side::Server, true) => End::ServerClosed,
+                    (Side::Server, false) => End::ServerClosedMidMessage,
+                });
+            }
+            Ok(_) => {}
+            Err(error) => {
+                return Err(End::Io {
+                    from: side.name(),
+                    error,
+                });
+            }
+        }
+    }
+}
+
+fn split_whole(buf: &mut BytesMut, side: Side, max: usize) -> Result<Option<Bytes>, End> {
+    let whole = whole_messages(buf, max).map_err(|e| End::Malformed {
+        from: side.name(),
+        reason: e.to_string(),
+    })?;
+    Ok((whole > 0).then(|| buf.split_to(whole).freeze()))
+}
+
+/// Client -> server: journals each chunk as received, decides its statements (when a policy is
+/// configured), then forwards what policy let through.
+async fn client_pump<R, W>(
     from: &mut R,
     to: &mut W,
-    side: Side,
     recorder: &SessionRecorder,
     max_message: usize,
     authenticated: &AtomicBool,
+    gate: Option<&Gate>,
+    inject: mpsc::Sender<Injection>,
 ) -> End
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut state = ClientState {
+        // The startup message is answered by the first ReadyForQuery.
+        sync_points: 1,
+        skipping: None,
+    };
     loop {
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
-        }
-        match from.read_buf(&mut buf).await {
-            Ok(0) => {
-                return match (side, buf.is_empty()) {
-                    (Side::Client, true) => End::ClientClosed,
-                    (Side::Client, false) => End::ClientClosedMidMessage,
-                    (Side::Server, true) => End::ServerClosed,
-                    (Side::Server, false) => End::ServerClosedMidMessage,
-                };
-            }
-            Ok(_) => {}
-            Err(error) => {
-                return End::Io {
-                    from: side.name(),
-                    error,
-                };
-            }
-        }
-        let max = if side == Side::Client && !authenticated.load(Ordering::Relaxed) {
-            PRE_AUTH_MAX
-        } else {
+        let max = if authenticated.load(Ordering::Relaxed) {
             max_message
+        } else {
+            PRE_AUTH_MAX
         };
-        let whole = match whole_messages(&buf, max) {
-            Ok(n) => n,
-            Err(e) => {
-                return End::Malformed {
-                    from: side.name(),
-                    reason: e.to_string(),
+        let chunk = match read_chunk(from, &mut buf, Side::Client, max).await {
+            Ok(c) => c,
+            Err(end) => return end,
+        };
+        let (journal_copy, statements) = client_chunk_for_journal(&chunk);
+        if let Err(e) = recorder.client(journal_copy, statements) {
+            return End::Journal(e);
+        }
+        let forward = match gate {
+            None => chunk,
+            Some(gate) => {
+                let gated = match gate_chunk(&chunk, gate, &mut state) {
+                    Ok(g) => g,
+                    Err(reason) => {
+                        return End::Malformed {
+                            from: "client",
+                            reason,
+                        };
+                    }
                 };
+                for d in gated.decisions {
+                    if let Err(e) = recorder.decision(d) {
+                        return End::Journal(e);
+                    }
+                }
+                // Injections go first: the server side must know about an error before the
+                // ReadyForQuery it precedes can come back.
+                for i in gated.injections {
+                    if inject.send(i).await.is_err() {
+                        return End::ServerClosed;
+                    }
+                }
+                gated.forward
             }
         };
-        if whole == 0 {
+        if forward.is_empty() {
             continue;
         }
-        let chunk = buf.split_to(whole).freeze();
-        let recorded = match side {
-            Side::Client => {
-                let (journal_copy, statements) = client_chunk_for_journal(&chunk);
-                recorder.client(journal_copy, statements)
+        if let Err(error) = to.write_all(&forward).await {
+            return End::Io {
+                from: "server",
+                error,
+            };
+        }
+    }
+}
+
+/// What the client side remembers between chunks.
+struct ClientState {
+    /// Sync points forwarded so far (each is answered by one ReadyForQuery).
+    sync_points: u64,
+    /// After a denied Parse: the error to send at the next Sync; messages until then are
+    /// dropped.
+    skipping: Option<Bytes>,
+}
+
+/// One client chunk after policy.
+struct Gated {
+    forward: Bytes,
+    injections: Vec<Injection>,
+    decisions: Vec<Decision>,
+}
+
+/// Decides the statements in a chunk of whole client messages. Unchanged messages keep their
+/// bytes; the chunk itself is returned when nothing changed.
+fn gate_chunk(chunk: &Bytes, gate: &Gate, state: &mut ClientState) -> Result<Gated, String> {
+    let mut out = Gated {
+        forward: chunk.clone(),
+        injections: Vec::new(),
+        decisions: Vec::new(),
+    };
+    let mut forward: Option<BytesMut> = None;
+    let mut offset = 0usize;
+    for message in messages(chunk) {
+        let (tag, body) = message.map_err(|e| e.to_string())?;
+        let whole = chunk.slice(offset..offset + HEADER_LEN + body.len());
+        let start = offset;
+        offset += whole.len();
+
+        // What to do with this message: forward it, drop it, or send a Sync in its place.
+        enum Action {
+            Forward,
+            Drop,
+            SyncFor(Bytes),
+        }
+        let action = if state.skipping.is_some() {
+            if tag == b'S' {
+                let error = state.skipping.take().unwrap_or_default();
+                state.sync_points += 1;
+                out.injections.push(Injection {
+                    before_ready: state.sync_points,
+                    error,
+                });
             }
-            Side::Server => {
-                if !authenticated.load(Ordering::Relaxed) && is_authentication_ok(&chunk) {
-                    authenticated.store(true, Ordering::Relaxed);
+            if tag == b'S' {
+                Action::Forward
+            } else {
+                Action::Drop
+            }
+        } else {
+            match tag {
+                b'Q' | b'P' => {
+                    let sql = match decode_frontend(tag, body) {
+                        Ok(Frontend::Query { sql }) | Ok(Frontend::Parse { sql, .. }) => sql,
+                        Ok(_) => "",
+                        Err(e) => return Err(e.to_string()),
+                    };
+                    let d = gate.policy.decide_sql(&gate.session, sql, gate.unparsed);
+                    if d.unparsed_allowed {
+                        warn!(
+                            sql,
+                            "statement sluice cannot parse allowed by the target's `unparsed = \"allow\"`"
+                        );
+                    }
+                    if !d.verdict.allowed {
+                        info!(action = d.action, policies = ?d.verdict.policies, "statement denied by policy");
+                    }
+                    let error = (!d.verdict.allowed)
+                        .then(|| error_response(Severity::Error, "42501", &d.verdict.message()));
+                    out.decisions.push(Decision {
+                        sql: sql.to_string(),
+                        action: d.action.to_string(),
+                        facts: if d.unparsed_allowed {
+                            format!("{} (unparsed, allowed by target config)", d.facts)
+                        } else {
+                            d.facts
+                        },
+                        allowed: d.verdict.allowed,
+                        policies: d.verdict.policies,
+                        reason: d.verdict.reason,
+                    });
+                    match (tag, error) {
+                        (b'Q', None) => {
+                            state.sync_points += 1;
+                            Action::Forward
+                        }
+                        (b'Q', Some(error)) => Action::SyncFor(error),
+                        (_, None) => Action::Forward,
+                        (_, Some(error)) => {
+                            state.skipping = Some(error);
+                            Action::Drop
+                        }
+                    }
                 }
-                recorder.server(chunk.clone())
+                b'F' => {
+                    let reason = "the function-call sub-protocol names functions by OID, which policy cannot check".to_string();
+                    let message =
+                        format!("sluice: denied by policy \"{FASTPATH_POLICY}\": {reason}");
+                    out.decisions.push(Decision {
+                        sql: String::new(),
+                        action: "call".into(),
+                        facts: "fastpath function call".into(),
+                        allowed: false,
+                        policies: vec![FASTPATH_POLICY.into()],
+                        reason,
+                    });
+                    Action::SyncFor(error_response(Severity::Error, "42501", &message))
+                }
+                b'S' => {
+                    state.sync_points += 1;
+                    Action::Forward
+                }
+                _ => Action::Forward,
             }
         };
-        if let Err(e) = recorded {
+        match action {
+            Action::Forward => {
+                if let Some(f) = forward.as_mut() {
+                    f.extend_from_slice(&whole);
+                }
+            }
+            Action::Drop | Action::SyncFor(_) => {
+                let f = forward.get_or_insert_with(|| {
+                    let mut f = BytesMut::with_capacity(chunk.len());
+                    f.extend_from_slice(&chunk[..start]);
+                    f
+                });
+                if let Action::SyncFor(error) = action {
+                    state.sync_points += 1;
+                    out.injections.push(Injection {
+                        before_ready: state.sync_points,
+                        error,
+                    });
+                    f.put_slice(SYNC);
+                }
+            }
+        }
+    }
+    if let Some(f) = forward {
+        out.forward = f.freeze();
+    }
+    Ok(out)
+}
+
+/// Server -> client: the only writer to the client. Splices injected errors in right before
+/// the ReadyForQuery they belong to, journals each chunk exactly as it forwards it.
+async fn server_pump<R, W>(
+    from: &mut R,
+    to: &mut W,
+    recorder: &SessionRecorder,
+    max_message: usize,
+    authenticated: &AtomicBool,
+    mut inject: mpsc::Receiver<Injection>,
+) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut pending: VecDeque<Injection> = VecDeque::new();
+    let mut ready_seen: u64 = 0;
+    let mut inject_open = true;
+    loop {
+        // Both branches are cancel safe: read_buf only appends what it read to `buf`.
+        let chunk = tokio::select! {
+            biased;
+            i = inject.recv(), if inject_open => {
+                match i {
+                    Some(i) => pending.push_back(i),
+                    None => inject_open = false,
+                }
+                continue;
+            }
+            c = read_chunk(from, &mut buf, Side::Server, max_message) => match c {
+                Ok(c) => c,
+                Err(end) => return end,
+            },
+        };
+        while let Ok(i) = inject.try_recv() {
+            pending.push_back(i);
+        }
+        if !authenticated.load(Ordering::Relaxed) && is_authentication_ok(&chunk) {
+            authenticated.store(true, Ordering::Relaxed);
+        }
+        let chunk = splice(chunk, &mut pending, &mut ready_seen);
+        if let Err(e) = recorder.server(chunk.clone()) {
             return End::Journal(e);
         }
         if let Err(error) = to.write_all(&chunk).await {
-            let other = match side {
-                Side::Client => "server",
-                Side::Server => "client",
+            return End::Io {
+                from: "client",
+                error,
             };
-            return End::Io { from: other, error };
         }
+    }
+}
+
+/// Counts the ReadyForQuery messages in `chunk` and puts each due injection's error right
+/// before its ReadyForQuery. Returns the chunk itself when nothing is due.
+fn splice(chunk: Bytes, pending: &mut VecDeque<Injection>, ready_seen: &mut u64) -> Bytes {
+    let mut out: Option<BytesMut> = None;
+    let mut offset = 0usize;
+    for (tag, body) in messages(&chunk).flatten() {
+        let len = HEADER_LEN + body.len();
+        if tag == b'Z' {
+            *ready_seen += 1;
+            while pending
+                .front()
+                .is_some_and(|i| i.before_ready <= *ready_seen)
+            {
+                if let Some(i) = pending.pop_front() {
+                    let o = out.get_or_insert_with(|| {
+                        let mut o = BytesMut::with_capacity(chunk.len() + i.error.len());
+                        o.extend_from_slice(&chunk[..offset]);
+                        o
+                    });
+                    o.extend_from_slice(&i.error);
+                }
+            }
+        }
+        if let Some(o) = out.as_mut()
+            && let Some(m) = chunk.get(offset..offset + len)
+        {
+            o.extend_from_slice(m);
+        }
+        offset += len;
+    }
+    match out {
+        Some(o) => o.freeze(),
+        None => chunk,
     }
 }
 
@@ -483,6 +886,114 @@ mod tests {
         assert_eq!(&copy[..5], b"p\0\0\0\x04");
         assert_eq!(&copy[5..], b"Q\0\0\0\x0dselect 1\0");
         assert!(!copy.windows(6).any(|w| w == b"secret"));
+    }
+
+    fn gate() -> Gate {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let policy = Policy::load(&dir).unwrap();
+        let session = policy
+            .engine
+            .session(
+                PrincipalRef {
+                    name: "dev",
+                    groups: &[],
+                },
+                "app-db",
+                Source {
+                    uid: Some(1000),
+                    comm: "psql",
+                },
+            )
+            .unwrap();
+        Gate {
+            policy,
+            session,
+            unparsed: Unparsed::Deny,
+        }
+    }
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn a_denied_query_becomes_a_sync_and_its_error_waits_for_that_ready_for_query() {
+        let gate = gate();
+        let mut state = ClientState {
+            sync_points: 1,
+            skipping: None,
+        };
+        let mut chunk = msg(b'Q', b"select 1\0");
+        chunk.extend(msg(b'Q', b"drop table t\0"));
+        chunk.extend(msg(b'Q', b"select 2\0"));
+        let g = gate_chunk(&Bytes::from(chunk), &gate, &mut state).unwrap();
+        let mut want = msg(b'Q', b"select 1\0");
+        want.extend_from_slice(SYNC);
+        want.extend(msg(b'Q', b"select 2\0"));
+        assert_eq!(&g.forward[..], &want[..]);
+        assert_eq!(g.injections.len(), 1);
+        assert_eq!(g.injections[0].before_ready, 3);
+        assert_eq!(state.sync_points, 4);
+        assert_eq!(g.decisions.len(), 3);
+        assert!(!g.decisions[1].allowed);
+
+        // The server answers: startup done earlier (1), select 1 (2), the Sync (3), select 2 (4).
+        let mut pending: VecDeque<Injection> = g.injections.into();
+        let mut seen = 1;
+        let z = msg(b'Z', b"I");
+        let c = msg(b'C', b"SELECT 1\0");
+        let mut server = c.clone();
+        server.extend(&z);
+        server.extend(&z);
+        server.extend(&c);
+        server.extend(&z);
+        let out = splice(Bytes::from(server), &mut pending, &mut seen);
+        let tags: Vec<u8> = messages(&out).flatten().map(|(t, _)| t).collect();
+        assert_eq!(tags, b"CZEZCZ".to_vec());
+        assert!(pending.is_empty());
+        assert_eq!(seen, 4);
+    }
+
+    #[test]
+    fn a_denied_parse_drops_the_batch_up_to_sync_across_chunks() {
+        let gate = gate();
+        let mut state = ClientState {
+            sync_points: 1,
+            skipping: None,
+        };
+        let mut first = msg(b'P', b"s1\0delete from t\0\0\0");
+        first.extend(msg(b'B', b"\0s1\0\0\0\0\0\0\0"));
+        let g = gate_chunk(&Bytes::from(first), &gate, &mut state).unwrap();
+        assert!(g.forward.is_empty());
+        assert!(g.injections.is_empty());
+        let mut second = msg(b'E', b"\0\0\0\0\0");
+        second.extend(msg(b'S', b""));
+        second.extend(msg(b'Q', b"select 1\0"));
+        let g = gate_chunk(&Bytes::from(second), &gate, &mut state).unwrap();
+        let mut want = msg(b'S', b"");
+        want.extend(msg(b'Q', b"select 1\0"));
+        assert_eq!(&g.forward[..], &want[..]);
+        assert_eq!(g.injections.len(), 1);
+        assert_eq!(g.injections[0].before_ready, 2);
+        assert!(state.skipping.is_none());
+    }
+
+    #[test]
+    fn allowed_chunks_are_forwarded_as_the_same_bytes() {
+        let gate = gate();
+        let mut state = ClientState {
+            sync_points: 1,
+            skipping: None,
+        };
+        let mut chunk = msg(b'P', b"\0select * from people where id = $1\0\0\0");
+        chunk.extend(msg(b'S', b""));
+        let chunk = Bytes::from(chunk);
+        let g = gate_chunk(&chunk, &gate, &mut state).unwrap();
+        assert_eq!(g.forward.as_ptr(), chunk.as_ptr());
+        assert_eq!(g.forward.len(), chunk.len());
     }
 
     #[test]

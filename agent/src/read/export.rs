@@ -57,6 +57,8 @@ fn export_session(
         "uid": s.start.process.as_ref().map(|p| p.uid),
         "pid": s.start.process.as_ref().map(|p| p.pid),
         "comm": s.start.process.as_ref().map(|p| p.comm.clone()),
+        "principal": s.start.principal.as_ref().map(|p| p.name.clone()),
+        "groups": s.start.principal.as_ref().map(|p| p.groups.clone()),
     });
     let mut decoder = Decoder::for_protocol(&s.start.protocol);
     let mut columns: Vec<String> = Vec::new();
@@ -76,6 +78,15 @@ fn export_session(
                 records.push(json!({ "kind": "note", "level": format!("{level:?}").to_lowercase(), "message": text }))
             }
             Body::End { reason } => records.push(json!({ "kind": "session_end", "message": reason })),
+            Body::Decision(d) => records.push(json!({
+                "kind": "decision",
+                "sql": d.sql,
+                "action": d.action,
+                "facts": d.facts,
+                "allowed": d.allowed,
+                "policies": d.policies,
+                "reason": d.reason,
+            })),
             Body::Client(_) | Body::Server(_) => {}
         }
         for item in decoder.items(&event) {

@@ -89,6 +89,16 @@ pub fn replay(
                 };
                 writeln!(out, "{}  {mark} sluice: {text}", clock(event.ts_ns))?;
             }
+            Body::Decision(d) if !d.allowed => {
+                writeln!(
+                    out,
+                    "{}  ! sluice: {} denied ({}): {}",
+                    clock(event.ts_ns),
+                    d.action,
+                    d.policies.join(", "),
+                    d.reason
+                )?;
+            }
             Body::End { reason } => {
                 flush(&mut table, out)?;
                 writeln!(out, "{}  = session ended: {reason}", clock(event.ts_ns))?;
