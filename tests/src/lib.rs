@@ -33,7 +33,8 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
-fn is_root() -> bool {
+/// True when the effective uid is 0.
+pub fn is_root() -> bool {
     // The effective uid, read from /proc so the harness needs no unsafe libc call.
     std::fs::read_to_string("/proc/self/status")
         .ok()

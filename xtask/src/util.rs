@@ -29,16 +29,7 @@ pub fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
+pub use sluice_tests::is_root;
 
 /// Installs the Debian packages whose probe command is missing.
 pub fn ensure_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
