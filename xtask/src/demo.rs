@@ -1,8 +1,8 @@
 //! `cargo xtask demo`: sluice's main job on embedded defaults, on a fresh Debian machine as
 //! root. Installs what is missing, starts a throwaway PostgreSQL on a free loopback port,
 //! starts the agent attached to a demo cgroup, runs psql statements from inside that cgroup
-//! against the server's own address (psql is not told about sluice), and prints what the
-//! journal recorded. Everything it started is stopped and removed at the end.
+//! against the server's own address (psql is not told about sluice) under the example
+//! policies in `policies/` (one statement is denied), and prints what the journal recorded. Everything it started is stopped and removed at the end.
 
 use std::process::Command;
 use std::time::Duration;
@@ -26,6 +26,7 @@ const STATEMENTS: &[&str] = &[
     "insert into customers values (1, 'Ada Lovelace', 'ada@example.com'), (2, 'Alan Turing', 'alan@example.com')",
     "select id, name, email from customers order by id",
     "update customers set email = 'ada@lovelace.example' where id = 1",
+    "delete from customers",
     "select * from no_such_table",
 ];
 
@@ -64,6 +65,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let agent = Agent::start(AgentOptions {
         bin: Some(bin.clone()),
         journal_dir: Some(journal.clone()),
+        // The example policies, with `nobody` (the demo's psql) as an admin called "demo".
+        policy_dir: Some(crate::util::root().join("policies")),
+        extra_config: format!(
+            "[[identity]]\nuid = {CLIENT_UID}\nprincipal = \"demo\"\ngroups = [\"admins\"]\n"
+        ),
         cgroup: Some(cgroup.path.clone()),
         targets: vec![pg_target("demo-db", &target)],
         ..AgentOptions::default()
@@ -92,21 +98,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     step("sluice sessions");
     print!("{}", agent.read(&["sessions"])?);
     let sessions = agent.sessions()?;
-    let select = sessions
-        .iter()
-        .filter_map(|s| s["id"].as_str())
-        .nth(2)
-        .context("the demo's sessions were not recorded")?
-        .to_string();
-    step(&format!("sluice replay {select}"));
-    print!("{}", agent.read(&["replay", &select])?);
-    let last = sessions
-        .last()
-        .and_then(|s| s["id"].as_str())
-        .unwrap_or_default()
-        .to_string();
-    step(&format!("sluice replay {last}"));
-    print!("{}", agent.read(&["replay", &last])?);
+    let ids: Vec<&str> = sessions.iter().filter_map(|s| s["id"].as_str()).collect();
+    if ids.len() != STATEMENTS.len() {
+        bail!(
+            "expected {} recorded sessions, found {}",
+            STATEMENTS.len(),
+            ids.len()
+        );
+    }
+    // The SELECT with its rows, the denied DELETE, and the failing statement.
+    for index in [2, 4, 5] {
+        step(&format!("sluice replay {}", ids[index]));
+        print!("{}", agent.read(&["replay", ids[index]])?);
+    }
 
     if args.keep {
         println!("Agent and server keep running; connect from the cgroup with:");

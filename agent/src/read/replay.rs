@@ -61,6 +61,9 @@ pub fn replay(
         )?,
         None => writeln!(out, "process (explicit listener: not known)")?,
     }
+    if let Some(p) = &s.principal {
+        writeln!(out, "principal {} groups [{}]", p.name, p.groups.join(", "))?;
+    }
     if !s.params.is_empty() {
         let params: Vec<String> = s.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
         writeln!(out, "startup {}", params.join(" "))?;
