@@ -281,6 +281,9 @@ async fn accept_loop(
 ) {
     let mut stopping = stop.subscribe();
     loop {
+        // Subscribed before accepting, so a stop sent while a connection is being accepted
+        // still reaches that connection's task.
+        let mut conn_stop = stop.subscribe();
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = stopping.recv() => return,
@@ -298,7 +301,6 @@ async fn accept_loop(
             _ = stopping.recv() => return,
         };
         let shared = shared.clone();
-        let mut conn_stop = stop.subscribe();
         let done = done.clone();
         tokio::spawn(async move {
             let _permit = permit;
