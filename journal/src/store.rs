@@ -56,6 +56,12 @@ pub enum JournalError {
         #[source]
         source: postcard::Error,
     },
+    #[error("cannot encode journal value {what}")]
+    Encode {
+        what: String,
+        #[source]
+        source: postcard::Error,
+    },
     #[error("journal value at {what} has unknown format {format} (written by a newer sluice?)")]
     Format { what: String, format: u8 },
     #[error("no session matches {0:?}")]
@@ -71,13 +77,11 @@ struct StoredEvent {
     body: Body,
 }
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    let out = vec![FORMAT];
-    // Serializing our own plain data types into a Vec cannot fail.
-    match postcard::to_extend(value, out) {
-        Ok(v) => v,
-        Err(_) => vec![FORMAT],
-    }
+fn encode<T: Serialize>(value: &T, what: impl Fn() -> String) -> Result<Vec<u8>, JournalError> {
+    postcard::to_extend(value, vec![FORMAT]).map_err(|source| JournalError::Encode {
+        what: what(),
+        source,
+    })
 }
 
 fn decode<'a, T: Deserialize<'a>>(
@@ -250,7 +254,7 @@ impl SessionRecorder {
         batch.put_cf(
             self.journal.cf(CF_EVENTS)?,
             event_key(&id, seq),
-            encode(&StoredEvent { ts_ns, body }),
+            encode(&StoredEvent { ts_ns, body }, || format!("event {id}/{seq}"))?,
         );
         if with_summary {
             let mut s = self.lock_summary();
@@ -261,7 +265,11 @@ impl SessionRecorder {
             s.client_bytes = self.client_bytes.load(Ordering::Relaxed);
             s.server_bytes = self.server_bytes.load(Ordering::Relaxed);
             s.events = seq + 1;
-            batch.put_cf(self.journal.cf(CF_SESSIONS)?, id.as_bytes(), encode(&*s));
+            batch.put_cf(
+                self.journal.cf(CF_SESSIONS)?,
+                id.as_bytes(),
+                encode(&*s, || format!("session {id}"))?,
+            );
         }
         self.journal
             .db
