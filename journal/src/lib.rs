@@ -16,7 +16,7 @@
 //! still open or whose agent died (the reader then derives its counters from the events).
 //!
 //! What must never happen here: blocking on the network, holding a clear credential (the agent
-//! redacts password messages before they reach [`SessionRecorder::append`]), or a panic on a
+//! redacts password messages before they reach [`SessionRecorder::client`]), or a panic on a
 //! corrupt value (decoding errors are returned, naming the key).
 #![forbid(unsafe_code)]
 
