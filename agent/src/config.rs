@@ -101,6 +101,15 @@ pub struct AgentConfig {
     /// Cedar policies (`*.cedar` + `sluice.cedarschema`); none: every statement is allowed.
     #[serde(default)]
     pub policy_dir: Option<PathBuf>,
+    /// Seconds between checks of `policy_dir` for changed files (0: reload on SIGHUP only).
+    #[serde(default = "default_policy_poll")]
+    pub policy_poll_secs: u64,
+    /// How long a statement held for approval waits before it fails.
+    #[serde(default = "default_approval_timeout")]
+    pub approval_timeout_secs: u64,
+    /// The agent's unix socket for `sluice requests|approve|deny|grants|request access`.
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -135,6 +144,13 @@ pub struct TargetConfig {
     /// Statements sluice cannot parse: "deny" (default) or "allow" (flagged in the journal).
     #[serde(default)]
     pub unparsed: Unparsed,
+    /// The group whose members approve just-in-time access requests for this target (none:
+    /// the target takes no such requests).
+    #[serde(default)]
+    pub jit_approvers: Option<String>,
+    /// The longest grant a just-in-time request may ask for.
+    #[serde(default = "default_jit_max")]
+    pub jit_max_secs: u64,
 }
 
 /// A target's address match, resolved.
@@ -155,6 +171,8 @@ pub struct Target {
     pub listen: Option<SocketAddr>,
     pub backend: Option<SocketAddr>,
     pub unparsed: Unparsed,
+    pub jit_approvers: Option<String>,
+    pub jit_max: Duration,
 }
 
 fn default_proxy_listen() -> SocketAddr {
@@ -184,6 +202,18 @@ fn default_startup_timeout() -> u64 {
 fn default_connect_timeout() -> u64 {
     5
 }
+fn default_policy_poll() -> u64 {
+    2
+}
+fn default_approval_timeout() -> u64 {
+    300
+}
+fn default_control_socket() -> PathBuf {
+    PathBuf::from("/run/sluice/agent.sock")
+}
+fn default_jit_max() -> u64 {
+    8 * 3600
+}
 
 impl AgentConfig {
     pub fn startup_timeout(&self) -> Duration {
@@ -191,6 +221,9 @@ impl AgentConfig {
     }
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_secs(self.connect_timeout_secs)
+    }
+    pub fn approval_timeout(&self) -> Duration {
+        Duration::from_secs(self.approval_timeout_secs)
     }
 }
 
@@ -265,6 +298,8 @@ impl Config {
                 listen: t.listen,
                 backend,
                 unparsed: t.unparsed,
+                jit_approvers: t.jit_approvers.clone().filter(|g| !g.is_empty()),
+                jit_max: Duration::from_secs(t.jit_max_secs),
             });
         }
         for (i, id) in self.identities.iter().enumerate() {
@@ -337,6 +372,8 @@ mod tests {
     fn identities_policy_dir_and_unparsed_are_read_and_checked() {
         let text = "[agent]\npolicy_dir = '/etc/sluice/policies'\n[[target]]\nname='a'\nprotocol='postgres'\nmatch='*:1'\nunparsed='allow'\n[[identity]]\nuid=1000\nprincipal='ada'\ngroups=['admins']\n[[identity]]\ncgroup='/sys/fs/cgroup/ops'\nprincipal='ops'\n";
         let c: Config = toml::from_str(text).unwrap();
+        assert_eq!(c.agent.approval_timeout(), Duration::from_secs(300));
+        assert_eq!(c.targets().unwrap()[0].jit_approvers, None);
         assert_eq!(
             c.agent.policy_dir.as_deref(),
             Some(Path::new("/etc/sluice/policies"))

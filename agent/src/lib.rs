@@ -4,11 +4,15 @@
 //! - [`intercept`]: loads and attaches the eBPF programs (aya); the only place that calls aya.
 //! - [`proxy`]: accept loop, one task per connection, target selection, upstream dialing.
 //! - [`policy`]: statement facts (sqlparser) and Cedar policy decisions.
+//! - [`access`]: requests for approval (held statements, just-in-time access) and grants.
+//! - [`control`]: the agent's unix socket for the `requests/approve/deny/grants` commands.
 //! - [`protocol`]: one module per wire protocol (codec, no I/O) and the shared vocabulary.
 //! - [`read`]: reading the journal back: `sessions`, `replay`, `export`.
 #![deny(unsafe_code)]
 
+pub mod access;
 pub mod config;
+pub mod control;
 pub mod intercept;
 pub mod policy;
 pub mod protocol;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice::config::{self, Config};
+use sluice::control::{ControlRequest, ControlResponse};
 use sluice::proxy::{self, RunOptions};
 use sluice::read;
 
@@ -49,6 +50,35 @@ struct JournalArgs {
     journal: Option<PathBuf>,
 }
 
+/// Where the running agent's control socket is.
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// The agent's control socket (default: the config's `control_socket`).
+    #[arg(long, env = "SLUICE_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Agent config whose `control_socket` to use.
+    #[arg(long, short, env = "SLUICE_CONFIG", default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum RequestCommand {
+    /// Ask for just-in-time access to a target; a member of its `jit_approvers` group approves.
+    Access {
+        /// The target (its `[[target]] name`).
+        #[arg(long)]
+        target: String,
+        /// How long the grant lasts once approved: 90s, 30m, 2h, 1h30m.
+        #[arg(long = "for", value_parser = parse_duration)]
+        duration: u64,
+        /// Why (an incident or ticket id); shown to the approvers and kept in the journal.
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+}
+
 #[derive(Subcommand)]
 enum PolicyCommand {
     /// Validate a policy directory (sluice.cedarschema + *.cedar) and print the errors or "ok".
@@ -56,6 +86,11 @@ enum PolicyCommand {
         /// The directory (the agent's `policy_dir`).
         #[arg(long)]
         dir: PathBuf,
+    },
+    /// Ask the running agent to reload its policies now (as SIGHUP does).
+    Reload {
+        #[command(flatten)]
+        agent: AgentArgs,
     },
     /// Measure the cost per statement of facts + Cedar, cached and uncached.
     Bench {
@@ -90,6 +125,56 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+    /// List requests for approval (held statements, access requests): pending ones, or --all.
+    Requests {
+        /// Also decided, timed-out and abandoned ones.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// Approve a request: the held statement runs, or the access grant starts.
+    Approve {
+        /// Request id (a unique prefix is enough).
+        id: String,
+        #[arg(long, default_value = "")]
+        comment: String,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// Deny a request: the held statement fails with your reason.
+    Deny {
+        id: String,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// Make a request: `sluice request access --target T --for 30m --reason "INC-1234"`.
+    Request {
+        #[command(subcommand)]
+        command: RequestCommand,
+    },
+    /// List the active just-in-time grants.
+    Grants {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// End a grant before it expires (its grantee or an approver may).
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// Who the agent takes you for (principal and groups), by your uid and cgroup.
+    Whoami {
+        #[command(flatten)]
+        agent: AgentArgs,
     },
     /// List recorded sessions: id, start, end, target, uid, comm, statements, bytes.
     Sessions {
@@ -164,6 +249,82 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let engine = sluice::policy::Engine::load(&dir)?;
             println!("{}: ok ({} policies)", dir.display(), engine.len());
+            Ok(())
+        }
+        Command::Policy {
+            command: PolicyCommand::Reload { agent },
+        } => {
+            let r = control(&agent, ControlRequest::Reload)?;
+            println!("policies reloaded: {}", r.message.unwrap_or_default());
+            Ok(())
+        }
+        Command::Requests { all, json, agent } => {
+            let r = control(&agent, ControlRequest::Requests { all })?;
+            print_requests(&r.requests, json)
+        }
+        Command::Grants { json, agent } => {
+            let r = control(&agent, ControlRequest::Grants)?;
+            print_requests(&r.requests, json)
+        }
+        Command::Approve { id, comment, agent } => {
+            let r = control(&agent, ControlRequest::Approve { id, comment })?;
+            for req in &r.requests {
+                println!("request {}: {}", req.id, req.state.describe());
+            }
+            Ok(())
+        }
+        Command::Deny { id, reason, agent } => {
+            let r = control(&agent, ControlRequest::Deny { id, reason })?;
+            for req in &r.requests {
+                println!("request {}: {}", req.id, req.state.describe());
+            }
+            Ok(())
+        }
+        Command::Revoke { id, agent } => {
+            let r = control(&agent, ControlRequest::Revoke { id })?;
+            for req in &r.requests {
+                println!("grant {}: {}", req.id, req.state.describe());
+            }
+            Ok(())
+        }
+        Command::Whoami { agent } => {
+            let r = control(&agent, ControlRequest::Whoami)?;
+            if let Some(p) = r.principal {
+                println!(
+                    "{} (groups: {})",
+                    p.name,
+                    if p.groups.is_empty() {
+                        "none".to_string()
+                    } else {
+                        p.groups.join(", ")
+                    }
+                );
+            }
+            Ok(())
+        }
+        Command::Request {
+            command:
+                RequestCommand::Access {
+                    target,
+                    duration,
+                    reason,
+                    agent,
+                },
+        } => {
+            let r = control(
+                &agent,
+                ControlRequest::RequestAccess {
+                    target,
+                    seconds: duration,
+                    reason,
+                },
+            )?;
+            for req in &r.requests {
+                println!(
+                    "request {} sent to group \"{}\"; a member runs `sluice approve {}`; then `sluice grants` shows the grant",
+                    req.id, req.approvers, req.id
+                );
+            }
             Ok(())
         }
         Command::Policy {
@@ -258,6 +419,67 @@ fn journal_dir(args: &JournalArgs) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from("/var/lib/sluice/journal"))
 }
 
+/// The control socket: `--socket`, else the config's `control_socket`, else the default.
+fn socket_path(args: &AgentArgs) -> anyhow::Result<PathBuf> {
+    if let Some(s) = &args.socket {
+        return Ok(s.clone());
+    }
+    if args.config.exists() {
+        return Ok(Config::load(&args.config)?.agent.control_socket);
+    }
+    if args.config != Path::new(config::DEFAULT_PATH) {
+        anyhow::bail!("config file {} does not exist", args.config.display());
+    }
+    Ok(PathBuf::from("/run/sluice/agent.sock"))
+}
+
+/// One request to the running agent.
+fn control(args: &AgentArgs, request: ControlRequest) -> anyhow::Result<ControlResponse> {
+    let path = socket_path(args)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    Ok(runtime.block_on(sluice::control::call(&path, &request))?)
+}
+
+fn print_requests(requests: &[sluice_journal::AccessRequest], json: bool) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    read::print_requests(requests, json, &mut out)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// `90s`, `30m`, `2h`, `1h30m`, `1d` (also `1h 30m`) as seconds.
+fn parse_duration(text: &str) -> Result<u64, String> {
+    let mut total: u64 = 0;
+    let mut number = String::new();
+    let mut any = false;
+    for c in text.chars().filter(|c| !c.is_whitespace()) {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86400,
+            _ => return Err(format!("{text:?}: unknown unit {c:?} (use s, m, h or d)")),
+        };
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("{text:?}: a number must come before {c:?}"))?;
+        total = total.saturating_add(n.saturating_mul(unit));
+        number.clear();
+        any = true;
+    }
+    if !number.is_empty() || !any {
+        return Err(format!("{text:?}: give a unit, e.g. 30m or 2h"));
+    }
+    Ok(total)
+}
+
 fn open_reader(args: &JournalArgs) -> anyhow::Result<sluice_journal::Reader> {
     let dir = journal_dir(args)?;
     Ok(sluice_journal::Reader::open(&dir)?)
@@ -288,4 +510,21 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
             _ = term.recv() => {}
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+
+    #[test]
+    fn durations_parse_in_the_forms_people_type() {
+        assert_eq!(parse_duration("90s"), Ok(90));
+        assert_eq!(parse_duration("30m"), Ok(1800));
+        assert_eq!(parse_duration("1h30m"), Ok(5400));
+        assert_eq!(parse_duration("1h 30m"), Ok(5400));
+        assert_eq!(parse_duration("1d"), Ok(86400));
+        assert!(parse_duration("30").is_err());
+        assert!(parse_duration("m").is_err());
+        assert!(parse_duration("5w").is_err());
+    }
 }

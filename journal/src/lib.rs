@@ -9,7 +9,11 @@
 //! column family  key                                   value
 //! "events"       session id (16 B, UUIDv7) ++ seq (u64 BE)   FORMAT ++ postcard(Event body + time)
 //! "sessions"     session id (16 B)                     FORMAT ++ postcard(SessionSummary)
+//! "requests"     created ns (u64 BE) ++ request id     FORMAT ++ postcard(AccessRequest)
 //! ```
+//! A request (a held statement or a just-in-time access request) is rewritten under the same
+//! key as its state changes, so the family holds each request's latest state, in creation
+//! order; the sessions it touches also carry `Body::Review` events.
 //! UUIDv7 ids sort by start time, so both families iterate in time order. A session's events
 //! are numbered from 0 without gaps; the summary is written with the start event and rewritten
 //! with the end event in the same atomic batch, so a session with no `ended_ns` is one that is
@@ -24,7 +28,7 @@ mod model;
 mod store;
 
 pub use model::{
-    Body, Decision, Direction, Event, NoteLevel, Principal, ProcessInfo, SessionId, SessionStart,
-    SessionSummary, now_ns,
+    AccessRequest, Body, Decision, Direction, Event, NoteLevel, Principal, ProcessInfo,
+    RequestKind, RequestState, Review, SessionId, SessionStart, SessionSummary, now_ns,
 };
 pub use store::{Journal, JournalError, Reader, SessionRecorder};

@@ -143,6 +143,123 @@ pub enum Body {
     },
     /// A policy decision (added after `End`: postcard encodes the variant index).
     Decision(Decision),
+    /// A statement held for approval, and later what became of it (added after `Decision`).
+    Review(Review),
+}
+
+/// A held statement's part in a session: held, then approved, denied, timed out or abandoned.
+/// The request itself (who asked, who decided, when) is the [`AccessRequest`] of the same id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Review {
+    /// The request id people use (`sluice approve <id>`).
+    pub request: String,
+    pub state: RequestState,
+}
+
+/// A request for a person's approval: a held statement, or just-in-time access to a target.
+/// Stored in the journal's `requests` family; rewritten (same key) as its state changes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessRequest {
+    /// Short id people type (8 hex digits; a unique prefix is enough).
+    pub id: String,
+    pub created_ns: u64,
+    pub requester: Principal,
+    pub target: String,
+    pub kind: RequestKind,
+    /// For a statement: the policy's reason for holding it. For access: the requester's reason.
+    pub reason: String,
+    /// The group whose members may decide (never the requester).
+    pub approvers: String,
+    pub state: RequestState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestKind {
+    /// A statement held in a session until someone decides.
+    Statement {
+        session: SessionId,
+        sql: String,
+        action: String,
+        policies: Vec<String>,
+    },
+    /// Just-in-time access: a grant on the target for `seconds`, starting at approval.
+    Access { seconds: u64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestState {
+    Pending,
+    Approved {
+        by: String,
+        comment: String,
+        at_ns: u64,
+        /// For access requests: when the grant ends.
+        expires_ns: Option<u64>,
+    },
+    Denied {
+        by: String,
+        reason: String,
+        at_ns: u64,
+    },
+    /// Nobody decided within the hold timeout (statements only).
+    TimedOut {
+        at_ns: u64,
+    },
+    /// The waiting session went away (client closed, agent stopped or restarted).
+    Abandoned {
+        at_ns: u64,
+        why: String,
+    },
+    /// An approved grant taken back before its expiry.
+    Revoked {
+        by: String,
+        at_ns: u64,
+    },
+}
+
+impl RequestState {
+    /// One word for listings.
+    pub fn word(&self) -> &'static str {
+        match self {
+            RequestState::Pending => "pending",
+            RequestState::Approved { .. } => "approved",
+            RequestState::Denied { .. } => "denied",
+            RequestState::TimedOut { .. } => "timed-out",
+            RequestState::Abandoned { .. } => "abandoned",
+            RequestState::Revoked { .. } => "revoked",
+        }
+    }
+
+    /// Who decided, when a person did.
+    pub fn by(&self) -> Option<&str> {
+        match self {
+            RequestState::Approved { by, .. }
+            | RequestState::Denied { by, .. }
+            | RequestState::Revoked { by, .. } => Some(by),
+            _ => None,
+        }
+    }
+
+    /// A short sentence: "approved by bob: ok", "timed out", ...
+    pub fn describe(&self) -> String {
+        let with = |head: String, text: &str| {
+            if text.is_empty() {
+                head
+            } else {
+                format!("{head}: {text}")
+            }
+        };
+        match self {
+            RequestState::Pending => "held for approval".into(),
+            RequestState::Approved { by, comment, .. } => {
+                with(format!("approved by {by}"), comment)
+            }
+            RequestState::Denied { by, reason, .. } => with(format!("denied by {by}"), reason),
+            RequestState::TimedOut { .. } => "not decided in time".into(),
+            RequestState::Abandoned { why, .. } => with("abandoned".into(), why),
+            RequestState::Revoked { by, .. } => format!("revoked by {by}"),
+        }
+    }
 }
 
 /// One event as stored: its place in the session and when it happened.

@@ -21,11 +21,13 @@ use rocksdb::{
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    Body, Decision, Event, NoteLevel, SessionId, SessionStart, SessionSummary, now_ns,
+    AccessRequest, Body, Decision, Event, NoteLevel, Review, SessionId, SessionStart,
+    SessionSummary, now_ns,
 };
 
 const CF_EVENTS: &str = "events";
 const CF_SESSIONS: &str = "sessions";
+const CF_REQUESTS: &str = "requests";
 /// First byte of every stored value: the value format. Bump it when the encoding changes.
 const FORMAT: u8 = 1;
 
@@ -42,6 +44,12 @@ pub enum JournalError {
     #[error("journal write failed for session {session}")]
     Write {
         session: SessionId,
+        #[source]
+        source: rocksdb::Error,
+    },
+    #[error("cannot write request {id} to the journal")]
+    WriteRequest {
+        id: String,
         #[source]
         source: rocksdb::Error,
     },
@@ -122,7 +130,7 @@ fn options() -> Options {
 }
 
 fn descriptors() -> Vec<ColumnFamilyDescriptor> {
-    [CF_EVENTS, CF_SESSIONS]
+    [CF_EVENTS, CF_SESSIONS, CF_REQUESTS]
         .into_iter()
         .map(|name| ColumnFamilyDescriptor::new(name, options()))
         .collect()
@@ -173,9 +181,45 @@ impl Journal {
         Ok(recorder)
     }
 
+    /// Writes a request's current state (a new request, or a new state of an old one).
+    pub fn put_request(&self, request: &AccessRequest) -> Result<(), JournalError> {
+        let value = encode(request, || format!("request {}", request.id))?;
+        self.db
+            .put_cf(self.cf(CF_REQUESTS)?, request_key(request), value)
+            .map_err(|source| JournalError::WriteRequest {
+                id: request.id.clone(),
+                source,
+            })
+    }
+
+    /// Every request, oldest first, in its latest state.
+    pub fn requests(&self) -> Result<Vec<AccessRequest>, JournalError> {
+        read_requests(&self.db)
+    }
+
     fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, JournalError> {
         cf(&self.db, name)
     }
+}
+
+fn request_key(request: &AccessRequest) -> Vec<u8> {
+    let mut key = Vec::with_capacity(8 + request.id.len());
+    key.extend_from_slice(&request.created_ns.to_be_bytes());
+    key.extend_from_slice(request.id.as_bytes());
+    key
+}
+
+fn read_requests(db: &DB) -> Result<Vec<AccessRequest>, JournalError> {
+    let Some(family) = db.cf_handle(CF_REQUESTS) else {
+        // A journal written before requests existed.
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for item in db.iterator_cf(family, IteratorMode::Start) {
+        let (key, value) = item.map_err(|source| JournalError::Read { source })?;
+        out.push(decode(&value, || format!("request {}", hex(&key)))?);
+    }
+    Ok(out)
 }
 
 fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily, JournalError> {
@@ -233,6 +277,11 @@ impl SessionRecorder {
     /// Records a policy decision.
     pub fn decision(&self, decision: Decision) -> Result<(), JournalError> {
         self.write(Body::Decision(decision), false)
+    }
+
+    /// Records a held statement's state (held, or what became of it).
+    pub fn review(&self, review: Review) -> Result<(), JournalError> {
+        self.write(Body::Review(review), false)
     }
 
     /// Seals the session: the end event and the final index entry, in one batch.
@@ -293,13 +342,23 @@ impl Reader {
                 path: dir.to_path_buf(),
             });
         }
-        let db = DB::open_cf_descriptors_read_only(&options(), dir, descriptors(), false).map_err(
-            |source| JournalError::Open {
-                path: dir.to_path_buf(),
-                source,
-            },
-        )?;
+        let open = |source| JournalError::Open {
+            path: dir.to_path_buf(),
+            source,
+        };
+        // Open the families the directory has: an older journal may lack newer ones.
+        let existing = DB::list_cf(&options(), dir).map_err(open)?;
+        let families = descriptors()
+            .into_iter()
+            .filter(|d| existing.iter().any(|name| name == d.name()));
+        let db =
+            DB::open_cf_descriptors_read_only(&options(), dir, families, false).map_err(open)?;
         Ok(Reader { db })
+    }
+
+    /// Every request, oldest first, in its latest state.
+    pub fn requests(&self) -> Result<Vec<AccessRequest>, JournalError> {
+        read_requests(&self.db)
     }
 
     /// Every session's index entry, oldest first. For sessions that were never sealed, the

@@ -17,7 +17,8 @@ usage: pgraw.py HOST PORT MODE
               print "closed <SQLSTATE> <message>" from its last ErrorResponse
   extended SQL...  log in, then for each SQL send Parse(named)/Bind/Execute/Sync as one
               pipelined batch each, all batches in one write; print one line per response
-              message: "E <SQLSTATE> <message>", "D <first value>", "C <tag>", "Z <status>"
+              message: "E <SQLSTATE> <message>", "N <notice>", "D <first value>", "C <tag>",
+              "Z <status>"
   pipeline SQL...  the same with one simple Query message per SQL, all in one write
 """
 import socket
@@ -132,12 +133,17 @@ def transcript(s, syncs):
             print("D", value)
         elif tag == b"C":
             print("C", body.rstrip(b"\0").decode())
+        elif tag == b"N":
+            f = error_fields(body)
+            print("N", f.get("M", "?"))
         elif tag == b"Z":
             print("Z", body.decode())
             seen += 1
 
 
 def main():
+    # Line by line: a test may read the transcript while the client still waits.
+    sys.stdout.reconfigure(line_buffering=True)
     host, port, mode = sys.argv[1], sys.argv[2], sys.argv[3]
     s = connect(host, port)
     if mode == "peer":

@@ -9,6 +9,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv6Addr, SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -358,6 +359,8 @@ pub struct AgentOptions {
     pub policy_dir: Option<PathBuf>,
     /// TOML appended after the targets (e.g. `[[identity]]` tables).
     pub extra_config: String,
+    /// Lines added to the `[agent]` table (e.g. `approval_timeout_secs = 5`).
+    pub agent_config: String,
 }
 
 impl Default for AgentOptions {
@@ -374,6 +377,7 @@ impl Default for AgentOptions {
             journal_dir: None,
             policy_dir: None,
             extra_config: String::new(),
+            agent_config: String::new(),
         }
     }
 }
@@ -381,6 +385,8 @@ impl Default for AgentOptions {
 /// A running `sluice agent` with its own config, journal and pin dir.
 pub struct Agent {
     pub dir: tempfile::TempDir,
+    /// The agent's control socket.
+    pub socket: PathBuf,
     pub proxy_port: u16,
     pub config: PathBuf,
     bin: PathBuf,
@@ -397,6 +403,9 @@ pub fn pg_target(name: &str, matches: &str) -> String {
 impl Agent {
     pub fn start(options: AgentOptions) -> anyhow::Result<Agent> {
         let dir = tempfile::Builder::new().prefix("sluice-agent-").tempdir()?;
+        // Clients running as other uids reach the control socket inside (but list nothing).
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))?;
+        let socket = dir.path().join("agent.sock");
         let journal = options
             .journal_dir
             .clone()
@@ -409,10 +418,12 @@ impl Agent {
             )
         });
         let mut text = format!(
-            "[agent]\nproxy_listen = \"127.0.0.1:{proxy_port}\"\njournal_dir = \"{}\"\nbpf_pin_dir = \"{pin}\"\nexempt_own_cgroup = {}\nmax_message_bytes = {}\n",
+            "[agent]\nproxy_listen = \"127.0.0.1:{proxy_port}\"\njournal_dir = \"{}\"\nbpf_pin_dir = \"{pin}\"\nexempt_own_cgroup = {}\nmax_message_bytes = {}\ncontrol_socket = \"{}\"\n{}",
             journal.display(),
             options.exempt_own_cgroup,
             options.max_message_bytes,
+            socket.display(),
+            options.agent_config,
         );
         if let Some(cg) = &options.cgroup {
             text.push_str(&format!("cgroup = \"{}\"\n", cg.display()));
@@ -469,6 +480,7 @@ impl Agent {
         }
         let mut agent = Agent {
             dir,
+            socket,
             journal,
             proxy_port,
             config,
@@ -529,6 +541,26 @@ impl Agent {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `sluice ARGS --socket <this agent's socket>` as `uid` (root when None), bounded.
+    pub fn control(&self, uid: Option<u32>, args: &[&str]) -> anyhow::Result<Output> {
+        let mut cmd = match uid {
+            Some(uid) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={uid}"),
+                    "--clear-groups",
+                    "--",
+                ])
+                .arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        cmd.args(args).arg("--socket").arg(&self.socket);
+        run_bounded(&mut cmd, Duration::from_secs(30))
     }
 
     /// `sluice sessions --json`, parsed.

@@ -2,7 +2,11 @@
 //! root. Installs what is missing, starts a throwaway PostgreSQL on a free loopback port,
 //! starts the agent attached to a demo cgroup, runs psql statements from inside that cgroup
 //! against the server's own address (psql is not told about sluice) under the example
-//! policies in `policies/` (one statement is denied), and prints what the journal recorded. Everything it started is stopped and removed at the end.
+//! policies in `policies/`, and prints what the journal recorded. The target is called
+//! `prod-db`, so the production policies apply: the schema change needs a just-in-time grant
+//! (requested, then approved by a second person), a DELETE without WHERE is denied, and a
+//! DELETE with one is held until that second person approves it. Everything it started is
+//! stopped and removed at the end.
 
 use std::process::Command;
 use std::time::Duration;
@@ -21,14 +25,18 @@ pub struct Args {
     keep: bool,
 }
 
+/// The approver: uid 1 (`daemon` on Debian), mapped to "dana" in group "dba".
+const APPROVER_UID: u32 = 1;
+
+const CREATE: &str = "create table customers (id int primary key, name text, email text)";
 const STATEMENTS: &[&str] = &[
-    "create table customers (id int primary key, name text, email text)",
     "insert into customers values (1, 'Ada Lovelace', 'ada@example.com'), (2, 'Alan Turing', 'alan@example.com')",
     "select id, name, email from customers order by id",
     "update customers set email = 'ada@lovelace.example' where id = 1",
     "delete from customers",
     "select * from no_such_table",
 ];
+const HELD: &str = "delete from customers where id = 2 returning name";
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     if !is_root() {
@@ -65,13 +73,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let agent = Agent::start(AgentOptions {
         bin: Some(bin.clone()),
         journal_dir: Some(journal.clone()),
-        // The example policies, with `nobody` (the demo's psql) as an admin called "demo".
+        // The example policies, with `nobody` (the demo's psql) as an admin called "demo",
+        // and uid 1 as "dana", who approves.
         policy_dir: Some(crate::util::root().join("policies")),
         extra_config: format!(
-            "[[identity]]\nuid = {CLIENT_UID}\nprincipal = \"demo\"\ngroups = [\"admins\"]\n"
+            "[[identity]]\nuid = {CLIENT_UID}\nprincipal = \"demo\"\ngroups = [\"admins\"]\n\n\
+             [[identity]]\nuid = {APPROVER_UID}\nprincipal = \"dana\"\ngroups = [\"dba\"]\n"
         ),
         cgroup: Some(cgroup.path.clone()),
-        targets: vec![pg_target("demo-db", &target)],
+        targets: vec![format!(
+            "{}jit_approvers = \"dba\"\n",
+            pg_target("prod-db", &target)
+        )],
         ..AgentOptions::default()
     })?;
     println!(
@@ -84,30 +97,108 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         agent.journal_dir().display()
     );
 
-    step("running psql as `nobody` inside the cgroup, against the server's own address");
-    for sql in STATEMENTS {
+    let psql = |sql: &str| -> anyhow::Result<()> {
         let mut cmd = cgroup.command(Some(CLIENT_UID), "psql");
         cmd.args(psql_args("127.0.0.1", pg.port, sql));
-        let out = run_bounded(&mut cmd, Duration::from_secs(30))?;
+        let out = run_bounded(&mut cmd, Duration::from_secs(60))?;
         println!("    psql> {sql}");
+        // Notices and errors first: psql got them before the rows it prints at the end.
+        for line in out.stderr.lines().chain(out.stdout.lines()) {
+            println!("          {line}");
+        }
+        Ok(())
+    };
+    let sluice = |uid: u32, who: &str, args: &[&str]| -> anyhow::Result<String> {
+        let out = agent.control(Some(uid), args)?;
+        println!("    {who}$ sluice {}", args.join(" "));
         for line in out.stdout.lines().chain(out.stderr.lines()) {
             println!("          {line}");
         }
+        if !out.status.success() {
+            bail!("sluice {args:?} failed");
+        }
+        Ok(out.stdout)
+    };
+
+    step("running psql as `nobody` inside the cgroup, against the server's own address");
+    println!("    (schema changes on prod-db need a just-in-time grant, even for admins)");
+    psql(CREATE)?;
+
+    step("asking for just-in-time access; a second person (dana, group dba) approves");
+    let asked = sluice(
+        CLIENT_UID,
+        "demo",
+        &[
+            "request",
+            "access",
+            "--target",
+            "prod-db",
+            "--for",
+            "10m",
+            "--reason",
+            "DEMO-1 new customers table",
+        ],
+    )?;
+    let id = asked
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    sluice(
+        APPROVER_UID,
+        "dana",
+        &["approve", &id, "--comment", "ok for DEMO-1"],
+    )?;
+    sluice(APPROVER_UID, "dana", &["grants"])?;
+
+    step("the same psql statements again, now with the grant");
+    psql(CREATE)?;
+    for sql in STATEMENTS {
+        psql(sql)?;
     }
+
+    step("a DELETE with WHERE on prod-db is held until dana approves it");
+    let held = std::thread::scope(|scope| -> anyhow::Result<()> {
+        let client = scope.spawn(|| psql(HELD));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let id = loop {
+            // The table's first column, below its header.
+            let out = agent.control(Some(APPROVER_UID), &["requests"])?;
+            if let Some(id) = out
+                .stdout
+                .lines()
+                .nth(1)
+                .and_then(|l| l.split_whitespace().next())
+            {
+                break id.to_string();
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("the held statement did not show up in `sluice requests`");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        sluice(APPROVER_UID, "dana", &["requests"])?;
+        sluice(
+            APPROVER_UID,
+            "dana",
+            &["approve", &id, "--comment", "customer asked to be removed"],
+        )?;
+        client
+            .join()
+            .map_err(|_| anyhow::anyhow!("the psql thread panicked"))?
+    });
+    held?;
 
     step("sluice sessions");
     print!("{}", agent.read(&["sessions"])?);
     let sessions = agent.sessions()?;
     let ids: Vec<&str> = sessions.iter().filter_map(|s| s["id"].as_str()).collect();
-    if ids.len() != STATEMENTS.len() {
-        bail!(
-            "expected {} recorded sessions, found {}",
-            STATEMENTS.len(),
-            ids.len()
-        );
+    let expected = STATEMENTS.len() + 3;
+    if ids.len() != expected {
+        bail!("expected {expected} recorded sessions, found {}", ids.len());
     }
-    // The SELECT with its rows, the denied DELETE, and the failing statement.
-    for index in [2, 4, 5] {
+    // The denied CREATE, the SELECT with its rows, the denied DELETE, and the held one.
+    for index in [0, 3, 5, 7] {
         step(&format!("sluice replay {}", ids[index]));
         print!("{}", agent.read(&["replay", ids[index]])?);
     }

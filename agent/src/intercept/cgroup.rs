@@ -25,7 +25,16 @@ pub fn cgroup2_root() -> Result<PathBuf, InterceptError> {
 
 /// The id of the cgroup the current process belongs to.
 pub fn own_cgroup_id() -> Result<u64, InterceptError> {
-    let text = read(SELF_CGROUP)?;
+    cgroup_id_of(SELF_CGROUP)
+}
+
+/// The id of the cgroup process `pid` belongs to (e.g. a control-socket peer).
+pub fn process_cgroup_id(pid: u32) -> Result<u64, InterceptError> {
+    cgroup_id_of(&format!("/proc/{pid}/cgroup"))
+}
+
+fn cgroup_id_of(proc_cgroup: &str) -> Result<u64, InterceptError> {
+    let text = read(proc_cgroup)?;
     let rel = parse_own_cgroup(&text).ok_or(InterceptError::OwnCgroupUnknown)?;
     cgroup_id(&cgroup2_root()?.join(rel.trim_start_matches('/')))
 }

@@ -42,7 +42,7 @@ use aya::{
     programs::links::PinnedLink,
 };
 
-pub use cgroup::{cgroup_id, cgroup2_root, own_cgroup_id};
+pub use cgroup::{cgroup_id, cgroup2_root, own_cgroup_id, process_cgroup_id};
 use maps::{ConnKey, RawOrigRecord, TargetKey, TargetValue};
 
 /// Where and how to intercept.

@@ -10,14 +10,16 @@
 //! A request is principal `Sluice::User::"<name>"` (member of `Sluice::Group::"<g>"` for each of
 //! its groups), action `Sluice::Action::"<kind>"` (or `"connect"` at session start), resource
 //! `Sluice::Target::"<target>"`, and a context with the statement facts, the time, the source
-//! process, and `jit` (false until just-in-time grants exist). The entities (user, groups,
-//! target) are built once per session ([`SessionPolicy`]); per statement only the context is
-//! built, from typed values (no JSON).
+//! process, and `jit` (whether the principal holds an unexpired just-in-time grant for the
+//! target, which the caller looks up). The entities (user, groups, target) are built once per
+//! session ([`SessionPolicy`]); per statement only the context is built, from typed values (no
+//! JSON).
 //!
 //! Decisions fail closed: Cedar skips a policy whose evaluation errors, which could let a
 //! `forbid` fall away, so any evaluation error is a deny. The reason of a deny is the
-//! `@reason("...")` of the policies that decided it; a `forbid` annotated `@approval("group")`
-//! is reserved for approvals (phase 2) and denies for now, saying so in the reason.
+//! `@reason("...")` of the policies that decided it. A deny decided by a `forbid` annotated
+//! `@approval("group")` carries that group in [`Verdict::approval`]: the proxy then holds the
+//! statement until a member of the group approves it (a deny by any other policy stays a deny).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -292,14 +294,15 @@ impl Engine {
         })
     }
 
-    /// Decides whether the session may connect at all.
-    pub fn decide_connect(&self, session: &SessionPolicy) -> Verdict {
-        self.decide_action(session, "connect", None)
+    /// Decides whether the session may connect at all. `jit`: the principal holds an active
+    /// just-in-time grant for the target.
+    pub fn decide_connect(&self, session: &SessionPolicy, jit: bool) -> Verdict {
+        self.decide_action(session, "connect", None, jit)
     }
 
     /// Decides one statement.
-    pub fn decide(&self, session: &SessionPolicy, facts: &Facts) -> Verdict {
-        self.decide_action(session, facts.kind.as_str(), Some(facts))
+    pub fn decide(&self, session: &SessionPolicy, facts: &Facts, jit: bool) -> Verdict {
+        self.decide_action(session, facts.kind.as_str(), Some(facts), jit)
     }
 
     fn decide_action(
@@ -307,11 +310,12 @@ impl Engine {
         session: &SessionPolicy,
         action: &'static str,
         facts: Option<&Facts>,
+        jit: bool,
     ) -> Verdict {
         let Some(action_uid) = self.actions.get(action) else {
             return deny_internal(format!("unknown action {action}"));
         };
-        let context = match context(action, facts, session) {
+        let context = match context(action, facts, session, jit) {
             Ok(c) => c,
             Err(e) => return deny_internal(e),
         };
@@ -372,17 +376,16 @@ impl Engine {
                         }
                     }
                 }
-                let mut reason = reasons.join("; ");
-                if let Some(group) = &approval {
-                    reason.push_str(&format!(
-                        " (requires approval by \"{group}\": not yet available)"
-                    ));
-                }
+                // Only a deny that every deciding policy would turn into a request is held:
+                // a forbid without @approval among them keeps it a plain deny.
+                let all_approval = ids_sorted
+                    .iter()
+                    .all(|id| self.names.get(id).is_some_and(|a| a.approval.is_some()));
                 Verdict {
                     allowed: false,
                     policies,
-                    reason: reason.trim_start().to_string(),
-                    approval,
+                    reason: reasons.join("; "),
+                    approval: approval.filter(|_| all_approval),
                 }
             }
         }
@@ -413,6 +416,7 @@ fn context(
     action: &str,
     facts: Option<&Facts>,
     session: &SessionPolicy,
+    jit: bool,
 ) -> Result<Context, String> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -444,7 +448,7 @@ fn context(
         ("hour", RestrictedExpression::new_long(now / 3600 % 24)),
         ("unix_seconds", RestrictedExpression::new_long(now)),
         ("process", session.process.clone()),
-        ("jit", RestrictedExpression::new_bool(false)),
+        ("jit", RestrictedExpression::new_bool(jit)),
     ];
     Context::from_pairs(pairs.into_iter().map(|(k, v)| (k.to_string(), v)))
         .map_err(|e| e.to_string())
@@ -487,9 +491,9 @@ mod tests {
                 },
             )
             .unwrap();
-        let mut last = engine.decide_connect(&session);
+        let mut last = engine.decide_connect(&session, false);
         for f in &analyze(sql, Dialect::Postgres) {
-            last = engine.decide(&session, f);
+            last = engine.decide(&session, f, false);
             if !last.allowed {
                 break;
             }
@@ -610,20 +614,54 @@ mod tests {
     }
 
     #[test]
-    fn a_deny_names_its_policy_and_reason_and_approval_is_reserved() {
+    fn a_deny_names_its_policy_and_reason_and_an_approval_policy_asks_for_its_group() {
         let e = example();
         let v = decide(&e, ("dev", &[]), "app-db", "drop table t");
         assert_eq!(
             v.message(),
             "sluice: denied by policy \"no-ddl-for-non-admins\": DDL and DCL are for the admins group"
         );
+        assert_eq!(v.approval, None);
         let v = decide(&e, ("dev", &[]), "prod-db", "delete from t where id = 1");
         assert_eq!(v.approval.as_deref(), Some("dba"));
-        assert!(
-            v.reason
-                .contains("requires approval by \"dba\": not yet available"),
-            "{v:?}"
-        );
+        assert_eq!(v.reason, "DELETE on prod-db needs a DBA's approval");
+        // A deny that a plain forbid also decides is not held: no approval can lift it.
+        let v = decide(&e, ("dev", &[]), "prod-db", "delete from t");
+        assert!(!v.allowed);
+        assert_eq!(v.approval, None, "{v:?}");
+    }
+
+    #[test]
+    fn jit_reaches_the_policies_as_context() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/sluice.cedarschema"),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join(SCHEMA_FILE), schema).unwrap();
+        std::fs::write(
+            dir.path().join("jit.cedar"),
+            "permit (principal, action, resource);\n@id(\"prod-needs-jit\")\nforbid (principal, action, resource == Sluice::Target::\"prod-db\") unless { context.jit };\n",
+        )
+        .unwrap();
+        let e = Engine::load(dir.path()).unwrap();
+        let session = e
+            .session(
+                PrincipalRef {
+                    name: "dev",
+                    groups: &[],
+                },
+                "prod-db",
+                Source {
+                    uid: Some(1000),
+                    comm: "psql",
+                },
+            )
+            .unwrap();
+        let f = &analyze("select 1", Dialect::Postgres)[0];
+        assert!(!e.decide(&session, f, false).allowed);
+        assert!(e.decide(&session, f, true).allowed);
+        assert!(!e.decide_connect(&session, false).allowed);
     }
 
     #[test]
@@ -686,9 +724,9 @@ mod tests {
         };
         let session = e.session(reader, "app-db", source).unwrap();
         assert!(
-            e.decide(&session, &analyze("select 1", Dialect::Postgres)[0])
+            e.decide(&session, &analyze("select 1", Dialect::Postgres)[0], false)
                 .allowed
         );
-        assert!(!e.decide_connect(&session).allowed);
+        assert!(!e.decide_connect(&session, false).allowed);
     }
 }

@@ -7,13 +7,18 @@
 //!
 //! The protocol relays (`proxy/postgres.rs`) call [`Policy::decide_sql`] for every statement
 //! before it is forwarded; this module never touches a socket or the journal.
+//!
+//! [`Policy`] holds the engine behind a lock that is taken only to clone an `Arc`, so a reload
+//! ([`Policy::reload`], on SIGHUP or a changed file) swaps the whole policy set at once for every
+//! session, open ones included, and a set that fails validation leaves the old one in force.
+//! The facts cache survives reloads: facts do not depend on policies.
 
 pub mod engine;
 pub mod facts;
 pub mod principal;
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 pub use engine::{Engine, PolicyError, PrincipalRef, SessionPolicy, Source, Verdict};
 pub use facts::{Dialect, Facts, FactsCache, Kind};
@@ -28,8 +33,9 @@ pub const UNPARSED_POLICY: &str = "sluice-unparsed";
 
 /// The loaded engine and the facts cache, shared by every connection.
 pub struct Policy {
-    pub engine: Engine,
+    engine: RwLock<Arc<Engine>>,
     pub facts: FactsCache,
+    dir: PathBuf,
 }
 
 /// The decision for one statement text (possibly several statements).
@@ -47,18 +53,45 @@ pub struct SqlDecision {
 impl Policy {
     pub fn load(dir: &Path) -> Result<Arc<Policy>, PolicyError> {
         Ok(Arc::new(Policy {
-            engine: Engine::load(dir)?,
+            engine: RwLock::new(Arc::new(Engine::load(dir)?)),
             facts: FactsCache::new(Dialect::Postgres, FACTS_CACHE_ENTRIES),
+            dir: dir.to_path_buf(),
         }))
     }
 
-    /// Decides a statement text: denied when any statement in it is denied.
+    /// The policy set in force now.
+    pub fn engine(&self) -> Arc<Engine> {
+        // A poisoned lock only means a panic while swapping an Arc: the value is whole.
+        self.engine
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Loads the directory again; on success the new set is in force for every session and its
+    /// size is returned. On failure nothing changes and the error says why.
+    pub fn reload(&self) -> Result<usize, PolicyError> {
+        let fresh = Engine::load(&self.dir)?;
+        let n = fresh.len();
+        *self.engine.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
+        Ok(n)
+    }
+
+    /// The policy directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Decides a statement text: denied when any statement in it is denied. `jit`: the
+    /// principal holds an active just-in-time grant for the session's target.
     pub fn decide_sql(
         &self,
         session: &SessionPolicy,
         sql: &str,
         unparsed: Unparsed,
+        jit: bool,
     ) -> SqlDecision {
+        let engine = self.engine();
         let facts = self.facts.get(sql);
         let summary = facts
             .iter()
@@ -66,6 +99,9 @@ impl Policy {
             .collect::<Vec<_>>()
             .join("; ");
         let mut first: Option<(Verdict, &'static str)> = None;
+        // A statement an @approval policy holds: kept while the others are checked, because a
+        // plain deny of any statement in the text must win (an approval would run them all).
+        let mut held: Option<(Verdict, &'static str)> = None;
         let mut unparsed_allowed = false;
         for f in facts.iter() {
             if f.parse_error {
@@ -84,7 +120,13 @@ impl Policy {
                 }
                 unparsed_allowed = true;
             }
-            let v = self.engine.decide(session, f);
+            let v = engine.decide(session, f, jit);
+            if !v.allowed && v.approval.is_some() {
+                if held.is_none() {
+                    held = Some((v, f.kind.as_str()));
+                }
+                continue;
+            }
             if !v.allowed {
                 return SqlDecision {
                     verdict: v,
@@ -97,7 +139,7 @@ impl Policy {
                 first = Some((v, f.kind.as_str()));
             }
         }
-        let (verdict, action) = first.unwrap_or_else(|| {
+        let (verdict, action) = held.or(first).unwrap_or_else(|| {
             (
                 Verdict {
                     allowed: true,
@@ -115,6 +157,35 @@ impl Policy {
             unparsed_allowed,
         }
     }
+}
+
+/// An error with its causes, on one line (for logs and the control socket).
+pub fn error_text(e: &PolicyError) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// A fingerprint of the policy directory's files (name, size, modification time), to notice a
+/// change without reading them. None when the directory cannot be read.
+pub fn dir_fingerprint(
+    dir: &Path,
+) -> Option<Vec<(std::ffi::OsString, u64, std::time::SystemTime)>> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            Some((e.file_name(), m.len(), m.modified().ok()?))
+        })
+        .collect();
+    out.sort();
+    Some(out)
 }
 
 /// Per-statement cost of policy, as `sluice policy bench` measures it.
@@ -146,7 +217,8 @@ pub const BENCH_MIX: &[&str] = &[
 pub fn bench(dir: &Path, iterations: usize) -> Result<BenchResult, PolicyError> {
     use std::time::Instant;
     let policy = Policy::load(dir)?;
-    let session = policy.engine.session(
+    let engine = policy.engine();
+    let session = engine.session(
         PrincipalRef {
             name: "bench",
             groups: &[],
@@ -164,7 +236,7 @@ pub fn bench(dir: &Path, iterations: usize) -> Result<BenchResult, PolicyError> 
     for i in 0..iterations {
         let sql = BENCH_MIX[i % BENCH_MIX.len()];
         for f in facts::analyze(sql, Dialect::Postgres) {
-            denied += usize::from(!policy.engine.decide(&session, &f).allowed);
+            denied += usize::from(!engine.decide(&session, &f, false).allowed);
         }
     }
     let uncached = start.elapsed();
@@ -174,7 +246,7 @@ pub fn bench(dir: &Path, iterations: usize) -> Result<BenchResult, PolicyError> 
         let sql = BENCH_MIX[i % BENCH_MIX.len()];
         denied += usize::from(
             !policy
-                .decide_sql(&session, sql, Unparsed::Deny)
+                .decide_sql(&session, sql, Unparsed::Deny, false)
                 .verdict
                 .allowed,
         );
@@ -188,9 +260,8 @@ pub fn bench(dir: &Path, iterations: usize) -> Result<BenchResult, PolicyError> 
     let start = Instant::now();
     for i in 0..iterations {
         denied += usize::from(
-            !policy
-                .engine
-                .decide(&session, &parsed[i % parsed.len()])
+            !engine
+                .decide(&session, &parsed[i % parsed.len()], false)
                 .allowed,
         );
     }

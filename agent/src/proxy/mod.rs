@@ -28,7 +28,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, broadcast, mpsc};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::access::Access;
 use crate::config::{Config, IdentityConfig, Protocol, Target, TargetMatch};
+use crate::control::{self, ControlContext};
 use crate::intercept::{self, ConnTable, InterceptConfig, Interceptor, Match};
 use crate::policy::Policy;
 
@@ -46,6 +48,10 @@ pub enum ProxyError {
     },
     #[error("cannot load the policies")]
     Policy(#[from] crate::policy::PolicyError),
+    #[error("cannot load the approval requests")]
+    Access(#[from] crate::access::AccessError),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
     #[error(
         "cannot set up eBPF interception (run as root, or use --no-ebpf with explicit listeners)"
     )]
@@ -68,6 +74,7 @@ pub(crate) struct Shared {
     /// None: no `policy_dir`, every statement is allowed.
     pub policy: Option<Arc<Policy>>,
     pub identities: Vec<IdentityConfig>,
+    pub access: Arc<Access>,
 }
 
 impl Shared {
@@ -104,10 +111,11 @@ pub async fn run(
         source,
     })?;
     let journal = Journal::open(&config.agent.journal_dir)?;
+    let access = Arc::new(Access::open(journal.clone())?);
     let policy = match &config.agent.policy_dir {
         Some(dir) => {
             let p = Policy::load(dir)?;
-            info!(dir = %dir.display(), policies = p.engine.len(), "policies loaded");
+            info!(dir = %dir.display(), policies = p.engine().len(), "policies loaded");
             Some(p)
         }
         None => {
@@ -164,8 +172,28 @@ pub async fn run(
         conns: interceptor.as_ref().map(Interceptor::connections),
         policy,
         identities: config.identities.clone(),
+        access,
     });
     let (stop_tx, _) = broadcast::channel::<()>(1);
+    let control_listener = control::bind(&shared.config.control_socket)?;
+    info!(socket = %shared.config.control_socket.display(), "control socket ready");
+    let control_task = tokio::spawn(control::serve(
+        control_listener,
+        Arc::new(ControlContext {
+            access: shared.access.clone(),
+            identities: shared.identities.clone(),
+            targets: shared.targets.clone(),
+            policy: shared.policy.clone(),
+        }),
+        stop_tx.subscribe(),
+    ));
+    let reload_task = shared.policy.clone().map(|p| {
+        tokio::spawn(watch_policies(
+            p,
+            Duration::from_secs(shared.config.policy_poll_secs),
+            stop_tx.subscribe(),
+        ))
+    });
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let limit = Arc::new(Semaphore::new(shared.config.max_connections.max(1)));
 
@@ -198,6 +226,11 @@ pub async fn run(
     for task in accept_tasks {
         let _ = task.await;
     }
+    let _ = control_task.await;
+    if let Some(t) = reload_task {
+        let _ = t.await;
+    }
+    let _ = std::fs::remove_file(&shared.config.control_socket);
     drop(stop_tx);
     // Every connection task holds a Sender; recv() returns None once all have finished.
     if tokio::time::timeout(Duration::from_secs(10), done_rx.recv())
@@ -216,6 +249,47 @@ pub async fn run(
     }
     info!("sluice agent stopped");
     Ok(())
+}
+
+/// Reloads the policies on SIGHUP and, every `poll` (zero: never), when a file in their
+/// directory changed. A set that fails to load is logged with Cedar's messages and the
+/// previous one stays in force.
+async fn watch_policies(policy: Arc<Policy>, poll: Duration, mut stop: broadcast::Receiver<()>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGHUP: policies reload on file change only");
+            None
+        }
+    };
+    let mut seen = crate::policy::dir_fingerprint(policy.dir());
+    let mut tick = (!poll.is_zero()).then(|| tokio::time::interval(poll));
+    loop {
+        let why = tokio::select! {
+            _ = stop.recv() => return,
+            Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
+            _ = async { match tick.as_mut() { Some(t) => { t.tick().await; } None => std::future::pending::<()>().await } } => {
+                let now = crate::policy::dir_fingerprint(policy.dir());
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                "a policy file changed"
+            }
+        };
+        match policy.reload() {
+            Ok(n) => {
+                info!(policies = n, dir = %policy.dir().display(), reason = why, "policies reloaded")
+            }
+            Err(e) => error!(
+                dir = %policy.dir().display(),
+                reason = why,
+                error = %crate::policy::error_text(&e),
+                "policy reload refused: the previous policies stay in force"
+            ),
+        }
+    }
 }
 
 /// The agent's own cgroup id, when it may be exempted. Never the cgroup2 root's, nor the attach

@@ -48,17 +48,24 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use std::time::Duration;
+
 use bytes::{BufMut, Bytes, BytesMut};
-use sluice_journal::{Decision, NoteLevel, Principal, SessionRecorder, SessionStart};
+use sluice_journal::{
+    Decision, NoteLevel, Principal, RequestState, Review, SessionId, SessionRecorder, SessionStart,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc};
 use tracing::{Span, debug, info, warn};
 
 use super::{Routed, Shared, upstream};
+use crate::access::{Access, HoldRequest, Outcome};
 use crate::config::Unparsed;
 use crate::policy::{Policy, PrincipalRef, SessionPolicy, Source, principal};
-use crate::protocol::postgres::encode::{SSL_REFUSED, Severity, error_response};
+use crate::protocol::postgres::encode::{
+    NoticeSeverity, SSL_REFUSED, Severity, error_response, notice_response,
+};
 use crate::protocol::postgres::frame::{HEADER_LEN, messages, whole_messages};
 use crate::protocol::postgres::frontend::{Frontend, decode_frontend};
 use crate::protocol::postgres::startup::{
@@ -160,7 +167,7 @@ pub(crate) async fn serve(
                     .map(|p| p.comm.as_str())
                     .unwrap_or(""),
             };
-            let session = policy.engine.session(
+            let session = policy.engine().session(
                 PrincipalRef {
                     name: &who.name,
                     groups: &who.groups,
@@ -216,8 +223,9 @@ pub(crate) async fn serve(
     let gate = match gate {
         None => None,
         Some((who, policy, session)) => {
+            let jit = shared.access.has_grant(&who.name, &routed.target.name);
             let connect = match &session {
-                Ok(s) => policy.engine.decide_connect(s),
+                Ok(s) => policy.engine().decide_connect(s, jit),
                 Err(e) => crate::policy::Verdict {
                     allowed: false,
                     policies: Vec::new(),
@@ -238,6 +246,11 @@ pub(crate) async fn serve(
                     policy,
                     session,
                     unparsed: routed.target.unparsed,
+                    access: shared.access.clone(),
+                    session_id: recorder.id(),
+                    target: routed.target.name.clone(),
+                    principal: who,
+                    hold_timeout: shared.config.approval_timeout(),
                 }),
                 _ => {
                     let text = connect.message();
@@ -379,14 +392,31 @@ struct Gate {
     policy: Arc<Policy>,
     session: SessionPolicy,
     unparsed: Unparsed,
+    access: Arc<Access>,
+    session_id: SessionId,
+    target: String,
+    principal: Principal,
+    hold_timeout: Duration,
 }
 
-/// An error the server side must put right before the ReadyForQuery numbered `before_ready`
-/// (counting from the one that ends the startup, number 1).
+impl Gate {
+    /// Does the principal hold a just-in-time grant for the target right now?
+    fn jit(&self) -> bool {
+        self.access.has_grant(&self.principal.name, &self.target)
+    }
+}
+
+/// A message from sluice that the server side writes to the client: `error` right before the
+/// ReadyForQuery numbered `before_ready` (counting from the one that ends the startup, number
+/// 1), or at once when `before_ready` is [`NOW`] (a NoticeResponse, which PostgreSQL allows
+/// between any two messages).
 struct Injection {
     before_ready: u64,
     error: Bytes,
 }
+
+/// `Injection::before_ready` for a message written at the next message boundary.
+const NOW: u64 = 0;
 
 /// Relays both directions until one ends or the agent stops.
 async fn relay(
@@ -526,7 +556,9 @@ fn split_whole(buf: &mut BytesMut, side: Side, max: usize) -> Result<Option<Byte
 }
 
 /// Client -> server: journals each chunk as received, decides its statements (when a policy is
-/// configured), then forwards what policy let through.
+/// configured), then forwards what policy let through. A statement an approval policy holds
+/// stops the chunk there: what came before it is forwarded, the client is told (a notice), and
+/// the rest of the chunk waits for the decision.
 async fn client_pump<R, W>(
     from: &mut R,
     to: &mut W,
@@ -560,43 +592,256 @@ where
         if let Err(e) = recorder.client(journal_copy, statements) {
             return End::Journal(e);
         }
-        let forward = match gate {
-            None => chunk,
-            Some(gate) => {
-                let gated = match gate_chunk(&chunk, gate, &mut state) {
-                    Ok(g) => g,
-                    Err(reason) => {
-                        return End::Malformed {
-                            from: "client",
-                            reason,
-                        };
-                    }
+        let Some(gate) = gate else {
+            if let Err(error) = to.write_all(&chunk).await {
+                return End::Io {
+                    from: "server",
+                    error,
                 };
-                for d in gated.decisions {
-                    if let Err(e) = recorder.decision(d) {
-                        return End::Journal(e);
-                    }
-                }
-                // Injections go first: the server side must know about an error before the
-                // ReadyForQuery it precedes can come back.
-                for i in gated.injections {
-                    if inject.send(i).await.is_err() {
-                        return End::ServerClosed;
-                    }
-                }
-                gated.forward
             }
-        };
-        if forward.is_empty() {
             continue;
-        }
-        if let Err(error) = to.write_all(&forward).await {
-            return End::Io {
-                from: "server",
-                error,
+        };
+        let mut from_offset = 0usize;
+        let mut resolved: Option<Resolved> = None;
+        loop {
+            let gated = match gate_chunk(&chunk, from_offset, resolved.take(), gate, &mut state) {
+                Ok(g) => g,
+                Err(reason) => {
+                    return End::Malformed {
+                        from: "client",
+                        reason,
+                    };
+                }
             };
+            for d in gated.decisions {
+                if let Err(e) = recorder.decision(d) {
+                    return End::Journal(e);
+                }
+            }
+            // Injections go first: the server side must know about an error before the
+            // ReadyForQuery it precedes can come back.
+            for i in gated.injections {
+                if inject.send(i).await.is_err() {
+                    return End::ServerClosed;
+                }
+            }
+            if !gated.forward.is_empty()
+                && let Err(error) = to.write_all(&gated.forward).await
+            {
+                return End::Io {
+                    from: "server",
+                    error,
+                };
+            }
+            let Some(held) = gated.held else { break };
+            let outcome =
+                match hold(held.clone(), gate, recorder, &inject, from, &mut buf, max).await {
+                    Ok(o) => o,
+                    Err(end) => return end,
+                };
+            from_offset = held.offset;
+            resolved = Some(Resolved {
+                offset: held.offset,
+                outcome,
+            });
         }
     }
+}
+
+/// A statement an approval policy holds: where it is in its chunk and what policy said.
+#[derive(Debug, Clone)]
+struct Held {
+    offset: usize,
+    sql: String,
+    action: &'static str,
+    policies: Vec<String>,
+    reason: String,
+    approvers: String,
+}
+
+/// What became of a held statement, for [`gate_chunk`] to act on.
+#[derive(Debug, Clone)]
+enum HoldOutcome {
+    Approved {
+        request: String,
+        by: String,
+        comment: String,
+    },
+    /// Denied, timed out, cancelled, or not recordable: the error text for the client.
+    Refused { message: String },
+}
+
+/// The outcome for the message at `offset` of the chunk being gated.
+struct Resolved {
+    offset: usize,
+    outcome: HoldOutcome,
+}
+
+/// Marks a held statement abandoned if its session stops waiting without settling it (the
+/// client pump is dropped at shutdown or when the other direction ends).
+struct HoldGuard<'a> {
+    access: &'a Access,
+    request: Option<String>,
+}
+
+impl Drop for HoldGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.request.take() {
+            let state = RequestState::Abandoned {
+                at_ns: sluice_journal::now_ns(),
+                why: "the session ended while the statement was held".into(),
+            };
+            if let Err(e) = self.access.settle(&id, state) {
+                warn!(request = %id, error = %e, "cannot mark a held statement abandoned");
+            }
+        }
+    }
+}
+
+/// Holds a statement: records the request, tells the client, and waits for a decision, the
+/// timeout, or the client going away (meanwhile the client's further bytes are buffered, up to
+/// one message's worth, and the server side keeps relaying earlier responses).
+async fn hold<R: AsyncRead + Unpin>(
+    held: Held,
+    gate: &Gate,
+    recorder: &SessionRecorder,
+    inject: &mpsc::Sender<Injection>,
+    from: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<HoldOutcome, End> {
+    let (request, mut decided) = match gate.access.hold(HoldRequest {
+        session: gate.session_id,
+        requester: &gate.principal,
+        target: &gate.target,
+        sql: &held.sql,
+        action: held.action,
+        policies: &held.policies,
+        reason: &held.reason,
+        approvers: &held.approvers,
+    }) {
+        Ok(x) => x,
+        Err(e) => {
+            warn!(error = %e, "cannot record a request for approval: the statement is denied");
+            return Ok(HoldOutcome::Refused {
+                message: format!(
+                    "sluice: the statement needs approval, but the request cannot be recorded ({e}), so it is denied"
+                ),
+            });
+        }
+    };
+    let id = request.id.clone();
+    let mut guard = HoldGuard {
+        access: &gate.access,
+        request: Some(id.clone()),
+    };
+    info!(request = %id, approvers = %held.approvers, action = held.action, "statement held for approval");
+    if let Err(e) = recorder.review(Review {
+        request: id.clone(),
+        state: RequestState::Pending,
+    }) {
+        return Err(End::Journal(e));
+    }
+    let timeout = gate.hold_timeout;
+    let notice = notice_response(
+        NoticeSeverity::Notice,
+        "00000",
+        &format!(
+            "sluice: statement held for approval: request {id}; an approver (group \"{}\") runs `sluice approve {id}` (or `sluice deny {id} --reason ...`); waiting up to {} s. Reason: {}",
+            held.approvers,
+            timeout.as_secs(),
+            held.reason
+        ),
+    );
+    if inject
+        .send(Injection {
+            before_ready: NOW,
+            error: notice,
+        })
+        .await
+        .is_err()
+    {
+        return Err(End::ServerClosed);
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let waited: Result<Outcome, RequestState> = loop {
+        tokio::select! {
+            o = &mut decided => break o.map_err(|_| RequestState::Abandoned {
+                at_ns: sluice_journal::now_ns(),
+                why: "the request was dropped".into(),
+            }),
+            _ = tokio::time::sleep_until(deadline) => break Err(RequestState::TimedOut { at_ns: sluice_journal::now_ns() }),
+            r = from.read_buf(buf), if buf.len() < max.saturating_add(HEADER_LEN) => match r {
+                Ok(0) => return Err(End::ClientClosed),
+                Ok(_) => {}
+                Err(error) => return Err(End::Io { from: "client", error }),
+            },
+        }
+    };
+    guard.request = None;
+    let outcome = match waited {
+        Ok(o) => Some(o),
+        Err(state) => match gate.access.settle(&id, state.clone()) {
+            Ok(Some(o)) => Some(o),
+            Ok(None) => {
+                let _ = recorder.review(Review {
+                    request: id.clone(),
+                    state,
+                });
+                None
+            }
+            Err(e) => {
+                warn!(request = %id, error = %e, "cannot record the end of a hold");
+                None
+            }
+        },
+    };
+    Ok(match outcome {
+        Some(Outcome::Approved { by, comment }) => {
+            info!(request = %id, %by, "held statement approved: forwarding it");
+            if let Err(e) = recorder.review(Review {
+                request: id.clone(),
+                state: RequestState::Approved {
+                    by: by.clone(),
+                    comment: comment.clone(),
+                    at_ns: sluice_journal::now_ns(),
+                    expires_ns: None,
+                },
+            }) {
+                return Err(End::Journal(e));
+            }
+            HoldOutcome::Approved {
+                request: id,
+                by,
+                comment,
+            }
+        }
+        Some(Outcome::Denied { by, reason }) => {
+            info!(request = %id, %by, "held statement denied");
+            if let Err(e) = recorder.review(Review {
+                request: id.clone(),
+                state: RequestState::Denied {
+                    by: by.clone(),
+                    reason: reason.clone(),
+                    at_ns: sluice_journal::now_ns(),
+                },
+            }) {
+                return Err(End::Journal(e));
+            }
+            HoldOutcome::Refused {
+                message: format!("sluice: request {id} was denied by {by}: {reason}"),
+            }
+        }
+        None => {
+            info!(request = %id, "held statement timed out");
+            HoldOutcome::Refused {
+                message: format!(
+                    "sluice: request {id} was not decided within {} s, so the statement did not run; ask an approver and run it again",
+                    timeout.as_secs()
+                ),
+            }
+        }
+    })
 }
 
 /// What the client side remembers between chunks.
@@ -608,26 +853,37 @@ struct ClientState {
     skipping: Option<Bytes>,
 }
 
-/// One client chunk after policy.
+/// One client chunk (from some offset on) after policy.
 struct Gated {
     forward: Bytes,
     injections: Vec<Injection>,
     decisions: Vec<Decision>,
+    /// A statement an approval policy holds; the chunk was gated up to it (not included).
+    held: Option<Held>,
 }
 
-/// Decides the statements in a chunk of whole client messages. Unchanged messages keep their
-/// bytes; the chunk itself is returned when nothing changed.
-fn gate_chunk(chunk: &Bytes, gate: &Gate, state: &mut ClientState) -> Result<Gated, String> {
+/// Decides the statements in a chunk of whole client messages, from byte `from` on.
+/// Unchanged messages keep their bytes; the chunk itself is returned when nothing changed.
+/// `resolved` is a person's decision for the held message at its offset (which is `from`).
+fn gate_chunk(
+    chunk: &Bytes,
+    from: usize,
+    mut resolved: Option<Resolved>,
+    gate: &Gate,
+    state: &mut ClientState,
+) -> Result<Gated, String> {
+    let part = chunk.slice(from.min(chunk.len())..);
     let mut out = Gated {
-        forward: chunk.clone(),
+        forward: part.clone(),
         injections: Vec::new(),
         decisions: Vec::new(),
+        held: None,
     };
     let mut forward: Option<BytesMut> = None;
     let mut offset = 0usize;
-    for message in messages(chunk) {
+    for message in messages(&part) {
         let (tag, body) = message.map_err(|e| e.to_string())?;
-        let whole = chunk.slice(offset..offset + HEADER_LEN + body.len());
+        let whole = part.slice(offset..offset + HEADER_LEN + body.len());
         let start = offset;
         offset += whole.len();
 
@@ -659,29 +915,80 @@ fn gate_chunk(chunk: &Bytes, gate: &Gate, state: &mut ClientState) -> Result<Gat
                         Ok(_) => "",
                         Err(e) => return Err(e.to_string()),
                     };
-                    let d = gate.policy.decide_sql(&gate.session, sql, gate.unparsed);
+                    let d = gate
+                        .policy
+                        .decide_sql(&gate.session, sql, gate.unparsed, gate.jit());
                     if d.unparsed_allowed {
                         warn!(
                             sql,
                             "statement sluice cannot parse allowed by the target's `unparsed = \"allow\"`"
                         );
                     }
-                    if !d.verdict.allowed {
-                        info!(action = d.action, policies = ?d.verdict.policies, "statement denied by policy");
+                    let facts = if d.unparsed_allowed {
+                        format!("{} (unparsed, allowed by target config)", d.facts)
+                    } else {
+                        d.facts
+                    };
+                    let mut verdict = d.verdict;
+                    // The client's text when a hold ends without approval.
+                    let mut refused: Option<String> = None;
+                    match (resolved.take(), &verdict.approval) {
+                        // Decided again (policies may have been reloaded meanwhile): an
+                        // approval lifts only a deny that is still an approval policy's.
+                        (Some(r), _) if r.offset == from + start => match r.outcome {
+                            HoldOutcome::Approved {
+                                request,
+                                by,
+                                comment,
+                            } if verdict.allowed || verdict.approval.is_some() => {
+                                verdict.allowed = true;
+                                verdict.reason = if comment.is_empty() {
+                                    format!("request {request} approved by {by}")
+                                } else {
+                                    format!("request {request} approved by {by}: {comment}")
+                                };
+                            }
+                            HoldOutcome::Approved { .. } => {}
+                            HoldOutcome::Refused { message, .. } => {
+                                verdict.allowed = false;
+                                verdict.reason = message.clone();
+                                refused = Some(message);
+                            }
+                        },
+                        (_, Some(approvers)) if !verdict.allowed => {
+                            // Stop here: the caller forwards what came before and waits.
+                            out.held = Some(Held {
+                                offset: from + start,
+                                sql: sql.to_string(),
+                                action: d.action,
+                                policies: verdict.policies,
+                                reason: verdict.reason,
+                                approvers: approvers.clone(),
+                            });
+                            let f = forward.get_or_insert_with(|| {
+                                let mut f = BytesMut::with_capacity(part.len());
+                                f.extend_from_slice(&part[..start]);
+                                f
+                            });
+                            out.forward = std::mem::take(f).freeze();
+                            return Ok(out);
+                        }
+                        _ => {}
                     }
-                    let error = (!d.verdict.allowed)
-                        .then(|| error_response(Severity::Error, "42501", &d.verdict.message()));
+                    if !verdict.allowed {
+                        info!(action = d.action, policies = ?verdict.policies, "statement denied by policy");
+                    }
+                    let error = (!verdict.allowed).then(|| {
+                        let text = refused.unwrap_or_else(|| verdict.message());
+                        error_response(Severity::Error, "42501", &text)
+                    });
                     out.decisions.push(Decision {
                         sql: sql.to_string(),
                         action: d.action.to_string(),
-                        facts: if d.unparsed_allowed {
-                            format!("{} (unparsed, allowed by target config)", d.facts)
-                        } else {
-                            d.facts
-                        },
-                        allowed: d.verdict.allowed,
-                        policies: d.verdict.policies,
-                        reason: d.verdict.reason,
+                        facts,
+                        allowed: verdict.allowed,
+                        policies: verdict.policies,
+                        reason: verdict.reason,
                     });
                     match (tag, error) {
                         (b'Q', None) => {
@@ -725,8 +1032,8 @@ fn gate_chunk(chunk: &Bytes, gate: &Gate, state: &mut ClientState) -> Result<Gat
             }
             Action::Drop | Action::SyncFor(_) => {
                 let f = forward.get_or_insert_with(|| {
-                    let mut f = BytesMut::with_capacity(chunk.len());
-                    f.extend_from_slice(&chunk[..start]);
+                    let mut f = BytesMut::with_capacity(part.len());
+                    f.extend_from_slice(&part[..start]);
                     f
                 });
                 if let Action::SyncFor(error) = action {
@@ -770,6 +1077,15 @@ where
             biased;
             i = inject.recv(), if inject_open => {
                 match i {
+                    Some(i) if i.before_ready == NOW => {
+                        // A notice: between two whole messages is a valid place for it.
+                        if let Err(e) = recorder.server(i.error.clone()) {
+                            return End::Journal(e);
+                        }
+                        if let Err(error) = to.write_all(&i.error).await {
+                            return End::Io { from: "client", error };
+                        }
+                    }
                     Some(i) => pending.push_back(i),
                     None => inject_open = false,
                 }
@@ -781,7 +1097,20 @@ where
             },
         };
         while let Ok(i) = inject.try_recv() {
-            pending.push_back(i);
+            if i.before_ready == NOW {
+                // Written ahead of this chunk: it was queued before the chunk was complete.
+                if let Err(e) = recorder.server(i.error.clone()) {
+                    return End::Journal(e);
+                }
+                if let Err(error) = to.write_all(&i.error).await {
+                    return End::Io {
+                        from: "client",
+                        error,
+                    };
+                }
+            } else {
+                pending.push_back(i);
+            }
         }
         if !authenticated.load(Ordering::Relaxed) && is_authentication_ok(&chunk) {
             authenticated.store(true, Ordering::Relaxed);
@@ -888,28 +1217,43 @@ mod tests {
         assert!(!copy.windows(6).any(|w| w == b"secret"));
     }
 
-    fn gate() -> Gate {
+    fn gate() -> (Gate, tempfile::TempDir) {
+        gate_on("app-db")
+    }
+
+    fn gate_on(target: &str) -> (Gate, tempfile::TempDir) {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
         let policy = Policy::load(&dir).unwrap();
         let session = policy
-            .engine
+            .engine()
             .session(
                 PrincipalRef {
                     name: "dev",
                     groups: &[],
                 },
-                "app-db",
+                target,
                 Source {
                     uid: Some(1000),
                     comm: "psql",
                 },
             )
             .unwrap();
-        Gate {
+        let journal_dir = tempfile::tempdir().unwrap();
+        let journal = sluice_journal::Journal::open(journal_dir.path()).unwrap();
+        let gate = Gate {
             policy,
             session,
             unparsed: Unparsed::Deny,
-        }
+            access: Arc::new(Access::open(journal).unwrap()),
+            session_id: SessionId::new(),
+            target: target.into(),
+            principal: Principal {
+                name: "dev".into(),
+                groups: Vec::new(),
+            },
+            hold_timeout: Duration::from_secs(1),
+        };
+        (gate, journal_dir)
     }
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
@@ -921,7 +1265,7 @@ mod tests {
 
     #[test]
     fn a_denied_query_becomes_a_sync_and_its_error_waits_for_that_ready_for_query() {
-        let gate = gate();
+        let (gate, _dir) = gate();
         let mut state = ClientState {
             sync_points: 1,
             skipping: None,
@@ -929,7 +1273,7 @@ mod tests {
         let mut chunk = msg(b'Q', b"select 1\0");
         chunk.extend(msg(b'Q', b"drop table t\0"));
         chunk.extend(msg(b'Q', b"select 2\0"));
-        let g = gate_chunk(&Bytes::from(chunk), &gate, &mut state).unwrap();
+        let g = gate_chunk(&Bytes::from(chunk), 0, None, &gate, &mut state).unwrap();
         let mut want = msg(b'Q', b"select 1\0");
         want.extend_from_slice(SYNC);
         want.extend(msg(b'Q', b"select 2\0"));
@@ -959,20 +1303,20 @@ mod tests {
 
     #[test]
     fn a_denied_parse_drops_the_batch_up_to_sync_across_chunks() {
-        let gate = gate();
+        let (gate, _dir) = gate();
         let mut state = ClientState {
             sync_points: 1,
             skipping: None,
         };
         let mut first = msg(b'P', b"s1\0delete from t\0\0\0");
         first.extend(msg(b'B', b"\0s1\0\0\0\0\0\0\0"));
-        let g = gate_chunk(&Bytes::from(first), &gate, &mut state).unwrap();
+        let g = gate_chunk(&Bytes::from(first), 0, None, &gate, &mut state).unwrap();
         assert!(g.forward.is_empty());
         assert!(g.injections.is_empty());
         let mut second = msg(b'E', b"\0\0\0\0\0");
         second.extend(msg(b'S', b""));
         second.extend(msg(b'Q', b"select 1\0"));
-        let g = gate_chunk(&Bytes::from(second), &gate, &mut state).unwrap();
+        let g = gate_chunk(&Bytes::from(second), 0, None, &gate, &mut state).unwrap();
         let mut want = msg(b'S', b"");
         want.extend(msg(b'Q', b"select 1\0"));
         assert_eq!(&g.forward[..], &want[..]);
@@ -983,7 +1327,7 @@ mod tests {
 
     #[test]
     fn allowed_chunks_are_forwarded_as_the_same_bytes() {
-        let gate = gate();
+        let (gate, _dir) = gate();
         let mut state = ClientState {
             sync_points: 1,
             skipping: None,
@@ -991,9 +1335,70 @@ mod tests {
         let mut chunk = msg(b'P', b"\0select * from people where id = $1\0\0\0");
         chunk.extend(msg(b'S', b""));
         let chunk = Bytes::from(chunk);
-        let g = gate_chunk(&chunk, &gate, &mut state).unwrap();
+        let g = gate_chunk(&chunk, 0, None, &gate, &mut state).unwrap();
         assert_eq!(g.forward.as_ptr(), chunk.as_ptr());
         assert_eq!(g.forward.len(), chunk.len());
+    }
+
+    #[test]
+    fn a_held_statement_stops_the_chunk_and_its_outcome_resumes_it_at_the_same_place() {
+        let (gate, _dir) = gate_on("prod-db");
+        let mut state = ClientState {
+            sync_points: 1,
+            skipping: None,
+        };
+        let mut chunk = msg(b'Q', b"select 1\0");
+        let held_at = chunk.len();
+        chunk.extend(msg(b'Q', b"delete from t where id = 1\0"));
+        chunk.extend(msg(b'Q', b"select 2\0"));
+        let chunk = Bytes::from(chunk);
+        let g = gate_chunk(&chunk, 0, None, &gate, &mut state).unwrap();
+        assert_eq!(&g.forward[..], &msg(b'Q', b"select 1\0")[..]);
+        let held = g.held.unwrap();
+        assert_eq!(held.offset, held_at);
+        assert_eq!(held.approvers, "dba");
+        assert_eq!(state.sync_points, 2);
+
+        // Approved: the held statement and the rest go on as they were.
+        let mut approved = ClientState {
+            sync_points: 2,
+            skipping: None,
+        };
+        let resolved = Resolved {
+            offset: held_at,
+            outcome: HoldOutcome::Approved {
+                request: "ab12cd34".into(),
+                by: "cy".into(),
+                comment: "ok".into(),
+            },
+        };
+        let g = gate_chunk(&chunk, held_at, Some(resolved), &gate, &mut approved).unwrap();
+        assert_eq!(&g.forward[..], &chunk[held_at..]);
+        assert!(g.held.is_none() && g.injections.is_empty());
+        assert!(g.decisions[0].allowed);
+        assert_eq!(g.decisions[0].reason, "request ab12cd34 approved by cy: ok");
+        assert_eq!(approved.sync_points, 4);
+
+        // Refused: a Sync takes its place and the error waits for its ReadyForQuery.
+        let resolved = Resolved {
+            offset: held_at,
+            outcome: HoldOutcome::Refused {
+                message: "sluice: request ab12cd34 was denied by cy: no".into(),
+            },
+        };
+        let g = gate_chunk(&chunk, held_at, Some(resolved), &gate, &mut state).unwrap();
+        let mut want = SYNC.to_vec();
+        want.extend(msg(b'Q', b"select 2\0"));
+        assert_eq!(&g.forward[..], &want[..]);
+        assert_eq!(g.injections.len(), 1);
+        assert_eq!(g.injections[0].before_ready, 3);
+        assert!(
+            g.injections[0]
+                .error
+                .windows(10)
+                .any(|w| w == b"denied by ")
+        );
+        assert!(!g.decisions[0].allowed);
     }
 
     #[test]

@@ -87,6 +87,13 @@ fn export_session(
                 "policies": d.policies,
                 "reason": d.reason,
             })),
+            Body::Review(r) => records.push(json!({
+                "kind": "review",
+                "request": r.request,
+                "state": r.state.word(),
+                "by": r.state.by(),
+                "message": r.state.describe(),
+            })),
             Body::Client(_) | Body::Server(_) => {}
         }
         for item in decoder.items(&event) {

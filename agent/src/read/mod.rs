@@ -1,4 +1,5 @@
-//! Reading the journal back: `sluice sessions`, `sluice replay`, `sluice export`.
+//! Reading the journal back: `sluice sessions`, `sluice replay`, `sluice export`, and the
+//! listings of requests and grants.
 //!
 //! Everything here works on a [`sluice_journal::Reader`] (read-only, safe while the agent runs)
 //! and turns recorded wire bytes into the protocol-independent [`Item`] vocabulary with the
@@ -6,6 +7,7 @@
 
 mod export;
 mod replay;
+mod requests;
 
 use std::io::Write;
 
@@ -13,6 +15,7 @@ use sluice_journal::{Body, Event, Reader, SessionSummary};
 
 pub use export::{Format, export};
 pub use replay::{ReplayOptions, replay};
+pub use requests::print_requests;
 
 use crate::protocol::Item;
 use crate::protocol::postgres::transcript::Transcriber;

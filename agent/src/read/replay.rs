@@ -102,6 +102,15 @@ pub fn replay(
                     d.reason
                 )?;
             }
+            Body::Review(r) => {
+                writeln!(
+                    out,
+                    "{}  * sluice: request {} {}",
+                    clock(event.ts_ns),
+                    r.request,
+                    r.state.describe()
+                )?;
+            }
             Body::End { reason } => {
                 flush(&mut table, out)?;
                 writeln!(out, "{}  = session ended: {reason}", clock(event.ts_ns))?;
