@@ -221,7 +221,7 @@ impl Access {
                 state: r.state.word(),
             });
         }
-        if !by.groups.contains(&r.approvers) {
+        if !is_approver(by, &r.approvers) {
             return Err(AccessError::NotApprover {
                 id: r.id.clone(),
                 group: r.approvers.clone(),
@@ -323,7 +323,7 @@ impl Access {
         if !active {
             return Err(AccessError::NotActive { id: r.id.clone() });
         }
-        if r.requester.name != by.name && !by.groups.contains(&r.approvers) {
+        if r.requester.name != by.name && !is_approver(by, &r.approvers) {
             return Err(AccessError::NotRevoker {
                 id: r.id.clone(),
                 group: r.approvers.clone(),
@@ -372,6 +372,15 @@ impl Access {
             .cloned()
             .collect()
     }
+}
+
+/// Is `who` a member of one of `approvers` (one group, or several separated by commas:
+/// `@approval("dba, sre")`)?
+fn is_approver(who: &Principal, approvers: &str) -> bool {
+    approvers
+        .split(',')
+        .map(str::trim)
+        .any(|g| !g.is_empty() && who.groups.iter().any(|m| m == g))
 }
 
 fn grant_of(r: &AccessRequest) -> Option<Grant> {
@@ -511,6 +520,14 @@ mod tests {
         );
         assert!(access.list(false).is_empty());
         assert_eq!(access.list(true).len(), 1);
+    }
+
+    #[test]
+    fn an_approval_may_name_several_groups() {
+        assert!(is_approver(&who("x", &["sre"]), "dba, sre"));
+        assert!(is_approver(&who("x", &["dba"]), "dba"));
+        assert!(!is_approver(&who("x", &["dbas"]), "dba, sre"));
+        assert!(!is_approver(&who("x", &[""]), "dba,,sre"));
     }
 
     #[test]

@@ -391,6 +391,34 @@ fn deny_timeout_and_own_requests_fail_the_statement_and_the_session_goes_on() {
     assert!(ok && out.contains("edsger"), "{out}\n{err}");
     assert_eq!(s.people(), "1,2");
 
+    // Ctrl-C: psql sends a CancelRequest on a new connection; the hold ends at once.
+    let psql = s.psql_bg(CLIENT_UID, &["delete from people where id = 1"]);
+    let id = request_id(&psql.wait_for("held for approval"));
+    let cancelled_at = Instant::now();
+    let pid = psql.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (_, out, err) = psql.finish();
+    assert!(
+        cancelled_at.elapsed() < Duration::from_secs(HOLD_SECS),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "canceling statement due to user request: request {id} is withdrawn"
+        )),
+        "{err}"
+    );
+    // (psql itself stops running further -c commands after a cancel.)
+    let _ = out;
+    assert_eq!(s.people(), "1,2");
+    assert!(s.requests(false).is_empty());
+
     let all = s.requests(true);
     let states: Vec<&str> = all
         .iter()
@@ -398,7 +426,15 @@ fn deny_timeout_and_own_requests_fail_the_statement_and_the_session_goes_on() {
         .flat_map(|o| o.keys())
         .map(String::as_str)
         .collect();
-    assert_eq!(states, ["Denied", "TimedOut", "Approved"], "{all:?}");
+    assert_eq!(
+        states,
+        ["Denied", "TimedOut", "Approved", "Abandoned"],
+        "{all:?}"
+    );
+    assert_eq!(
+        all[3]["state"]["Abandoned"]["why"],
+        "the client cancelled the statement"
+    );
 }
 
 #[test]

@@ -75,6 +75,8 @@ pub(crate) struct Shared {
     pub policy: Option<Arc<Policy>>,
     pub identities: Vec<IdentityConfig>,
     pub access: Arc<Access>,
+    /// PostgreSQL sessions by backend key, for CancelRequests.
+    pub pg_cancels: postgres::CancelKeys,
 }
 
 impl Shared {
@@ -173,6 +175,7 @@ pub async fn run(
         policy,
         identities: config.identities.clone(),
         access,
+        pg_cancels: postgres::CancelKeys::default(),
     });
     let (stop_tx, _) = broadcast::channel::<()>(1);
     let control_listener = control::bind(&shared.config.control_socket)?;

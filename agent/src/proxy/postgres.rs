@@ -44,7 +44,7 @@
 //!   injected error never overtakes responses to earlier pipelined messages, and the journal's
 //!   server chunk holds exactly what the client received.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -56,7 +56,7 @@ use sluice_journal::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{Span, debug, info, warn};
 
 use super::{Routed, Shared, upstream};
@@ -220,6 +220,8 @@ pub(crate) async fn serve(
             return;
         }
     };
+    let (cancel_tx, cancel_rx) = watch::channel(0u64);
+    let cancel_tx = Arc::new(cancel_tx);
     let gate = match gate {
         None => None,
         Some((who, policy, session)) => {
@@ -251,6 +253,7 @@ pub(crate) async fn serve(
                     target: routed.target.name.clone(),
                     principal: who,
                     hold_timeout: shared.config.approval_timeout(),
+                    cancel: cancel_rx,
                 }),
                 _ => {
                     let text = connect.message();
@@ -265,6 +268,13 @@ pub(crate) async fn serve(
         }
     };
     info!(backend = %routed.backend, "session started");
+    // Only a held statement has something to withdraw on cancel, so only gated sessions
+    // register their key.
+    let registration = gate.as_ref().map(|_| CancelRegistration {
+        keys: &shared.pg_cancels,
+        tx: cancel_tx,
+        key: std::sync::Mutex::new(None),
+    });
     let end = relay(
         client,
         server,
@@ -272,9 +282,11 @@ pub(crate) async fn serve(
         &recorder,
         shared.config.max_message_bytes,
         gate.as_ref(),
+        registration.as_ref(),
         stop,
     )
     .await;
+    drop(registration);
     let text = end.text();
     match &end {
         End::ClientClosed | End::ServerClosed | End::Shutdown => {
@@ -356,7 +368,13 @@ async fn read_startup(
                     .await
                     .map_err(|_| StartupFailure::Quiet)?;
             }
-            Ok(StartupPacket::Cancel { .. }) => {
+            Ok(StartupPacket::Cancel { pid, key }) => {
+                if shared.pg_cancels.cancel((pid, key)) {
+                    info!(
+                        backend_pid = pid,
+                        "cancel request for a session: a held statement is withdrawn"
+                    );
+                }
                 // Authentication passes through, so the client holds the backend's own keys.
                 match upstream::dial(
                     routed.backend,
@@ -397,6 +415,8 @@ struct Gate {
     target: String,
     principal: Principal,
     hold_timeout: Duration,
+    /// Bumped by a CancelRequest carrying this session's key.
+    cancel: watch::Receiver<u64>,
 }
 
 impl Gate {
@@ -418,6 +438,73 @@ struct Injection {
 /// `Injection::before_ready` for a message written at the next message boundary.
 const NOW: u64 = 0;
 
+/// Sessions by the backend key data (pid, secret) their client holds, so that a CancelRequest,
+/// which arrives on a connection of its own, can withdraw a statement sluice is holding (the
+/// backend is idle then, so forwarding the cancel alone would do nothing). Each session's
+/// entry is a counter its hold watches; it is removed when the session ends.
+#[derive(Default)]
+pub(crate) struct CancelKeys {
+    map: std::sync::Mutex<HashMap<(i32, i32), Arc<watch::Sender<u64>>>>,
+}
+
+impl CancelKeys {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(i32, i32), Arc<watch::Sender<u64>>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn register(&self, key: (i32, i32), tx: Arc<watch::Sender<u64>>) {
+        self.lock().insert(key, tx);
+    }
+
+    fn remove(&self, key: (i32, i32)) {
+        self.lock().remove(&key);
+    }
+
+    /// Signals the session holding `key`; false when no session has it.
+    fn cancel(&self, key: (i32, i32)) -> bool {
+        match self.lock().get(&key) {
+            Some(tx) => {
+                tx.send_modify(|n| *n += 1);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A session's entry in [`CancelKeys`], made when the server sends BackendKeyData.
+struct CancelRegistration<'a> {
+    keys: &'a CancelKeys,
+    tx: Arc<watch::Sender<u64>>,
+    key: std::sync::Mutex<Option<(i32, i32)>>,
+}
+
+impl CancelRegistration<'_> {
+    /// Registers the first BackendKeyData ('K': pid, secret) in a server chunk.
+    fn observe(&self, chunk: &[u8]) {
+        for (tag, body) in messages(chunk).flatten() {
+            if tag == b'K'
+                && let (Some(pid), Some(secret)) = (body.get(..4), body.get(4..8))
+            {
+                let key = (
+                    i32::from_be_bytes([pid[0], pid[1], pid[2], pid[3]]),
+                    i32::from_be_bytes([secret[0], secret[1], secret[2], secret[3]]),
+                );
+                self.keys.register(key, self.tx.clone());
+                *self.key.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
+            }
+        }
+    }
+}
+
+impl Drop for CancelRegistration<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            self.keys.remove(key);
+        }
+    }
+}
+
 /// Relays both directions until one ends or the agent stops.
 async fn relay(
     client: TcpStream,
@@ -426,6 +513,7 @@ async fn relay(
     recorder: &SessionRecorder,
     max_message: usize,
     gate: Option<&Gate>,
+    cancel: Option<&CancelRegistration<'_>>,
     stop: &mut broadcast::Receiver<()>,
 ) -> End {
     // The startup packet's content is the session start's `params`, already journaled.
@@ -455,6 +543,7 @@ async fn relay(
             recorder,
             max_message,
             &authenticated,
+            cancel,
             inject_rx,
         );
         tokio::select! {
@@ -667,8 +756,8 @@ enum HoldOutcome {
         by: String,
         comment: String,
     },
-    /// Denied, timed out, cancelled, or not recordable: the error text for the client.
-    Refused { message: String },
+    /// Denied, timed out, cancelled, or not recordable: the client's error (SQLSTATE, text).
+    Refused { code: &'static str, message: String },
 }
 
 /// The outcome for the message at `offset` of the chunk being gated.
@@ -724,6 +813,7 @@ async fn hold<R: AsyncRead + Unpin>(
         Err(e) => {
             warn!(error = %e, "cannot record a request for approval: the statement is denied");
             return Ok(HoldOutcome::Refused {
+                code: "42501",
                 message: format!(
                     "sluice: the statement needs approval, but the request cannot be recorded ({e}), so it is denied"
                 ),
@@ -764,8 +854,18 @@ async fn hold<R: AsyncRead + Unpin>(
         return Err(End::ServerClosed);
     }
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut cancel = gate.cancel.clone();
+    cancel.borrow_and_update();
+    let mut cancelled = false;
     let waited: Result<Outcome, RequestState> = loop {
         tokio::select! {
+            Ok(()) = cancel.changed() => {
+                cancelled = true;
+                break Err(RequestState::Abandoned {
+                    at_ns: sluice_journal::now_ns(),
+                    why: "the client cancelled the statement".into(),
+                });
+            }
             o = &mut decided => break o.map_err(|_| RequestState::Abandoned {
                 at_ns: sluice_journal::now_ns(),
                 why: "the request was dropped".into(),
@@ -829,12 +929,23 @@ async fn hold<R: AsyncRead + Unpin>(
                 return Err(End::Journal(e));
             }
             HoldOutcome::Refused {
+                code: "42501",
                 message: format!("sluice: request {id} was denied by {by}: {reason}"),
+            }
+        }
+        None if cancelled => {
+            info!(request = %id, "held statement cancelled by the client");
+            HoldOutcome::Refused {
+                code: "57014",
+                message: format!(
+                    "sluice: canceling statement due to user request: request {id} is withdrawn and the statement did not run"
+                ),
             }
         }
         None => {
             info!(request = %id, "held statement timed out");
             HoldOutcome::Refused {
+                code: "42501",
                 message: format!(
                     "sluice: request {id} was not decided within {} s, so the statement did not run; ask an approver and run it again",
                     timeout.as_secs()
@@ -931,7 +1042,7 @@ fn gate_chunk(
                     };
                     let mut verdict = d.verdict;
                     // The client's text when a hold ends without approval.
-                    let mut refused: Option<String> = None;
+                    let mut refused: Option<(&'static str, String)> = None;
                     match (resolved.take(), &verdict.approval) {
                         // Decided again (policies may have been reloaded meanwhile): an
                         // approval lifts only a deny that is still an approval policy's.
@@ -949,10 +1060,10 @@ fn gate_chunk(
                                 };
                             }
                             HoldOutcome::Approved { .. } => {}
-                            HoldOutcome::Refused { message, .. } => {
+                            HoldOutcome::Refused { code, message } => {
                                 verdict.allowed = false;
                                 verdict.reason = message.clone();
-                                refused = Some(message);
+                                refused = Some((code, message));
                             }
                         },
                         (_, Some(approvers)) if !verdict.allowed => {
@@ -979,8 +1090,8 @@ fn gate_chunk(
                         info!(action = d.action, policies = ?verdict.policies, "statement denied by policy");
                     }
                     let error = (!verdict.allowed).then(|| {
-                        let text = refused.unwrap_or_else(|| verdict.message());
-                        error_response(Severity::Error, "42501", &text)
+                        let (code, text) = refused.unwrap_or_else(|| ("42501", verdict.message()));
+                        error_response(Severity::Error, code, &text)
                     });
                     out.decisions.push(Decision {
                         sql: sql.to_string(),
@@ -1061,6 +1172,7 @@ async fn server_pump<R, W>(
     recorder: &SessionRecorder,
     max_message: usize,
     authenticated: &AtomicBool,
+    cancel: Option<&CancelRegistration<'_>>,
     mut inject: mpsc::Receiver<Injection>,
 ) -> End
 where
@@ -1114,6 +1226,12 @@ where
         }
         if !authenticated.load(Ordering::Relaxed) && is_authentication_ok(&chunk) {
             authenticated.store(true, Ordering::Relaxed);
+        }
+        // BackendKeyData comes once, before the first ReadyForQuery.
+        if ready_seen == 0
+            && let Some(c) = cancel
+        {
+            c.observe(&chunk);
         }
         let chunk = splice(chunk, &mut pending, &mut ready_seen);
         if let Err(e) = recorder.server(chunk.clone()) {
@@ -1252,6 +1370,7 @@ mod tests {
                 groups: Vec::new(),
             },
             hold_timeout: Duration::from_secs(1),
+            cancel: watch::channel(0).1,
         };
         (gate, journal_dir)
     }
@@ -1383,6 +1502,7 @@ mod tests {
         let resolved = Resolved {
             offset: held_at,
             outcome: HoldOutcome::Refused {
+                code: "42501",
                 message: "sluice: request ab12cd34 was denied by cy: no".into(),
             },
         };
