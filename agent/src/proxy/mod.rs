@@ -76,7 +76,7 @@ pub(crate) struct Shared {
     pub identities: Vec<IdentityConfig>,
     pub access: Arc<Access>,
     /// PostgreSQL sessions by backend key, for CancelRequests.
-    pub pg_cancels: postgres::CancelKeys,
+    pub pg_cancels: Arc<postgres::CancelKeys>,
 }
 
 impl Shared {
@@ -175,7 +175,7 @@ pub async fn run(
         policy,
         identities: config.identities.clone(),
         access,
-        pg_cancels: postgres::CancelKeys::default(),
+        pg_cancels: Arc::default(),
     });
     let (stop_tx, _) = broadcast::channel::<()>(1);
     let control_listener = control::bind(&shared.config.control_socket)?;

@@ -254,6 +254,13 @@ pub(crate) async fn serve(
                     principal: who,
                     hold_timeout: shared.config.approval_timeout(),
                     cancel: cancel_rx,
+                    // Only a held statement has something to withdraw on cancel, so only
+                    // gated sessions register their key.
+                    registration: CancelRegistration {
+                        keys: shared.pg_cancels.clone(),
+                        tx: cancel_tx,
+                        key: std::sync::Mutex::new(None),
+                    },
                 }),
                 _ => {
                     let text = connect.message();
@@ -268,13 +275,6 @@ pub(crate) async fn serve(
         }
     };
     info!(backend = %routed.backend, "session started");
-    // Only a held statement has something to withdraw on cancel, so only gated sessions
-    // register their key.
-    let registration = gate.as_ref().map(|_| CancelRegistration {
-        keys: &shared.pg_cancels,
-        tx: cancel_tx,
-        key: std::sync::Mutex::new(None),
-    });
     let end = relay(
         client,
         server,
@@ -282,11 +282,9 @@ pub(crate) async fn serve(
         &recorder,
         shared.config.max_message_bytes,
         gate.as_ref(),
-        registration.as_ref(),
         stop,
     )
     .await;
-    drop(registration);
     let text = end.text();
     match &end {
         End::ClientClosed | End::ServerClosed | End::Shutdown => {
@@ -417,6 +415,8 @@ struct Gate {
     hold_timeout: Duration,
     /// Bumped by a CancelRequest carrying this session's key.
     cancel: watch::Receiver<u64>,
+    /// This session's entry in the agent's [`CancelKeys`].
+    registration: CancelRegistration,
 }
 
 impl Gate {
@@ -444,24 +444,27 @@ const NOW: u64 = 0;
 /// entry is a counter its hold watches; it is removed when the session ends.
 #[derive(Default)]
 pub(crate) struct CancelKeys {
-    map: std::sync::Mutex<HashMap<(i32, i32), Arc<watch::Sender<u64>>>>,
+    map: std::sync::Mutex<HashMap<BackendKey, Arc<watch::Sender<u64>>>>,
 }
 
+/// BackendKeyData: the backend's process id and secret.
+type BackendKey = (i32, i32);
+
 impl CancelKeys {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(i32, i32), Arc<watch::Sender<u64>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<BackendKey, Arc<watch::Sender<u64>>>> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn register(&self, key: (i32, i32), tx: Arc<watch::Sender<u64>>) {
+    fn register(&self, key: BackendKey, tx: Arc<watch::Sender<u64>>) {
         self.lock().insert(key, tx);
     }
 
-    fn remove(&self, key: (i32, i32)) {
+    fn remove(&self, key: BackendKey) {
         self.lock().remove(&key);
     }
 
     /// Signals the session holding `key`; false when no session has it.
-    fn cancel(&self, key: (i32, i32)) -> bool {
+    fn cancel(&self, key: BackendKey) -> bool {
         match self.lock().get(&key) {
             Some(tx) => {
                 tx.send_modify(|n| *n += 1);
@@ -472,14 +475,15 @@ impl CancelKeys {
     }
 }
 
-/// A session's entry in [`CancelKeys`], made when the server sends BackendKeyData.
-struct CancelRegistration<'a> {
-    keys: &'a CancelKeys,
+/// A session's entry in [`CancelKeys`], made when the server sends BackendKeyData and removed
+/// when this is dropped (with the session's [`Gate`]).
+struct CancelRegistration {
+    keys: Arc<CancelKeys>,
     tx: Arc<watch::Sender<u64>>,
-    key: std::sync::Mutex<Option<(i32, i32)>>,
+    key: std::sync::Mutex<Option<BackendKey>>,
 }
 
-impl CancelRegistration<'_> {
+impl CancelRegistration {
     /// Registers the first BackendKeyData ('K': pid, secret) in a server chunk.
     fn observe(&self, chunk: &[u8]) {
         for (tag, body) in messages(chunk).flatten() {
@@ -497,7 +501,7 @@ impl CancelRegistration<'_> {
     }
 }
 
-impl Drop for CancelRegistration<'_> {
+impl Drop for CancelRegistration {
     fn drop(&mut self) {
         if let Some(key) = self.key.lock().unwrap_or_else(|e| e.into_inner()).take() {
             self.keys.remove(key);
@@ -513,7 +517,6 @@ async fn relay(
     recorder: &SessionRecorder,
     max_message: usize,
     gate: Option<&Gate>,
-    cancel: Option<&CancelRegistration<'_>>,
     stop: &mut broadcast::Receiver<()>,
 ) -> End {
     // The startup packet's content is the session start's `params`, already journaled.
@@ -543,7 +546,7 @@ async fn relay(
             recorder,
             max_message,
             &authenticated,
-            cancel,
+            gate.map(|g| &g.registration),
             inject_rx,
         );
         tokio::select! {
@@ -1172,7 +1175,7 @@ async fn server_pump<R, W>(
     recorder: &SessionRecorder,
     max_message: usize,
     authenticated: &AtomicBool,
-    cancel: Option<&CancelRegistration<'_>>,
+    cancel: Option<&CancelRegistration>,
     mut inject: mpsc::Receiver<Injection>,
 ) -> End
 where
@@ -1371,6 +1374,11 @@ mod tests {
             },
             hold_timeout: Duration::from_secs(1),
             cancel: watch::channel(0).1,
+            registration: CancelRegistration {
+                keys: Arc::new(CancelKeys::default()),
+                tx: Arc::new(watch::channel(0).0),
+                key: std::sync::Mutex::new(None),
+            },
         };
         (gate, journal_dir)
     }
