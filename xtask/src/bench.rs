@@ -1,8 +1,10 @@
 //! `cargo xtask bench`: throughput through sluice against a direct connection, measured in the
 //! same run on the same server. PostgreSQL: `pgbench -S` (select-only, scale 10) for 1 and 8
 //! clients, direct and through the agent (release build, eBPF interception of a bench cgroup),
-//! plus pgbouncer (session pooling) as a reference proxy when it is installed. Prints TPS and
-//! ratios; never asserts on them.
+//! plus pgbouncer (session pooling) as a reference proxy when it is installed, and through a
+//! second agent that decides every statement with the example policies (`policies/`). Then
+//! the policy micro-benchmark: facts + Cedar per statement, cached and uncached. Prints TPS,
+//! ratios and microseconds; never asserts on them.
 
 use std::process::Command;
 use std::time::Duration;
@@ -67,9 +69,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let cgroup = Cgroup::create("bench")?;
     let agent = Agent::start(AgentOptions {
-        bin: Some(bin),
+        bin: Some(bin.clone()),
         cgroup: Some(cgroup.path.clone()),
         targets: vec![pg_target("bench-db", &format!("127.0.0.1:{}", pg.port))],
+        ..AgentOptions::default()
+    })?;
+    // The same, with every statement decided by the example policies.
+    let policed = Cgroup::create("bench-policy")?;
+    let policed_agent = Agent::start(AgentOptions {
+        bin: Some(bin),
+        cgroup: Some(policed.path.clone()),
+        targets: vec![pg_target("bench-db", &format!("127.0.0.1:{}", pg.port))],
+        policy_dir: Some(crate::util::root().join("policies")),
         ..AgentOptions::default()
     })?;
 
@@ -83,13 +94,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.scale, args.seconds
     );
     println!(
-        "{:<10} {:>12} {:>12} {:>8} {:>12} {:>8}",
-        "clients", "direct", "sluice", "ratio", "pgbouncer", "ratio"
+        "{:<10} {:>12} {:>12} {:>8} {:>14} {:>8} {:>12} {:>8}",
+        "clients", "direct", "sluice", "ratio", "sluice+policy", "ratio", "pgbouncer", "ratio"
     );
     for clients in [1u32, 8] {
         let direct = pgbench_tps(Command::new(&pgbench), &port, clients, args.seconds)?;
         let through = pgbench_tps(
             cgroup.command(None, pgbench.to_str().unwrap_or("pgbench")),
+            &port,
+            clients,
+            args.seconds,
+        )?;
+        let with_policy = pgbench_tps(
+            policed.command(None, pgbench.to_str().unwrap_or("pgbench")),
             &port,
             clients,
             args.seconds,
@@ -104,11 +121,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             None => None,
         };
         println!(
-            "{:<10} {:>12.0} {:>12.0} {:>8.3} {:>12} {:>8}",
+            "{:<10} {:>12.0} {:>12.0} {:>8.3} {:>14.0} {:>8.3} {:>12} {:>8}",
             clients,
             direct,
             through,
             through / direct,
+            with_policy,
+            with_policy / direct,
             bouncer
                 .map(|b| format!("{b:.0}"))
                 .unwrap_or_else(|| "-".into()),
@@ -127,7 +146,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         sessions.len()
     );
     drop(pgbouncer);
-    Ok(())
+    drop(policed_agent);
+    drop(agent);
+    println!();
+    run_policy()
 }
 
 fn pgbench_tps(mut cmd: Command, port: &str, clients: u32, seconds: u32) -> anyhow::Result<f64> {
