@@ -17,6 +17,7 @@
 //! message is only decoded once its frame is complete; decoders borrow from the input.
 //!
 //! [`Item`]: crate::protocol::Item
+pub mod auth;
 pub mod backend;
 pub mod body;
 pub mod encode;
