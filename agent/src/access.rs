@@ -450,15 +450,9 @@ mod tests {
 
     fn target(jit: Option<&str>) -> crate::config::Target {
         crate::config::Target {
-            id: 1,
-            name: "prod-db".into(),
-            protocol: crate::config::Protocol::Postgres,
-            matches: None,
-            listen: None,
-            backend: None,
-            unparsed: crate::config::Unparsed::Deny,
             jit_approvers: jit.map(str::to_string),
             jit_max: Duration::from_secs(3600),
+            ..crate::config::Target::plain(1, "prod-db", crate::config::Protocol::Postgres)
         }
     }
 

@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -35,9 +36,108 @@ pub struct Config {
     pub agent: AgentConfig,
     #[serde(rename = "target", default)]
     pub targets: Vec<TargetConfig>,
-    /// Who a caller is, for policy, until login-based identity exists (first match wins).
+    /// Who a caller is without a password: workloads (and, until `sluice login`, people) by
+    /// uid or cgroup (first match wins).
     #[serde(rename = "identity", default)]
     pub identities: Vec<IdentityConfig>,
+    /// The identity provider whose tokens identify people (`auth = "sluice"` targets).
+    #[serde(default)]
+    pub oidc: Option<OidcSection>,
+}
+
+/// `[oidc]`: the issuer whose ID tokens sluice accepts as passwords and from `sluice login`
+/// (see `identity::oidc::OidcConfig` for the validation keys), plus the client id the device
+/// flow uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct OidcSection {
+    #[serde(flatten)]
+    pub validation: crate::identity::oidc::OidcConfig,
+    /// The client id `sluice login` uses for the device flow (default: `audience`).
+    #[serde(default)]
+    pub client_id: Option<String>,
+}
+
+impl OidcSection {
+    pub fn client_id(&self) -> &str {
+        self.client_id
+            .as_deref()
+            .unwrap_or(&self.validation.audience)
+    }
+}
+
+/// How a target's clients authenticate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// The client authenticates to the database itself; sluice relays the exchange.
+    #[default]
+    Passthrough,
+    /// sluice authenticates the person (login, workload identity, or an OIDC token as the
+    /// password) and logs in to the backend with a configured role's credentials.
+    Sluice,
+}
+
+/// Whether clients of a target must use TLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientTls {
+    /// TLS when the client asks (needs `tls_cert`), plaintext otherwise.
+    #[default]
+    Optional,
+    /// Plaintext sessions are refused with a message saying to use TLS.
+    Required,
+}
+
+/// `[[target.role]]`: a database role clients may ask for (the startup message's `user`), the
+/// backend credentials sluice logs in with, and who may use it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleConfig {
+    /// The role name clients ask for.
+    pub name: String,
+    /// The backend login (default: `name`).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The backend password from this environment variable of the agent ...
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// ... or from this file (readable by root only; one line).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Who may use it: `"user:<principal>"`, `"group:<group>"`, or `"*"`.
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+/// A backend password: never printed.
+#[derive(Clone, Default)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// A role, resolved: its password read.
+#[derive(Debug, Clone)]
+pub struct Role {
+    pub name: String,
+    pub user: String,
+    pub password: Secret,
+    pub allow: Vec<String>,
+}
+
+impl Role {
+    /// May `principal` (member of `groups`) use this role?
+    pub fn allows(&self, principal: &str, groups: &[String]) -> bool {
+        self.allow.iter().any(|a| {
+            a == "*"
+                || a.strip_prefix("user:") == Some(principal)
+                || a.strip_prefix("group:")
+                    .is_some_and(|g| groups.iter().any(|m| m == g))
+        })
+    }
 }
 
 /// One `[[identity]]` entry: callers matching `uid` or `cgroup` (a cgroup v2 directory; its
@@ -110,6 +210,10 @@ pub struct AgentConfig {
     /// The agent's unix socket for `sluice requests|approve|deny|grants|request access`.
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
+    /// Append `[sluice:<principal>]` to the `application_name` sluice logs in to the backend
+    /// with, so the database's own logs show who is behind a session (`auth = "sluice"`).
+    #[serde(default = "default_true")]
+    pub tag_application_name: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -151,6 +255,30 @@ pub struct TargetConfig {
     /// The longest grant a just-in-time request may ask for.
     #[serde(default = "default_jit_max")]
     pub jit_max_secs: u64,
+    /// TLS toward clients: the certificate chain and key (PEM). Without them an SSLRequest
+    /// is answered 'N'.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// "optional" (default) or "required": plaintext sessions are refused.
+    #[serde(default)]
+    pub client_tls: ClientTls,
+    /// TLS toward the backend: "disable" (default), "require", "verify-full".
+    #[serde(default)]
+    pub backend_tls: crate::tls::BackendTls,
+    /// The CA (PEM) that `verify-full` checks the backend's certificate against.
+    #[serde(default)]
+    pub backend_ca: Option<PathBuf>,
+    /// The name `verify-full` checks (default: the backend's IP address).
+    #[serde(default)]
+    pub backend_server_name: Option<String>,
+    /// "passthrough" (default) or "sluice" (identity + injected credentials).
+    #[serde(default)]
+    pub auth: AuthMode,
+    /// With `auth = "sluice"`: the roles clients may ask for.
+    #[serde(rename = "role", default)]
+    pub roles: Vec<RoleConfig>,
 }
 
 /// A target's address match, resolved.
@@ -173,6 +301,37 @@ pub struct Target {
     pub unparsed: Unparsed,
     pub jit_approvers: Option<String>,
     pub jit_max: Duration,
+    /// The server config for clients' TLS, when the target has a certificate.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub client_tls: ClientTls,
+    /// The client config for the backend leg (None: plaintext).
+    pub backend_tls: Option<Arc<rustls::ClientConfig>>,
+    pub backend_server_name: Option<String>,
+    pub auth: AuthMode,
+    pub roles: Vec<Role>,
+}
+
+impl Target {
+    /// A plain target: no TLS, passthrough authentication (tests and tools build these).
+    pub fn plain(id: u32, name: &str, protocol: Protocol) -> Target {
+        Target {
+            id,
+            name: name.to_string(),
+            protocol,
+            matches: None,
+            listen: None,
+            backend: None,
+            unparsed: Unparsed::Deny,
+            jit_approvers: None,
+            jit_max: Duration::from_secs(default_jit_max()),
+            tls: None,
+            client_tls: ClientTls::Optional,
+            backend_tls: None,
+            backend_server_name: None,
+            auth: AuthMode::Passthrough,
+            roles: Vec::new(),
+        }
+    }
 }
 
 fn default_proxy_listen() -> SocketAddr {
@@ -290,6 +449,45 @@ impl Config {
             }
             let id = u32::try_from(i + 1)
                 .map_err(|_| ConfigError::Invalid("too many targets".into()))?;
+            let invalid = |e: String| ConfigError::Invalid(format!("target {}: {e}", t.name));
+            let tls = match (&t.tls_cert, &t.tls_key) {
+                (Some(cert), Some(key)) => Some(
+                    crate::tls::server_config(cert, key).map_err(|e| invalid(error_chain(&e)))?,
+                ),
+                (None, None) => None,
+                _ => {
+                    return Err(invalid(
+                        "set both `tls_cert` and `tls_key`, or neither".into(),
+                    ));
+                }
+            };
+            if t.client_tls == ClientTls::Required && tls.is_none() {
+                return Err(invalid(
+                    "`client_tls = \"required\"` needs `tls_cert` and `tls_key`".into(),
+                ));
+            }
+            let backend_tls = crate::tls::client_config(t.backend_tls, t.backend_ca.as_deref())
+                .map_err(|e| invalid(error_chain(&e)))?;
+            if t.backend_tls == crate::tls::BackendTls::VerifyFull && t.backend_ca.is_none() {
+                return Err(invalid(
+                    "`backend_tls = \"verify-full\"` needs `backend_ca`".into(),
+                ));
+            }
+            let roles = t
+                .roles
+                .iter()
+                .map(|r| resolve_role(r).map_err(invalid))
+                .collect::<Result<Vec<_>, _>>()?;
+            if t.auth == AuthMode::Sluice && roles.is_empty() {
+                return Err(invalid(
+                    "`auth = \"sluice\"` needs at least one [[target.role]]".into(),
+                ));
+            }
+            if t.auth == AuthMode::Passthrough && !roles.is_empty() {
+                return Err(invalid(
+                    "[[target.role]] entries only apply with `auth = \"sluice\"`".into(),
+                ));
+            }
             out.push(Target {
                 id,
                 name: t.name.clone(),
@@ -300,6 +498,12 @@ impl Config {
                 unparsed: t.unparsed,
                 jit_approvers: t.jit_approvers.clone().filter(|g| !g.is_empty()),
                 jit_max: Duration::from_secs(t.jit_max_secs),
+                tls,
+                client_tls: t.client_tls,
+                backend_tls,
+                backend_server_name: t.backend_server_name.clone(),
+                auth: t.auth,
+                roles,
             });
         }
         for (i, id) in self.identities.iter().enumerate() {
@@ -312,6 +516,63 @@ impl Config {
         }
         Ok(out)
     }
+}
+
+/// A role with its password read from the environment or a root-only file.
+fn resolve_role(r: &RoleConfig) -> Result<Role, String> {
+    let password = match (&r.password_env, &r.password_file) {
+        (Some(var), None) => std::env::var(var).map_err(|_| {
+            format!(
+                "role {}: environment variable {var} (password_env) is not set",
+                r.name
+            )
+        })?,
+        (None, Some(path)) => {
+            use std::os::unix::fs::PermissionsExt;
+            let meta = std::fs::metadata(path)
+                .map_err(|e| format!("role {}: cannot read {}: {e}", r.name, path.display()))?;
+            if meta.permissions().mode() & 0o077 != 0 {
+                return Err(format!(
+                    "role {}: password file {} is readable by others than its owner (chmod 600 it)",
+                    r.name,
+                    path.display()
+                ));
+            }
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("role {}: cannot read {}: {e}", r.name, path.display()))?
+                .trim_end_matches(['\n', '\r'])
+                .to_string()
+        }
+        _ => {
+            return Err(format!(
+                "role {}: set exactly one of `password_env` and `password_file`",
+                r.name
+            ));
+        }
+    };
+    if r.allow.is_empty() {
+        return Err(format!(
+            "role {}: `allow` is empty, so nobody could use it",
+            r.name
+        ));
+    }
+    Ok(Role {
+        name: r.name.clone(),
+        user: r.user.clone().unwrap_or_else(|| r.name.clone()),
+        password: Secret(password),
+        allow: r.allow.clone(),
+    })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Parses `HOST:PORT`, `[V6]:PORT` or `*:PORT`.

@@ -91,6 +91,15 @@ pub enum ControlRequest {
     },
     /// Reload the policy directory (as SIGHUP does).
     Reload,
+    /// The issuer and client id `sluice login` runs the device flow against.
+    OidcInfo,
+    /// `sluice login`: bind the caller's uid to the person these tokens name.
+    Login {
+        id_token: String,
+        refresh_token: Option<String>,
+    },
+    /// `sluice logout`: forget the caller's binding.
+    Logout,
 }
 
 /// The agent's answer.
@@ -106,6 +115,16 @@ pub struct ControlResponse {
     pub requests: Vec<AccessRequest>,
     #[serde(default)]
     pub message: Option<String>,
+    /// For `whoami` and `login`: how the caller is identified, and until when (ns).
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub expires_ns: Option<u64>,
+    /// For `oidc_info`: the issuer and the device-flow client id.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    #[serde(default)]
+    pub client_id: Option<String>,
 }
 
 /// What the control socket needs from the agent.
@@ -114,6 +133,9 @@ pub struct ControlContext {
     pub identities: Vec<IdentityConfig>,
     pub targets: Vec<Target>,
     pub policy: Option<Arc<Policy>>,
+    pub identity: Arc<crate::identity::Identity>,
+    /// `[oidc]` issuer and client id, for `sluice login`.
+    pub oidc: Option<(String, String)>,
 }
 
 /// Creates the socket (replacing a stale one), world-connectable.
@@ -174,9 +196,40 @@ async fn serve_one(stream: UnixStream, ctx: &ControlContext) -> std::io::Result<
         Ok(Ok(_)) if line.len() > MAX_LINE => refuse("request too long".into()),
         Ok(Ok(_)) => match serde_json::from_slice::<ControlRequest>(&line) {
             Err(e) => refuse(format!("bad request: {e}")),
+            Ok(ControlRequest::Login {
+                id_token,
+                refresh_token,
+            }) => {
+                // Verifying may fetch the issuer's keys: off the runtime's threads.
+                let identity = ctx.identity.clone();
+                let uid = cred.uid();
+                match tokio::task::spawn_blocking(move || {
+                    identity.bind(uid, &id_token, refresh_token)
+                })
+                .await
+                {
+                    Ok(Ok(v)) => {
+                        info!(uid, principal = %v.principal.name, "login bound");
+                        ControlResponse {
+                            ok: true,
+                            principal: Some(v.principal),
+                            method: Some("login".into()),
+                            expires_ns: Some(v.expires_ns),
+                            ..Default::default()
+                        }
+                    }
+                    Ok(Err(e)) => refuse(format!("login refused: {e}")),
+                    Err(_) => refuse("login check failed".into()),
+                }
+            }
             Ok(request) => {
-                let caller = caller(ctx, cred.uid(), cred.gid(), cred.pid());
-                handle(ctx, &caller, request)
+                let (caller, method, expires_ns) = caller(ctx, cred.uid(), cred.gid(), cred.pid());
+                let mut r = handle(ctx, &caller, cred.uid(), request);
+                if r.ok && r.method.is_none() {
+                    r.method = Some(method.into());
+                    r.expires_ns = r.expires_ns.or(expires_ns);
+                }
+                r
             }
         },
     };
@@ -188,24 +241,34 @@ async fn serve_one(stream: UnixStream, ctx: &ControlContext) -> std::io::Result<
     wr.shutdown().await
 }
 
-/// The peer's principal, by the `[[identity]]` rules database connections get.
-fn caller(ctx: &ControlContext, uid: u32, gid: u32, pid: Option<i32>) -> Principal {
+/// The peer's principal: its `sluice login` binding, else the `[[identity]]` rules database
+/// connections get (else `uid:<n>`); with how it was found and until when.
+fn caller(
+    ctx: &ControlContext,
+    uid: u32,
+    gid: u32,
+    pid: Option<i32>,
+) -> (Principal, &'static str, Option<u64>) {
+    if let Some(v) = ctx.identity.login_for_uid(uid) {
+        return (v.principal, "login", Some(v.expires_ns));
+    }
     let pid = pid.and_then(|p| u32::try_from(p).ok()).unwrap_or(0);
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim_end().to_string())
         .unwrap_or_default();
     let cgroup_id = crate::intercept::process_cgroup_id(pid).unwrap_or(0);
-    principal::resolve(
-        &ctx.identities,
-        Some(&ProcessInfo {
-            uid,
-            gid,
-            pid,
-            comm,
-            cgroup_id,
-            connected_ns: sluice_journal::now_ns(),
-        }),
-    )
+    let process = ProcessInfo {
+        uid,
+        gid,
+        pid,
+        comm,
+        cgroup_id,
+        connected_ns: sluice_journal::now_ns(),
+    };
+    match principal::matching(&ctx.identities, &process) {
+        Some(p) => (p, "workload", None),
+        None => (principal::resolve(&[], Some(&process)), "uid", None),
+    }
 }
 
 fn refuse(error: String) -> ControlResponse {
@@ -216,13 +279,18 @@ fn refuse(error: String) -> ControlResponse {
     }
 }
 
-fn handle(ctx: &ControlContext, caller: &Principal, request: ControlRequest) -> ControlResponse {
+fn handle(
+    ctx: &ControlContext,
+    caller: &Principal,
+    uid: u32,
+    request: ControlRequest,
+) -> ControlResponse {
     let done = |requests: Vec<AccessRequest>, message: Option<String>| ControlResponse {
         ok: true,
-        error: None,
         principal: Some(caller.clone()),
         requests,
         message,
+        ..Default::default()
     };
     let result = match request {
         ControlRequest::Whoami => Ok(done(Vec::new(), None)),
@@ -259,6 +327,37 @@ fn handle(ctx: &ControlContext, caller: &Principal, request: ControlRequest) -> 
                     done(vec![r], None)
                 }),
         },
+        ControlRequest::OidcInfo => {
+            return match &ctx.oidc {
+                None => refuse(
+                    "this agent has no [oidc] issuer configured, so there is nothing to log in to"
+                        .into(),
+                ),
+                Some((issuer, client_id)) => ControlResponse {
+                    ok: true,
+                    issuer: Some(issuer.clone()),
+                    client_id: Some(client_id.clone()),
+                    ..Default::default()
+                },
+            };
+        }
+        ControlRequest::Logout => {
+            return match ctx.identity.unbind(uid) {
+                Some(p) => {
+                    info!(uid, principal = %p.name, "logged out");
+                    ControlResponse {
+                        ok: true,
+                        principal: Some(p),
+                        message: Some("logged out".into()),
+                        method: Some("login".into()),
+                        ..Default::default()
+                    }
+                }
+                None => refuse(format!("uid {uid} is not logged in")),
+            };
+        }
+        // Handled before a caller is resolved (it needs a blocking check).
+        ControlRequest::Login { .. } => return refuse("login is handled elsewhere".into()),
         ControlRequest::Reload => {
             return match &ctx.policy {
                 None => refuse("the agent runs without policies (no agent.policy_dir)".into()),

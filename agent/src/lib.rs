@@ -6,15 +6,19 @@
 //! - [`policy`]: statement facts (sqlparser) and Cedar policy decisions.
 //! - [`access`]: requests for approval (held statements, just-in-time access) and grants.
 //! - [`control`]: the agent's unix socket for the `requests/approve/deny/grants` commands.
+//! - [`identity`]: OIDC token validation, the device flow of `sluice login`, login bindings.
 //! - [`protocol`]: one module per wire protocol (codec, no I/O) and the shared vocabulary.
 //! - [`read`]: reading the journal back: `sessions`, `replay`, `export`.
+//! - [`tls`]: rustls configs for both legs, and the stream type the proxy relays over.
 #![deny(unsafe_code)]
 
 pub mod access;
 pub mod config;
 pub mod control;
+pub mod identity;
 pub mod intercept;
 pub mod policy;
 pub mod protocol;
 pub mod proxy;
 pub mod read;
+pub mod tls;

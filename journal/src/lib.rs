@@ -28,7 +28,7 @@ mod model;
 mod store;
 
 pub use model::{
-    AccessRequest, Body, Decision, Direction, Event, NoteLevel, Principal, ProcessInfo,
+    AccessRequest, AuthInfo, Body, Decision, Direction, Event, NoteLevel, Principal, ProcessInfo,
     RequestKind, RequestState, Review, SessionId, SessionStart, SessionSummary, now_ns,
 };
 pub use store::{Journal, JournalError, Reader, SessionRecorder};

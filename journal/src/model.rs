@@ -145,6 +145,26 @@ pub enum Body {
     Decision(Decision),
     /// A statement held for approval, and later what became of it (added after `Decision`).
     Review(Review),
+    /// How the session was authenticated and secured, once its backend login is done (added
+    /// after `Review`). Never holds a credential.
+    Auth(AuthInfo),
+}
+
+/// How a session was authenticated, and the TLS of both legs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthInfo {
+    /// "passthrough" (the database authenticated the client), "login", "workload" or "token".
+    pub method: String,
+    /// The database role the client asked for (sluice authentication only).
+    pub role: Option<String>,
+    /// The backend login sluice used for it.
+    pub backend_user: Option<String>,
+    /// "plain", or the TLS version and cipher suite toward the client.
+    pub client_tls: String,
+    /// The same toward the backend.
+    pub backend_tls: String,
+    /// When the identity's token expires (ns since the epoch), for token and login identities.
+    pub expires_ns: Option<u64>,
 }
 
 /// A held statement's part in a session: held, then approved, denied, timed out or abandoned.

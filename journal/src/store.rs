@@ -279,6 +279,11 @@ impl SessionRecorder {
         self.write(Body::Decision(decision), false)
     }
 
+    /// Records how the session was authenticated.
+    pub fn auth(&self, auth: crate::model::AuthInfo) -> Result<(), JournalError> {
+        self.write(Body::Auth(auth), false)
+    }
+
     /// Records a held statement's state (held, or what became of it).
     pub fn review(&self, review: Review) -> Result<(), JournalError> {
         self.write(Body::Review(review), false)

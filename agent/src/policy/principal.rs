@@ -31,23 +31,25 @@ pub fn resolve(identities: &[IdentityConfig], process: Option<&ProcessInfo>) -> 
             groups: Vec::new(),
         };
     };
-    for id in identities {
-        let hit = match (&id.uid, &id.cgroup) {
+    matching(identities, p).unwrap_or_else(|| Principal {
+        name: format!("uid:{}", p.uid),
+        groups: Vec::new(),
+    })
+}
+
+/// The first `[[identity]]` entry matching `p`, if any (no `uid:<n>` fallback).
+pub fn matching(identities: &[IdentityConfig], p: &ProcessInfo) -> Option<Principal> {
+    identities
+        .iter()
+        .find(|id| match (&id.uid, &id.cgroup) {
             (Some(uid), _) => *uid == p.uid,
             (None, Some(dir)) => cgroup_contains(dir, p.cgroup_id),
             (None, None) => false,
-        };
-        if hit {
-            return Principal {
-                name: id.principal.clone(),
-                groups: id.groups.clone(),
-            };
-        }
-    }
-    Principal {
-        name: format!("uid:{}", p.uid),
-        groups: Vec::new(),
-    }
+        })
+        .map(|id| Principal {
+            name: id.principal.clone(),
+            groups: id.groups.clone(),
+        })
 }
 
 /// Is the cgroup with id `cgroup_id` `dir` or one of its descendants?

@@ -31,6 +31,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::access::Access;
 use crate::config::{Config, IdentityConfig, Protocol, Target, TargetMatch};
 use crate::control::{self, ControlContext};
+use crate::identity::Identity;
 use crate::intercept::{self, ConnTable, InterceptConfig, Interceptor, Match};
 use crate::policy::Policy;
 
@@ -52,6 +53,8 @@ pub enum ProxyError {
     Access(#[from] crate::access::AccessError),
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    #[error("invalid [oidc] section: {0}")]
+    Oidc(String),
     #[error(
         "cannot set up eBPF interception (run as root, or use --no-ebpf with explicit listeners)"
     )]
@@ -77,6 +80,8 @@ pub(crate) struct Shared {
     pub access: Arc<Access>,
     /// PostgreSQL sessions by backend key, for CancelRequests.
     pub pg_cancels: Arc<postgres::CancelKeys>,
+    /// Token validation and `sluice login` bindings.
+    pub identity: Arc<Identity>,
 }
 
 impl Shared {
@@ -114,6 +119,15 @@ pub async fn run(
     })?;
     let journal = Journal::open(&config.agent.journal_dir)?;
     let access = Arc::new(Access::open(journal.clone())?);
+    let identity = Arc::new(match &config.oidc {
+        Some(o) => {
+            let id = Identity::new(o.validation.clone(), o.client_id())
+                .map_err(|e| ProxyError::Oidc(e.to_string()))?;
+            info!(issuer = %o.validation.issuer, "OIDC tokens accepted from this issuer");
+            id
+        }
+        None => Identity::none(),
+    });
     let policy = match &config.agent.policy_dir {
         Some(dir) => {
             let p = Policy::load(dir)?;
@@ -176,6 +190,7 @@ pub async fn run(
         identities: config.identities.clone(),
         access,
         pg_cancels: Arc::default(),
+        identity: identity.clone(),
     });
     let (stop_tx, _) = broadcast::channel::<()>(1);
     let control_listener = control::bind(&shared.config.control_socket)?;
@@ -187,9 +202,15 @@ pub async fn run(
             identities: shared.identities.clone(),
             targets: shared.targets.clone(),
             policy: shared.policy.clone(),
+            identity: shared.identity.clone(),
+            oidc: config
+                .oidc
+                .as_ref()
+                .map(|o| (o.validation.issuer.clone(), o.client_id().to_string())),
         }),
         stop_tx.subscribe(),
     ));
+    let refresh_task = tokio::spawn(refresh_logins(shared.identity.clone(), stop_tx.subscribe()));
     let reload_task = shared.policy.clone().map(|p| {
         tokio::spawn(watch_policies(
             p,
@@ -230,6 +251,7 @@ pub async fn run(
         let _ = task.await;
     }
     let _ = control_task.await;
+    let _ = refresh_task.await;
     if let Some(t) = reload_task {
         let _ = t.await;
     }
@@ -252,6 +274,23 @@ pub async fn run(
     }
     info!("sluice agent stopped");
     Ok(())
+}
+
+/// Every minute, refreshes `sluice login` bindings whose token expires within five minutes
+/// (when the login left a refresh token).
+async fn refresh_logins(identity: Arc<Identity>, mut stop: broadcast::Receiver<()>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = stop.recv() => return,
+            _ = tick.tick() => {}
+        }
+        let id = identity.clone();
+        match tokio::task::spawn_blocking(move || id.refresh_due(300_000_000_000)).await {
+            Ok(0) | Err(_) => {}
+            Ok(n) => info!(refreshed = n, "login tokens refreshed"),
+        }
+    }
 }
 
 /// Reloads the policies on SIGHUP and, every `poll` (zero: never), when a file in their

@@ -94,6 +94,14 @@ fn export_session(
                 "by": r.state.by(),
                 "message": r.state.describe(),
             })),
+            Body::Auth(a) => records.push(json!({
+                "kind": "auth",
+                "method": a.method,
+                "role": a.role,
+                "backend_user": a.backend_user,
+                "client_tls": a.client_tls,
+                "backend_tls": a.backend_tls,
+            })),
             Body::Client(_) | Body::Server(_) => {}
         }
         for item in decoder.items(&event) {

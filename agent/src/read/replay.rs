@@ -102,6 +102,20 @@ pub fn replay(
                     d.reason
                 )?;
             }
+            Body::Auth(a) => {
+                writeln!(
+                    out,
+                    "{}  * sluice: authenticated by {}{}; client {}, backend {}",
+                    clock(event.ts_ns),
+                    a.method,
+                    a.role
+                        .as_ref()
+                        .map(|r| format!(" as role {r}"))
+                        .unwrap_or_default(),
+                    a.client_tls,
+                    a.backend_tls
+                )?;
+            }
             Body::Review(r) => {
                 writeln!(
                     out,

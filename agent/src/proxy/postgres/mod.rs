@@ -44,7 +44,7 @@
 //!   injected error never overtakes responses to earlier pipelined messages, and the journal's
 //!   server chunk holds exactly what the client received.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -52,28 +52,36 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use sluice_journal::{
-    Decision, NoteLevel, Principal, RequestState, Review, SessionId, SessionRecorder, SessionStart,
+    AuthInfo, Decision, NoteLevel, Principal, RequestState, Review, SessionId, SessionRecorder,
+    SessionStart,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{Span, debug, info, warn};
 
+mod cancel;
+mod login;
+
 use super::{Routed, Shared, upstream};
 use crate::access::{Access, HoldRequest, Outcome};
-use crate::config::Unparsed;
+use crate::config::{AuthMode, ClientTls, Unparsed};
 use crate::policy::{Policy, PrincipalRef, SessionPolicy, Source, principal};
+use crate::protocol::postgres::auth;
 use crate::protocol::postgres::encode::{
-    NoticeSeverity, SSL_REFUSED, Severity, error_response, notice_response,
+    NoticeSeverity, SSL_ACCEPTED, SSL_REFUSED, Severity, error_response, notice_response,
 };
 use crate::protocol::postgres::frame::{HEADER_LEN, messages, whole_messages};
 use crate::protocol::postgres::frontend::{Frontend, decode_frontend};
 use crate::protocol::postgres::startup::{
     StartupPacket, is_tls_client_hello, parse_startup, startup_len,
 };
+use crate::tls::Stream;
+pub(crate) use cancel::CancelKeys;
+use cancel::{BackendCancel, CancelRegistration};
 
 /// Cap on any client message before the server has accepted the login.
-const PRE_AUTH_MAX: usize = 10 * 1024;
+pub(crate) const PRE_AUTH_MAX: usize = 10 * 1024;
 /// How much a read asks for at a time.
 const READ_CHUNK: usize = 64 * 1024;
 /// Injected errors waiting for their ReadyForQuery; a client that keeps sending denied
@@ -121,44 +129,86 @@ impl End {
 }
 
 pub(crate) async fn serve(
-    mut client: TcpStream,
+    tcp: TcpStream,
     routed: Routed,
     shared: &Shared,
     stop: &mut broadcast::Receiver<()>,
 ) {
-    let target = routed.target.name.clone();
     let startup = tokio::select! {
-        r = tokio::time::timeout(shared.config.startup_timeout(), read_startup(&mut client, &routed, shared)) => match r {
+        r = tokio::time::timeout(shared.config.startup_timeout(), read_startup(tcp, &routed, shared)) => match r {
             Ok(s) => s,
-            Err(_) => Err(StartupFailure::Refuse("no startup message within the startup timeout".into())),
+            Err(_) => return,
         },
         _ = stop.recv() => return,
     };
-    let (packet, params) = match startup {
+    let (mut client, packet, params) = match startup {
         Ok(x) => x,
-        Err(StartupFailure::Quiet) => return,
-        Err(StartupFailure::Refuse(reason)) => {
-            warn!(%reason, "connection refused before startup");
-            let _ = client
-                .write_all(&error_response(
-                    Severity::Fatal,
-                    "08P01",
-                    &format!("sluice: {reason}"),
-                ))
-                .await;
-            if let Ok(rec) = start(shared, &routed, Vec::new(), None) {
-                let _ = rec.note(NoteLevel::Error, reason.clone());
-                let _ = rec.end(reason);
-            }
+        Err((_, StartupFailure::Quiet)) => return,
+        Err((client, StartupFailure::Refuse(reason))) => {
+            refuse(client, shared, &routed, Vec::new(), "08P01", &reason).await;
             return;
         }
     };
+    let client_tls = client.describe();
+    if routed.target.client_tls == ClientTls::Required && !client.is_tls() {
+        let text = format!(
+            "sluice: target \"{}\" requires TLS: connect with sslmode=require",
+            routed.target.name
+        );
+        refuse(Some(client), shared, &routed, params, "28000", &text).await;
+        return;
+    }
 
-    // Policy: who this is, and may they connect at all.
-    let gate = match &shared.policy {
+    // Who this is: with `auth = "sluice"`, sluice authenticates the client itself; otherwise
+    // the [[identity]] rules name a principal for policy and the backend authenticates.
+    let mut client_password: Option<Bytes> = None;
+    let who = match routed.target.auth {
+        AuthMode::Passthrough => None,
+        AuthMode::Sluice => {
+            let local_or_tls = client.is_tls() || routed.client_addr.ip().is_loopback();
+            match login::authenticate(
+                &mut client,
+                routed.process.as_ref(),
+                local_or_tls,
+                shared,
+                shared.config.startup_timeout(),
+            )
+            .await
+            {
+                Ok((who, password)) => {
+                    client_password = password;
+                    Some(who)
+                }
+                Err(r) => {
+                    warn!(code = r.code, reason = %r.message, "client authentication refused");
+                    refuse(Some(client), shared, &routed, params, r.code, &r.message).await;
+                    return;
+                }
+            }
+        }
+    };
+    let role = match &who {
         None => None,
-        Some(policy) => {
-            let who = principal::resolve(&shared.identities, routed.process.as_ref());
+        Some(w) => match login::choose_role(&routed.target, param(&params, "user"), w) {
+            Ok(role) => Some(role.clone()),
+            Err(r) => {
+                warn!(principal = %w.principal.name, reason = %r.message, "role refused");
+                refuse(Some(client), shared, &routed, params, r.code, &r.message).await;
+                return;
+            }
+        },
+    };
+
+    // Policy: the principal, and may they connect at all.
+    let principal = match &who {
+        Some(w) => Some(w.principal.clone()),
+        None => shared
+            .policy
+            .as_ref()
+            .map(|_| principal::resolve(&shared.identities, routed.process.as_ref())),
+    };
+    let gate = match (&shared.policy, &principal) {
+        (Some(policy), Some(who)) => {
             let source = Source {
                 uid: routed.process.as_ref().map(|p| p.uid),
                 comm: routed
@@ -175,14 +225,20 @@ pub(crate) async fn serve(
                 &routed.target.name,
                 source,
             );
-            Some((who, policy.clone(), session))
+            Some((who.clone(), policy.clone(), session))
         }
+        _ => None,
     };
     Span::current().record(
         "principal",
-        tracing::field::display(gate.as_ref().map(|g| g.0.name.as_str()).unwrap_or("-")),
+        tracing::field::display(principal.as_ref().map(|p| p.name.as_str()).unwrap_or("-")),
     );
-    let recorder = match start(shared, &routed, params, gate.as_ref().map(|g| g.0.clone())) {
+    // Sent on to the backend with the principal, so the database's own logs show who it is.
+    let backend_params = match (&principal, shared.config.tag_application_name) {
+        (Some(p), true) => tag_application_name(&params, &p.name),
+        _ => params.clone(),
+    };
+    let recorder = match start(shared, &routed, params, principal.clone()) {
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e, "cannot record the session: refused");
@@ -197,21 +253,17 @@ pub(crate) async fn serve(
         }
     };
     Span::current().record("session", tracing::field::display(recorder.id()));
-
-    let server = match upstream::dial(
-        routed.backend,
-        shared.config.upstream_mark,
-        shared.config.connect_timeout(),
-    )
-    .await
+    if let Some(p) = client_password.take()
+        && let Err(e) = recorder.client(p, 0)
     {
+        warn!(error = %e, "journal write failed");
+        return;
+    }
+
+    let mut server = match dial_backend(&routed, shared).await {
         Ok(s) => s,
-        Err(e) => {
-            let text = format!(
-                "sluice: cannot reach target \"{target}\" at {}: {e}",
-                routed.backend
-            );
-            warn!(backend = %routed.backend, error = %e, "backend unreachable");
+        Err(text) => {
+            warn!(backend = %routed.backend, error = %text, "backend unreachable");
             let _ = recorder.note(NoteLevel::Error, text.clone());
             let _ = client
                 .write_all(&error_response(Severity::Fatal, "08006", &text))
@@ -220,12 +272,13 @@ pub(crate) async fn serve(
             return;
         }
     };
-    let (cancel_tx, cancel_rx) = watch::channel(0u64);
-    let cancel_tx = Arc::new(cancel_tx);
+    let jit = principal
+        .as_ref()
+        .is_some_and(|p| shared.access.has_grant(&p.name, &routed.target.name));
+    let (registration, cancel_rx) = CancelRegistration::new(shared.pg_cancels.clone());
     let gate = match gate {
         None => None,
         Some((who, policy, session)) => {
-            let jit = shared.access.has_grant(&who.name, &routed.target.name);
             let connect = match &session {
                 Ok(s) => policy.engine().decide_connect(s, jit),
                 Err(e) => crate::policy::Verdict {
@@ -254,13 +307,6 @@ pub(crate) async fn serve(
                     principal: who,
                     hold_timeout: shared.config.approval_timeout(),
                     cancel: cancel_rx,
-                    // Only a held statement has something to withdraw on cancel, so only
-                    // gated sessions register their key.
-                    registration: CancelRegistration {
-                        keys: shared.pg_cancels.clone(),
-                        tx: cancel_tx,
-                        key: std::sync::Mutex::new(None),
-                    },
                 }),
                 _ => {
                     let text = connect.message();
@@ -274,17 +320,100 @@ pub(crate) async fn serve(
             }
         }
     };
+
+    // The backend login: passthrough forwards the client's startup packet and relays the
+    // exchange; `auth = "sluice"` logs in with the role's credentials here.
+    let greeted = match &role {
+        None => {
+            if let Err(e) = server.write_all(&packet).await {
+                let _ = recorder.end(format!("i/o error on the server connection: {e}"));
+                return;
+            }
+            false
+        }
+        Some(role) => {
+            let login = tokio::time::timeout(
+                shared.config.connect_timeout() * 2,
+                login::backend_login(
+                    &mut server,
+                    role,
+                    &backend_params,
+                    shared.config.max_message_bytes,
+                ),
+            )
+            .await
+            .unwrap_or_else(|_| Err(login::LoginError::Closed));
+            let greeting = match login {
+                Ok(g) => g,
+                Err(e) => {
+                    let text = format!(
+                        "sluice: cannot log in to target \"{}\" as role \"{}\": {e}",
+                        routed.target.name, role.name
+                    );
+                    warn!(reason = %text, "backend login failed");
+                    let _ = recorder.note(NoteLevel::Error, text.clone());
+                    let bytes = error_response(Severity::Fatal, "28000", &text);
+                    let _ = recorder.server(bytes.clone());
+                    let _ = client.write_all(&bytes).await;
+                    let _ = recorder.end("backend login failed");
+                    return;
+                }
+            };
+            // sluice's own key for the client; the backend's stays here for cancels.
+            let own = own_key();
+            if let Some((pid, key)) = greeting.key {
+                registration.own(
+                    own,
+                    BackendCancel {
+                        addr: routed.backend,
+                        pid,
+                        key,
+                    },
+                );
+            }
+            let mut hello = BytesMut::new();
+            hello.extend_from_slice(&auth::authentication_ok());
+            hello.extend_from_slice(&greeting.messages);
+            hello.extend_from_slice(&auth::backend_key_data(own.0, own.1));
+            hello.extend_from_slice(&greeting.ready);
+            let hello = hello.freeze();
+            if recorder.server(hello.clone()).is_err() {
+                let _ = recorder.end("journal write failed");
+                return;
+            }
+            if client.write_all(&hello).await.is_err() {
+                let _ = recorder.end("client closed the connection");
+                return;
+            }
+            true
+        }
+    };
+    let _ = recorder.auth(AuthInfo {
+        method: who
+            .as_ref()
+            .map(|w| w.method.to_string())
+            .unwrap_or_else(|| "passthrough".into()),
+        role: role.as_ref().map(|r| r.name.clone()),
+        backend_user: role.as_ref().map(|r| r.user.clone()),
+        client_tls,
+        backend_tls: server.describe(),
+        expires_ns: who.as_ref().and_then(|w| w.expires_ns),
+    });
     info!(backend = %routed.backend, "session started");
     let end = relay(
         client,
         server,
-        packet,
-        &recorder,
-        shared.config.max_message_bytes,
-        gate.as_ref(),
+        Relay {
+            recorder: &recorder,
+            max_message: shared.config.max_message_bytes,
+            gate: gate.as_ref(),
+            cancel: &registration,
+            greeted,
+        },
         stop,
     )
     .await;
+    drop(registration);
     let text = end.text();
     match &end {
         End::ClientClosed | End::ServerClosed | End::Shutdown => {
@@ -300,6 +429,112 @@ pub(crate) async fn serve(
     }
     if let Err(e) = recorder.end(text) {
         warn!(error = %e, "cannot seal the session");
+    }
+}
+
+fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// `application_name` with the principal appended, so the database's logs (and
+/// pg_stat_activity) show who is behind a session: `psql [sluice:ada@example.com]`.
+fn tag_application_name(params: &[(String, String)], principal: &str) -> Vec<(String, String)> {
+    let tag = format!("[sluice:{principal}]");
+    let mut out: Vec<(String, String)> = params.to_vec();
+    match out.iter_mut().find(|(k, _)| k == "application_name") {
+        Some((_, v)) if v.is_empty() => *v = tag,
+        Some((_, v)) => *v = format!("{v} {tag}"),
+        None => out.push(("application_name".into(), tag)),
+    }
+    out
+}
+
+/// A random key pair sluice gives a client instead of the backend's.
+fn own_key() -> (i32, i32) {
+    use ring::rand::SecureRandom;
+    let mut raw = [0u8; 8];
+    // Without randomness the key is still unique enough per session but guessable; cancels
+    // need the exact pair, and failing the session over it would be worse.
+    let _ = ring::rand::SystemRandom::new().fill(&mut raw);
+    (
+        i32::from_be_bytes([raw[0] & 0x7f, raw[1], raw[2], raw[3]]),
+        i32::from_be_bytes([raw[4], raw[5], raw[6], raw[7]]),
+    )
+}
+
+/// Dials the target's backend (SO_MARK), with TLS when the target says so.
+async fn dial_backend(routed: &Routed, shared: &Shared) -> Result<Stream, String> {
+    let unreachable = |e: &dyn std::fmt::Display| {
+        format!(
+            "sluice: cannot reach target \"{}\" at {}: {e}",
+            routed.target.name, routed.backend
+        )
+    };
+    let tcp = upstream::dial(
+        routed.backend,
+        shared.config.upstream_mark,
+        shared.config.connect_timeout(),
+    )
+    .await
+    .map_err(|e| unreachable(&e))?;
+    let Some(tls) = &routed.target.backend_tls else {
+        return Ok(Stream::Plain(tcp));
+    };
+    let mut tcp = tcp;
+    // PostgreSQL's SSLRequest: 'S' means go ahead.
+    tcp.write_all(&[0, 0, 0, 8, 4, 210, 22, 47])
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let mut answer = [0u8; 1];
+    tokio::time::timeout(shared.config.connect_timeout(), tcp.read_exact(&mut answer))
+        .await
+        .map_err(|_| unreachable(&"no answer to SSLRequest"))?
+        .map_err(|e| unreachable(&e))?;
+    if answer[0] != SSL_ACCEPTED {
+        return Err(unreachable(
+            &"the backend does not accept TLS, and the target's backend_tls requires it",
+        ));
+    }
+    let name = match &routed.target.backend_server_name {
+        Some(n) => rustls::pki_types::ServerName::try_from(n.clone())
+            .map_err(|e| unreachable(&format!("bad backend_server_name {n:?}: {e}")))?,
+        None => rustls::pki_types::ServerName::IpAddress(routed.backend.ip().into()),
+    };
+    let stream = tokio::time::timeout(
+        shared.config.connect_timeout(),
+        tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| unreachable(&"TLS handshake timed out"))?
+    .map_err(|e| unreachable(&format!("TLS handshake failed: {e}")))?;
+    Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(
+        stream,
+    ))))
+}
+
+/// Refuses a session before it started: the client gets FATAL `code` with `text`, and the
+/// journal a session with the refusal as its note and end.
+async fn refuse(
+    client: Option<Stream>,
+    shared: &Shared,
+    routed: &Routed,
+    params: Vec<(String, String)>,
+    code: &str,
+    text: &str,
+) {
+    warn!(reason = %text, "connection refused before the session started");
+    if let Some(mut c) = client {
+        let _ = c
+            .write_all(&error_response(Severity::Fatal, code, text))
+            .await;
+        let _ = c.shutdown().await;
+    }
+    if let Ok(rec) = start(shared, routed, params, None) {
+        let _ = rec.note(NoteLevel::Error, text.to_string());
+        let _ = rec.end(text.to_string());
     }
 }
 
@@ -321,19 +556,42 @@ fn start(
 }
 
 enum StartupFailure {
-    /// The client went away, or spoke TLS directly: nothing useful to say or record.
+    /// The client went away, or its TLS failed: nothing useful to say or record.
     Quiet,
     /// Refuse with this reason (sent to the client and journaled).
     Refuse(String),
 }
 
-/// Reads until a StartupMessage, answering SSLRequest/GSSENCRequest with 'N' and forwarding a
-/// CancelRequest to the backend. Returns the raw StartupMessage and its parameters.
-async fn read_startup(
-    client: &mut TcpStream,
-    routed: &Routed,
-    shared: &Shared,
-) -> Result<(Bytes, Vec<(String, String)>), StartupFailure> {
+type StartupResult =
+    Result<(Stream, Bytes, Vec<(String, String)>), (Option<Stream>, StartupFailure)>;
+
+/// Reads until a StartupMessage: answers SSLRequest with 'S' and TLS (when the target has a
+/// certificate; 'N' otherwise), accepts PostgreSQL 17's direct TLS (ALPN `postgresql`),
+/// answers GSSENCRequest with 'N', and passes a CancelRequest on. Returns the client stream
+/// (TLS or not), the raw StartupMessage and its parameters.
+async fn read_startup(tcp: TcpStream, routed: &Routed, shared: &Shared) -> StartupResult {
+    let tls = routed.target.tls.clone();
+    // Direct TLS: the first byte opens a ClientHello. Peeked, so the acceptor sees it all.
+    let mut first = [0u8; 1];
+    let mut stream = match tcp.peek(&mut first).await {
+        Ok(0) | Err(_) => return Err((None, StartupFailure::Quiet)),
+        Ok(_) if is_tls_client_hello(first[0]) => match &tls {
+            None => {
+                debug!("client started TLS directly, but the target has no certificate");
+                return Err((None, StartupFailure::Quiet));
+            }
+            Some(cfg) => {
+                let s = accept_tls(cfg.clone(), tcp).await.map_err(|f| (None, f))?;
+                if s.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_POSTGRESQL) {
+                    // PostgreSQL 17 requires ALPN with direct TLS; so does sluice.
+                    debug!("direct TLS without ALPN postgresql: closed");
+                    return Err((None, StartupFailure::Quiet));
+                }
+                Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(s)))
+            }
+        },
+        Ok(_) => Stream::Plain(tcp),
+    };
     let mut buf = BytesMut::with_capacity(512);
     // Bounded: at most SSLRequest, GSSENCRequest, then the startup message.
     for _ in 0..4 {
@@ -341,66 +599,122 @@ async fn read_startup(
             match startup_len(&buf, PRE_AUTH_MAX) {
                 Ok(Some(n)) => break n,
                 Ok(None) => {}
-                Err(e) => return Err(StartupFailure::Refuse(format!("bad startup packet: {e}"))),
+                Err(e) => {
+                    return Err((
+                        Some(stream),
+                        StartupFailure::Refuse(format!("sluice: bad startup packet: {e}")),
+                    ));
+                }
             }
-            if buf.first().copied().is_some_and(is_tls_client_hello) {
-                debug!("client started TLS directly; not supported yet");
-                return Err(StartupFailure::Quiet);
-            }
-            match client.read_buf(&mut buf).await {
-                Ok(0) if buf.is_empty() => return Err(StartupFailure::Quiet),
+            match stream.read_buf(&mut buf).await {
+                Ok(0) if buf.is_empty() => return Err((None, StartupFailure::Quiet)),
                 Ok(0) => {
-                    return Err(StartupFailure::Refuse(
-                        "client disconnected during startup".into(),
+                    return Err((
+                        None,
+                        StartupFailure::Refuse("sluice: client disconnected during startup".into()),
                     ));
                 }
                 Ok(_) => {}
-                Err(_) => return Err(StartupFailure::Quiet),
+                Err(_) => return Err((None, StartupFailure::Quiet)),
             }
         };
         let packet = buf.split_to(len).freeze();
         match parse_startup(&packet) {
-            Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => {
-                client
-                    .write_all(&[SSL_REFUSED])
-                    .await
-                    .map_err(|_| StartupFailure::Quiet)?;
+            Ok(StartupPacket::SslRequest) => {
+                // Bytes after the SSLRequest, before our answer, would be read as if they had
+                // come over TLS (CVE-2021-23214): refuse them.
+                if !buf.is_empty() {
+                    return Err((
+                        Some(stream),
+                        StartupFailure::Refuse(
+                            "sluice: data sent after SSLRequest before the answer".into(),
+                        ),
+                    ));
+                }
+                stream = match (stream, &tls) {
+                    (Stream::Plain(mut tcp), Some(cfg)) => {
+                        if tcp.write_all(&[SSL_ACCEPTED]).await.is_err() {
+                            return Err((None, StartupFailure::Quiet));
+                        }
+                        let s = accept_tls(cfg.clone(), tcp).await.map_err(|f| (None, f))?;
+                        Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(s)))
+                    }
+                    (mut other, _) => {
+                        if other.write_all(&[SSL_REFUSED]).await.is_err() {
+                            return Err((None, StartupFailure::Quiet));
+                        }
+                        other
+                    }
+                };
+            }
+            Ok(StartupPacket::GssEncRequest) => {
+                if stream.write_all(&[SSL_REFUSED]).await.is_err() {
+                    return Err((None, StartupFailure::Quiet));
+                }
             }
             Ok(StartupPacket::Cancel { pid, key }) => {
-                if shared.pg_cancels.cancel((pid, key)) {
-                    info!(
-                        backend_pid = pid,
-                        "cancel request for a session: a held statement is withdrawn"
-                    );
-                }
-                // Authentication passes through, so the client holds the backend's own keys.
-                match upstream::dial(
-                    routed.backend,
-                    shared.config.upstream_mark,
-                    shared.config.connect_timeout(),
-                )
-                .await
-                {
-                    Ok(mut s) => {
-                        let _ = s.write_all(&packet).await;
-                        info!(backend = %routed.backend, "cancel request forwarded");
-                    }
-                    Err(e) => warn!(error = %e, "cannot forward cancel request"),
-                }
-                return Err(StartupFailure::Quiet);
+                forward_cancel(routed, shared, &packet, (pid, key)).await;
+                return Err((None, StartupFailure::Quiet));
             }
             Ok(StartupPacket::Startup { params, .. }) => {
                 if !buf.is_empty() {
-                    return Err(StartupFailure::Refuse(
-                        "data sent before the server answered the startup message".into(),
+                    return Err((
+                        Some(stream),
+                        StartupFailure::Refuse(
+                            "sluice: data sent before the server answered the startup message"
+                                .into(),
+                        ),
                     ));
                 }
-                return Ok((packet, params));
+                return Ok((stream, packet, params));
             }
-            Err(e) => return Err(StartupFailure::Refuse(format!("bad startup packet: {e}"))),
+            Err(e) => {
+                return Err((
+                    Some(stream),
+                    StartupFailure::Refuse(format!("sluice: bad startup packet: {e}")),
+                ));
+            }
         }
     }
-    Err(StartupFailure::Refuse("too many startup packets".into()))
+    Err((
+        Some(stream),
+        StartupFailure::Refuse("sluice: too many startup packets".into()),
+    ))
+}
+
+async fn accept_tls(
+    cfg: Arc<rustls::ServerConfig>,
+    tcp: TcpStream,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, StartupFailure> {
+    tokio_rustls::TlsAcceptor::from(cfg)
+        .accept(tcp)
+        .await
+        .map_err(|e| {
+            debug!(error = %e, "client TLS handshake failed");
+            StartupFailure::Quiet
+        })
+}
+
+/// A CancelRequest: tells the session with that key (a held statement is withdrawn), and
+/// cancels on the backend, with the backend's key when the client holds one of sluice's.
+async fn forward_cancel(routed: &Routed, shared: &Shared, packet: &Bytes, key: cancel::Key) {
+    let (addr, bytes) = match shared.pg_cancels.cancel(key) {
+        Some(Some(b)) => (b.addr, auth::cancel_request(b.pid, b.key)),
+        Some(None) | None => (routed.backend, packet.clone()),
+    };
+    match upstream::dial(
+        addr,
+        shared.config.upstream_mark,
+        shared.config.connect_timeout(),
+    )
+    .await
+    {
+        Ok(mut s) => {
+            let _ = s.write_all(&bytes).await;
+            info!(backend = %addr, "cancel request forwarded");
+        }
+        Err(e) => warn!(error = %e, "cannot forward cancel request"),
+    }
 }
 
 /// What a session needs to decide statements.
@@ -415,8 +729,6 @@ struct Gate {
     hold_timeout: Duration,
     /// Bumped by a CancelRequest carrying this session's key.
     cancel: watch::Receiver<u64>,
-    /// This session's entry in the agent's [`CancelKeys`].
-    registration: CancelRegistration,
 }
 
 impl Gate {
@@ -438,115 +750,42 @@ struct Injection {
 /// `Injection::before_ready` for a message written at the next message boundary.
 const NOW: u64 = 0;
 
-/// Sessions by the backend key data (pid, secret) their client holds, so that a CancelRequest,
-/// which arrives on a connection of its own, can withdraw a statement sluice is holding (the
-/// backend is idle then, so forwarding the cancel alone would do nothing). Each session's
-/// entry is a counter its hold watches; it is removed when the session ends.
-#[derive(Default)]
-pub(crate) struct CancelKeys {
-    map: std::sync::Mutex<HashMap<BackendKey, Arc<watch::Sender<u64>>>>,
-}
-
-/// BackendKeyData: the backend's process id and secret.
-type BackendKey = (i32, i32);
-
-impl CancelKeys {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<BackendKey, Arc<watch::Sender<u64>>>> {
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn register(&self, key: BackendKey, tx: Arc<watch::Sender<u64>>) {
-        self.lock().insert(key, tx);
-    }
-
-    fn remove(&self, key: BackendKey) {
-        self.lock().remove(&key);
-    }
-
-    /// Signals the session holding `key`; false when no session has it.
-    fn cancel(&self, key: BackendKey) -> bool {
-        match self.lock().get(&key) {
-            Some(tx) => {
-                tx.send_modify(|n| *n += 1);
-                true
-            }
-            None => false,
-        }
-    }
-}
-
-/// A session's entry in [`CancelKeys`], made when the server sends BackendKeyData and removed
-/// when this is dropped (with the session's [`Gate`]).
-struct CancelRegistration {
-    keys: Arc<CancelKeys>,
-    tx: Arc<watch::Sender<u64>>,
-    key: std::sync::Mutex<Option<BackendKey>>,
-}
-
-impl CancelRegistration {
-    /// Registers the first BackendKeyData ('K': pid, secret) in a server chunk.
-    fn observe(&self, chunk: &[u8]) {
-        for (tag, body) in messages(chunk).flatten() {
-            if tag == b'K'
-                && let (Some(pid), Some(secret)) = (body.get(..4), body.get(4..8))
-            {
-                let key = (
-                    i32::from_be_bytes([pid[0], pid[1], pid[2], pid[3]]),
-                    i32::from_be_bytes([secret[0], secret[1], secret[2], secret[3]]),
-                );
-                self.keys.register(key, self.tx.clone());
-                *self.key.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
-            }
-        }
-    }
-}
-
-impl Drop for CancelRegistration {
-    fn drop(&mut self) {
-        if let Some(key) = self.key.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            self.keys.remove(key);
-        }
-    }
-}
-
 /// Relays both directions until one ends or the agent stops.
-async fn relay(
-    client: TcpStream,
-    mut server: TcpStream,
-    startup: Bytes,
-    recorder: &SessionRecorder,
+/// What both directions of a session's relay share.
+struct Relay<'a> {
+    recorder: &'a SessionRecorder,
     max_message: usize,
-    gate: Option<&Gate>,
+    gate: Option<&'a Gate>,
+    cancel: &'a CancelRegistration,
+    /// sluice already logged in to the backend and greeted the client (AuthenticationOk ...
+    /// ReadyForQuery); otherwise the client's startup was forwarded and its exchange is relayed.
+    greeted: bool,
+}
+
+async fn relay(
+    client: Stream,
+    server: Stream,
+    r: Relay<'_>,
     stop: &mut broadcast::Receiver<()>,
 ) -> End {
-    // The startup packet's content is the session start's `params`, already journaled.
-    if let Err(error) = server.write_all(&startup).await {
-        return End::Io {
-            from: "server",
-            error,
-        };
-    }
-    let authenticated = AtomicBool::new(false);
-    let (mut client_rd, mut client_wr) = client.into_split();
-    let (mut server_rd, mut server_wr) = server.into_split();
+    let recorder = r.recorder;
+    let authenticated = AtomicBool::new(r.greeted);
+    let (mut client_rd, mut client_wr) = tokio::io::split(client);
+    let (mut server_rd, mut server_wr) = tokio::io::split(server);
     let (inject_tx, inject_rx) = mpsc::channel::<Injection>(INJECT_QUEUE);
     let end = {
         let c2s = client_pump(
             &mut client_rd,
             &mut server_wr,
-            recorder,
-            max_message,
+            &r,
             &authenticated,
-            gate,
             inject_tx,
         );
         let s2c = server_pump(
             &mut server_rd,
             &mut client_wr,
-            recorder,
-            max_message,
+            &r,
             &authenticated,
-            gate.map(|g| &g.registration),
             inject_rx,
         );
         tokio::select! {
@@ -654,16 +893,15 @@ fn split_whole(buf: &mut BytesMut, side: Side, max: usize) -> Result<Option<Byte
 async fn client_pump<R, W>(
     from: &mut R,
     to: &mut W,
-    recorder: &SessionRecorder,
-    max_message: usize,
+    r: &Relay<'_>,
     authenticated: &AtomicBool,
-    gate: Option<&Gate>,
     inject: mpsc::Sender<Injection>,
 ) -> End
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let (recorder, max_message, gate) = (r.recorder, r.max_message, r.gate);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut state = ClientState {
         // The startup message is answered by the first ReadyForQuery.
@@ -1172,19 +1410,21 @@ fn gate_chunk(
 async fn server_pump<R, W>(
     from: &mut R,
     to: &mut W,
-    recorder: &SessionRecorder,
-    max_message: usize,
+    r: &Relay<'_>,
     authenticated: &AtomicBool,
-    cancel: Option<&CancelRegistration>,
     mut inject: mpsc::Receiver<Injection>,
 ) -> End
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let (recorder, max_message) = (r.recorder, r.max_message);
+    // The backend's key is the client's only when the login was relayed.
+    let cancel = (!r.greeted).then_some(r.cancel);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut pending: VecDeque<Injection> = VecDeque::new();
-    let mut ready_seen: u64 = 0;
+    // A greeted client already got the first ReadyForQuery (its startup's).
+    let mut ready_seen: u64 = u64::from(r.greeted);
     let mut inject_open = true;
     loop {
         // Both branches are cancel safe: read_buf only appends what it read to `buf`.
@@ -1374,11 +1614,6 @@ mod tests {
             },
             hold_timeout: Duration::from_secs(1),
             cancel: watch::channel(0).1,
-            registration: CancelRegistration {
-                keys: Arc::new(CancelKeys::default()),
-                tx: Arc::new(watch::channel(0).0),
-                key: std::sync::Mutex::new(None),
-            },
         };
         (gate, journal_dir)
     }

@@ -1,0 +1,359 @@
+//! `auth = "sluice"`: sluice authenticates the person itself and logs in to the backend with a
+//! role's credentials that only the agent holds. The client never sees a backend credential or
+//! any backend authentication message, and the journal never holds one either.
+//!
+//! Who is connecting, in this order:
+//! 1. a uid bound by `sluice login` (the connect()'s uid from the eBPF record): no password;
+//! 2. a workload identity (`[[identity]]` by uid or cgroup): no password;
+//! 3. otherwise an OIDC token as the password (AuthenticationCleartextPassword), accepted only
+//!    over TLS or from this host (every intercepted connection is local).
+//!
+//! Anything else is refused with FATAL 28000 (no identity) or 28P01 (a bad token) and a
+//! sentence saying what to do. Then the requested role (the startup message's `user`) is
+//! checked against the target's `[[target.role]]` list, and [`backend_login`] runs the
+//! backend's authentication (SCRAM-SHA-256, MD5 or cleartext) and collects its greeting
+//! (ParameterStatus, BackendKeyData, ReadyForQuery), which the caller passes on with sluice's
+//! own key in place of the backend's.
+//!
+//! Every exchange here is bounded in messages, size and time.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use sluice_journal::{Principal, ProcessInfo};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::PRE_AUTH_MAX;
+use crate::config::{Role, Target};
+use crate::protocol::postgres::auth::{
+    self, SCRAM_SHA_256, ScramClient, authentication_cleartext, md5_password_message,
+    password_message, startup_message,
+};
+use crate::protocol::postgres::backend::{Authentication, Backend, decode_backend};
+use crate::protocol::postgres::frame::{message_len, messages};
+
+/// Most backend messages read before the backend's first ReadyForQuery.
+const MAX_GREETING_MESSAGES: usize = 256;
+
+/// How the client was identified.
+#[derive(Debug, Clone)]
+pub(crate) struct Who {
+    pub principal: Principal,
+    /// "login", "workload" or "token".
+    pub method: &'static str,
+    /// When the identity's token expires (ns since the epoch), if it came from one.
+    pub expires_ns: Option<u64>,
+}
+
+/// A refusal: the SQLSTATE and the sentence the client gets (also journaled).
+#[derive(Debug, Clone)]
+pub(crate) struct Refusal {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(code: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Identifies the client: login binding, workload identity, or a token it sends as password.
+/// Returns also the client's (emptied) password message when one was read, for the journal.
+pub(crate) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut S,
+    process: Option<&ProcessInfo>,
+    local_or_tls: bool,
+    shared: &super::super::Shared,
+    timeout: Duration,
+) -> Result<(Who, Option<Bytes>), Refusal> {
+    if let Some(p) = process {
+        if let Some(v) = shared.identity.login_for_uid(p.uid) {
+            return Ok((
+                Who {
+                    principal: v.principal,
+                    method: "login",
+                    expires_ns: Some(v.expires_ns),
+                },
+                None,
+            ));
+        }
+        if let Some(principal) = crate::policy::principal::matching(&shared.identities, p) {
+            return Ok((
+                Who {
+                    principal,
+                    method: "workload",
+                    expires_ns: None,
+                },
+                None,
+            ));
+        }
+    }
+    if !shared.identity.accepts_tokens() {
+        return Err(Refusal::new(
+            "28000",
+            format!(
+                "sluice: no identity for {}: run `sluice login` on this host first",
+                who_text(process)
+            ),
+        ));
+    }
+    if !local_or_tls {
+        return Err(Refusal::new(
+            "28000",
+            "sluice: send your token only over TLS: connect with sslmode=require",
+        ));
+    }
+    client
+        .write_all(&authentication_cleartext())
+        .await
+        .map_err(|_| Refusal::new("08006", "client went away"))?;
+    let token = tokio::time::timeout(timeout, read_password(client))
+        .await
+        .map_err(|_| {
+            Refusal::new("28000", "sluice: no password (token) within the time limit")
+        })??;
+    if token.is_empty() {
+        return Err(Refusal::new(
+            "28000",
+            format!(
+                "sluice: no identity for {}: run `sluice login`, or give an OIDC token as the password",
+                who_text(process)
+            ),
+        ));
+    }
+    let identity = shared.identity.clone();
+    let verified = tokio::task::spawn_blocking(move || identity.verify_token(&token))
+        .await
+        .map_err(|_| Refusal::new("28P01", "sluice: token check failed"))?
+        .map_err(|e| Refusal::new("28P01", format!("sluice: {e}")))?;
+    Ok((
+        Who {
+            principal: verified.principal,
+            method: "token",
+            expires_ns: Some(verified.expires_ns),
+        },
+        // The journal's copy of the password message: emptied.
+        Some(Bytes::from_static(&[b'p', 0, 0, 0, 4])),
+    ))
+}
+
+fn who_text(process: Option<&ProcessInfo>) -> String {
+    match process {
+        Some(p) => format!("uid {} ({})", p.uid, p.comm),
+        None => "this connection".into(),
+    }
+}
+
+/// Reads one PasswordMessage ('p') and returns its text.
+async fn read_password<S: AsyncRead + Unpin>(client: &mut S) -> Result<String, Refusal> {
+    let mut buf = BytesMut::with_capacity(2048);
+    loop {
+        match message_len(&buf, PRE_AUTH_MAX) {
+            Ok(Some(n)) => {
+                let msg = buf.split_to(n);
+                let (tag, body) = messages(&msg)
+                    .next()
+                    .and_then(Result::ok)
+                    .ok_or_else(|| Refusal::new("08P01", "sluice: malformed password message"))?;
+                if tag != b'p' {
+                    return Err(Refusal::new("08P01", "sluice: expected a password message"));
+                }
+                let text = body.strip_suffix(&[0]).unwrap_or(body);
+                return String::from_utf8(text.to_vec())
+                    .map_err(|_| Refusal::new("28P01", "sluice: the password is not UTF-8"));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return Err(Refusal::new(
+                    "08P01",
+                    format!("sluice: bad password message: {e}"),
+                ));
+            }
+        }
+        match client.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return Err(Refusal::new("08006", "client went away")),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// The role the client asked for, if `who` may use it on `target`.
+pub(crate) fn choose_role<'t>(
+    target: &'t Target,
+    requested: Option<&str>,
+    who: &Who,
+) -> Result<&'t Role, Refusal> {
+    let Some(requested) = requested.filter(|r| !r.is_empty()) else {
+        return Err(Refusal::new(
+            "28000",
+            "sluice: the startup message names no database role (user)",
+        ));
+    };
+    let names: Vec<&str> = target.roles.iter().map(|r| r.name.as_str()).collect();
+    let Some(role) = target.roles.iter().find(|r| r.name == requested) else {
+        return Err(Refusal::new(
+            "28000",
+            format!(
+                "sluice: target \"{}\" has no role \"{requested}\" (its roles: {})",
+                target.name,
+                names.join(", ")
+            ),
+        ));
+    };
+    if !role.allows(&who.principal.name, &who.principal.groups) {
+        let usable: Vec<&str> = target
+            .roles
+            .iter()
+            .filter(|r| r.allows(&who.principal.name, &who.principal.groups))
+            .map(|r| r.name.as_str())
+            .collect();
+        return Err(Refusal::new(
+            "28000",
+            format!(
+                "sluice: {} may not use role \"{requested}\" on target \"{}\" (roles you may use: {})",
+                who.principal.name,
+                target.name,
+                if usable.is_empty() {
+                    "none".to_string()
+                } else {
+                    usable.join(", ")
+                }
+            ),
+        ));
+    }
+    Ok(role)
+}
+
+/// What the backend said after a successful login.
+pub(crate) struct Greeting {
+    /// ParameterStatus and NoticeResponse messages, in order, as the backend sent them.
+    pub messages: Bytes,
+    /// The backend's BackendKeyData.
+    pub key: Option<(i32, i32)>,
+    /// The backend's first ReadyForQuery.
+    pub ready: Bytes,
+}
+
+/// Why the backend login failed; never contains the password.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LoginError {
+    #[error("i/o error talking to the backend: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the backend closed the connection during login")]
+    Closed,
+    #[error("the backend sent a malformed message during login: {0}")]
+    Malformed(String),
+    #[error("the backend refused the login: {0}")]
+    Refused(String),
+    #[error("the backend asks for an authentication method sluice does not speak: {0}")]
+    Unsupported(String),
+    #[error("SCRAM: {0}")]
+    Scram(#[from] auth::AuthError),
+    #[error("the backend sent more than {MAX_GREETING_MESSAGES} messages before it was ready")]
+    TooLong,
+}
+
+/// Logs in to the backend as `role` with `params` (the client's, `user` replaced) and returns
+/// its greeting.
+pub(crate) async fn backend_login<S: AsyncRead + AsyncWrite + Unpin>(
+    server: &mut S,
+    role: &Role,
+    params: &[(String, String)],
+    max_message: usize,
+) -> Result<Greeting, LoginError> {
+    let mut startup: Vec<(String, String)> = vec![("user".into(), role.user.clone())];
+    startup.extend(params.iter().filter(|(k, _)| k != "user").cloned());
+    server.write_all(&startup_message(&startup)).await?;
+    let rng = ring::rand::SystemRandom::new();
+    let mut scram: Option<ScramClient> = None;
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut out = BytesMut::new();
+    let mut key = None;
+    for _ in 0..MAX_GREETING_MESSAGES {
+        let n = loop {
+            match message_len(&buf, max_message) {
+                Ok(Some(n)) => break n,
+                Ok(None) => {}
+                Err(e) => return Err(LoginError::Malformed(e.to_string())),
+            }
+            if server.read_buf(&mut buf).await? == 0 {
+                return Err(LoginError::Closed);
+            }
+        };
+        let msg = buf.split_to(n).freeze();
+        let (tag, body) = messages(&msg)
+            .next()
+            .and_then(Result::ok)
+            .ok_or_else(|| LoginError::Malformed("unframed".into()))?;
+        let decoded =
+            decode_backend(tag, body).map_err(|e| LoginError::Malformed(e.to_string()))?;
+        match decoded {
+            Backend::Authentication(a) => match a {
+                Authentication::Ok => {}
+                Authentication::CleartextPassword => {
+                    server
+                        .write_all(&password_message(&role.password.0))
+                        .await?;
+                }
+                Authentication::Md5Password { salt } => {
+                    server
+                        .write_all(&md5_password_message(&role.user, &role.password.0, salt))
+                        .await?;
+                }
+                Authentication::Sasl { mechanisms } => {
+                    if !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
+                        return Err(LoginError::Unsupported(format!(
+                            "SASL {}",
+                            mechanisms.iter().collect::<Vec<_>>().join(", ")
+                        )));
+                    }
+                    let (client, first) = ScramClient::start(&role.password.0, &rng)?;
+                    scram = Some(client);
+                    server.write_all(&first).await?;
+                }
+                Authentication::SaslContinue(data) => {
+                    let c = scram
+                        .as_mut()
+                        .ok_or_else(|| LoginError::Malformed("SASL continue first".into()))?;
+                    let last = c.server_first(data)?;
+                    server.write_all(&last).await?;
+                }
+                Authentication::SaslFinal(data) => {
+                    scram
+                        .as_ref()
+                        .ok_or_else(|| LoginError::Malformed("SASL final first".into()))?
+                        .server_final(data)?;
+                }
+                other => return Err(LoginError::Unsupported(format!("{other:?}"))),
+            },
+            Backend::ParameterStatus { .. } | Backend::NoticeResponse(_) => {
+                out.extend_from_slice(&msg);
+            }
+            Backend::BackendKeyData { pid, key: secret } => key = Some((pid, secret)),
+            Backend::ReadyForQuery { .. } => {
+                return Ok(Greeting {
+                    messages: out.freeze(),
+                    key,
+                    ready: msg,
+                });
+            }
+            Backend::ErrorResponse(d) => {
+                return Err(LoginError::Refused(format!(
+                    "{} {}",
+                    d.sqlstate().unwrap_or("?"),
+                    d.message().unwrap_or("?")
+                )));
+            }
+            other => {
+                return Err(LoginError::Malformed(format!(
+                    "unexpected {other:?} during login"
+                )));
+            }
+        }
+    }
+    Err(LoginError::TooLong)
+}
