@@ -171,8 +171,19 @@ enum Command {
         #[command(flatten)]
         agent: AgentArgs,
     },
-    /// Who the agent takes you for (principal and groups), by your uid and cgroup.
+    /// Who the agent takes you for: your `sluice login`, a workload identity, or your uid.
     Whoami {
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// Log in with the company's identity provider (device flow: open the URL, enter the
+    /// code); afterwards database connections from your uid need no password.
+    Login {
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// Forget your login on this host.
+    Logout {
         #[command(flatten)]
         agent: AgentArgs,
     },
@@ -289,16 +300,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Whoami { agent } => {
             let r = control(&agent, ControlRequest::Whoami)?;
+            print_identity(&r);
+            Ok(())
+        }
+        Command::Login { agent } => login(&agent),
+        Command::Logout { agent } => {
+            let r = control(&agent, ControlRequest::Logout)?;
             if let Some(p) = r.principal {
-                println!(
-                    "{} (groups: {})",
-                    p.name,
-                    if p.groups.is_empty() {
-                        "none".to_string()
-                    } else {
-                        p.groups.join(", ")
-                    }
-                );
+                println!("logged out ({} on this host)", p.name);
             }
             Ok(())
         }
@@ -441,6 +450,64 @@ fn control(args: &AgentArgs, request: ControlRequest) -> anyhow::Result<ControlR
         .build()
         .context("cannot start the runtime")?;
     Ok(runtime.block_on(sluice::control::call(&path, &request))?)
+}
+
+/// `sluice login`: the device flow against the agent's issuer, then the tokens to the agent,
+/// which binds this uid to the person until the token expires.
+fn login(agent: &AgentArgs) -> anyhow::Result<()> {
+    use sluice::identity::device;
+    let info = control(agent, ControlRequest::OidcInfo)?;
+    let (Some(issuer), Some(client_id)) = (info.issuer, info.client_id) else {
+        anyhow::bail!("the agent did not say which issuer to log in to");
+    };
+    let cfg = device::DeviceConfig::new(issuer.clone(), client_id);
+    let auth = device::authorize(&cfg).context("cannot start the login")?;
+    println!("To log in to sluice, open");
+    println!("    {}", auth.verification_uri);
+    println!("and enter the code {}", auth.user_code);
+    if let Some(complete) = &auth.verification_uri_complete {
+        println!("(or open {complete})");
+    }
+    println!(
+        "Waiting up to {} s for you to finish ...",
+        auth.expires_in
+    );
+    std::io::stdout().flush()?;
+    let tokens = device::wait_for_tokens(&cfg, &auth).context("the login did not complete")?;
+    let r = control(
+        agent,
+        ControlRequest::Login {
+            id_token: tokens.id_token.clone(),
+            refresh_token: tokens.refresh_token.clone(),
+        },
+    )?;
+    print!("logged in: ");
+    print_identity(&r);
+    Ok(())
+}
+
+fn print_identity(r: &ControlResponse) {
+    let Some(p) = &r.principal else {
+        return;
+    };
+    let groups = if p.groups.is_empty() {
+        "none".to_string()
+    } else {
+        p.groups.join(", ")
+    };
+    let how = match (r.method.as_deref(), r.expires_ns) {
+        (Some("login"), Some(ns)) => format!(
+            "by `sluice login`, until {}",
+            jiff::Timestamp::from_nanosecond(i128::from(ns))
+                .map(|t| t.strftime("%Y-%m-%d %H:%M:%S UTC").to_string())
+                .unwrap_or_else(|_| ns.to_string())
+        ),
+        (Some("workload"), _) => "by this process's uid or cgroup ([[identity]])".into(),
+        (Some("uid"), _) => "by uid only: run `sluice login`".into(),
+        (Some(m), _) => m.to_string(),
+        (None, _) => String::new(),
+    };
+    println!("{} (groups: {groups}) {how}", p.name);
 }
 
 fn print_requests(requests: &[sluice_journal::AccessRequest], json: bool) -> anyhow::Result<()> {

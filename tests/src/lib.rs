@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub mod oidc;
+
 /// The uid/gid intercepted clients run as in tests (`nobody`), so the recorded uid is not root's.
 pub const CLIENT_UID: u32 = 65534;
 
@@ -91,8 +93,21 @@ pub struct Postgres {
     dir: tempfile::TempDir,
 }
 
+/// Options for a test server beyond the defaults.
+#[derive(Default, Clone)]
+pub struct PgOptions {
+    /// Serve TLS with this certificate and key (PEM).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// pg_hba.conf lines put before the default `trust` ones (e.g. SCRAM for one role).
+    pub hba: Vec<String>,
+}
+
 impl Postgres {
     pub fn start() -> anyhow::Result<Postgres> {
+        Postgres::start_with(PgOptions::default())
+    }
+
+    pub fn start_with(options: PgOptions) -> anyhow::Result<Postgres> {
         let bin = pg_bin_dir()?;
         let dir = tempfile::Builder::new()
             .prefix("sluice-pg-")
@@ -111,6 +126,30 @@ impl Postgres {
         }
         let initdb = user_cmd(as_root, &bin.join("initdb"));
         run_ok(&mut initdb_args(initdb, &data))?;
+        if !options.hba.is_empty() {
+            let hba = data.join("pg_hba.conf");
+            let old = std::fs::read_to_string(&hba)?;
+            std::fs::write(&hba, format!("{}\n{old}", options.hba.join("\n")))?;
+        }
+        let mut tls_args = Vec::new();
+        if let Some((cert, key)) = &options.tls {
+            // The server wants its key owned by itself and private.
+            let (c, k) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+            std::fs::copy(cert, &c)?;
+            std::fs::copy(key, &k)?;
+            std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600))?;
+            if as_root {
+                run_ok(Command::new("chown").args(["postgres:postgres"]).arg(&c).arg(&k))?;
+            }
+            tls_args = vec![
+                "-c".to_string(),
+                "ssl=on".to_string(),
+                "-c".to_string(),
+                format!("ssl_cert_file={}", c.display()),
+                "-c".to_string(),
+                format!("ssl_key_file={}", k.display()),
+            ];
+        }
         let port = free_port();
         let mut postgres = user_cmd(as_root, &bin.join("postgres"));
         postgres
@@ -126,6 +165,7 @@ impl Postgres {
                 "-c",
                 "max_connections=200",
             ])
+            .args(&tls_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(
@@ -340,6 +380,77 @@ pub fn sluice_bin() -> PathBuf {
     bin
 }
 
+/// A throwaway certificate authority (openssl CLI) and the certificates it issues, in a
+/// temporary directory removed on drop.
+pub struct TestCa {
+    pub dir: tempfile::TempDir,
+    /// The CA's certificate (PEM).
+    pub cert: PathBuf,
+    key: PathBuf,
+}
+
+impl TestCa {
+    pub fn new() -> anyhow::Result<TestCa> {
+        let dir = tempfile::Builder::new().prefix("sluice-ca-").tempdir()?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        let cert = dir.path().join("ca.crt");
+        let key = dir.path().join("ca.key");
+        run_ok(
+            Command::new("openssl")
+                .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"])
+                .args(["-nodes", "-days", "2", "-subj", "/CN=sluice throwaway CA"])
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(&cert)
+                .stderr(Stdio::null()),
+        )?;
+        Ok(TestCa { dir, cert, key })
+    }
+
+    /// A server certificate for `name` valid for 127.0.0.1, ::1 and localhost: (cert, key).
+    pub fn issue(&self, name: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let d = self.dir.path();
+        let (cert, key, csr, ext) = (
+            d.join(format!("{name}.crt")),
+            d.join(format!("{name}.key")),
+            d.join(format!("{name}.csr")),
+            d.join(format!("{name}.ext")),
+        );
+        std::fs::write(
+            &ext,
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,IP:::1,DNS:localhost\n",
+        )?;
+        run_ok(
+            Command::new("openssl")
+                .args(["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
+                .args(["-subj", &format!("/CN={name}")])
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(&csr)
+                .stderr(Stdio::null()),
+        )?;
+        run_ok(
+            Command::new("openssl")
+                .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+                .arg("-in")
+                .arg(&csr)
+                .arg("-CA")
+                .arg(&self.cert)
+                .arg("-CAkey")
+                .arg(&self.key)
+                .arg("-extfile")
+                .arg(&ext)
+                .arg("-out")
+                .arg(&cert)
+                .stderr(Stdio::null()),
+        )?;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+        Ok((cert, key))
+    }
+}
+
 /// Options for a test agent.
 pub struct AgentOptions {
     pub cgroup: Option<PathBuf>,
@@ -361,6 +472,8 @@ pub struct AgentOptions {
     pub extra_config: String,
     /// Lines added to the `[agent]` table (e.g. `approval_timeout_secs = 5`).
     pub agent_config: String,
+    /// Environment variables for the agent process (e.g. a role's `password_env`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for AgentOptions {
@@ -378,6 +491,7 @@ impl Default for AgentOptions {
             policy_dir: None,
             extra_config: String::new(),
             agent_config: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -454,6 +568,7 @@ impl Agent {
         if options.no_ebpf {
             cmd.arg("--no-ebpf");
         }
+        cmd.envs(options.env.iter().map(|(k, v)| (k, v)));
         cmd.env("RUST_LOG", "info,sluice=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -118,10 +118,14 @@ pub fn check_issuer(issuer: &str) -> Result<(), DiscoveryError> {
 }
 
 /// The agent for one issuer: bounded time, no error on 4xx/5xx (callers read OAuth error
-/// bodies), https-only when the issuer is https.
+/// bodies), https-only when the issuer is https, and no pooled connections: requests are
+/// seconds apart (device polls, JWKS refetches), which is about when servers close idle
+/// keep-alive connections (node: 5 s), and a request sent on a connection the server is
+/// closing fails; one handshake per request is cheap at this rate.
 pub fn agent(issuer: &str, timeout: Duration) -> ureq::Agent {
     ureq::Agent::config_builder()
         .timeout_global(Some(timeout))
+        .max_idle_connections(0)
         .http_status_as_error(false)
         .https_only(issuer.starts_with("https://"))
         .max_redirects(3)

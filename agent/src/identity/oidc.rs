@@ -158,10 +158,10 @@ pub enum TokenError {
         issuer: String,
         refetch_secs: u64,
     },
-    #[error("token names key {kid}, a {kty} key, which cannot verify algorithm {alg}")]
+    #[error("token names key {kid} ({key}), which cannot verify algorithm {alg}")]
     KeyMismatch {
         kid: String,
-        kty: &'static str,
+        key: String,
         alg: String,
     },
     #[error("no signing key of the issuer {issuer} fits algorithm {alg}")]
@@ -211,6 +211,11 @@ pub enum KeysError {
     #[error("the JWKS at {url} has no key sluice can use ({skipped} skipped)")]
     NoUsableKeys { url: String, skipped: usize },
 }
+
+const _: () = {
+    const fn shared_across_threads<T: Send + Sync>() {}
+    shared_across_threads::<Validator>();
+};
 
 /// Validates tokens of one issuer. Cheap to share (`&self` everywhere, internally locked).
 pub struct Validator {
@@ -460,14 +465,16 @@ impl Validator {
         let candidates = self.keys_for(jws.kid.as_deref(), alg, &jws.alg)?;
         for key in &candidates {
             // `fits` was checked, so jsonwebtoken will not meet a key of the wrong family.
-            match jsonwebtoken::crypto::verify(
+            let verified = jsonwebtoken::crypto::verify(
                 jws.signature,
                 jws.signing_input.as_bytes(),
                 &key.key,
                 alg,
-            ) {
-                Ok(true) => return Ok(()),
-                Ok(false) | Err(_) => {}
+            );
+            // A malformed signature (bad base64, wrong length) is just a signature that does
+            // not verify.
+            if matches!(verified, Ok(true)) {
+                return Ok(());
             }
         }
         Err(TokenError::BadSignature)
@@ -737,7 +744,10 @@ fn select(
             if !key.kty.fits(alg) || !alg_ok(key) {
                 return Err(TokenError::KeyMismatch {
                     kid: quoted(kid),
-                    kty: key.kty.name(),
+                    key: match key.alg {
+                        Some(pinned) => format!("{} key for {pinned:?}", key.kty.name()),
+                        None => format!("{} key", key.kty.name()),
+                    },
                     alg: alg_name.to_owned(),
                 });
             }
@@ -982,18 +992,18 @@ mod tests {
             "e": "AQAB"
         }))
         .unwrap();
-        let err = select(&[rsa.clone()], Some("r1"), Algorithm::ES256, "ES256").unwrap_err();
+        let keys = [rsa];
+        let err = select(&keys, Some("r1"), Algorithm::ES256, "ES256").unwrap_err();
         assert!(matches!(err, TokenError::KeyMismatch { .. }), "{err}");
-        assert!(
-            select(&[rsa.clone()], None, Algorithm::ES256, "ES256")
-                .unwrap()
-                .is_none()
-        );
-        assert!(
-            select(&[rsa], Some("r2"), Algorithm::RS256, "RS256")
-                .unwrap()
-                .is_none()
-        );
+        let none = |kid, alg, name| select(&keys, kid, alg, name).unwrap().is_none();
+        assert!(none(None, Algorithm::ES256, "ES256"));
+        assert!(none(Some("r2"), Algorithm::RS256, "RS256"));
+        assert!(!none(Some("r1"), Algorithm::RS256, "RS256"));
+        // A key pinned to RS384 does not verify RS256, even though both are RSA.
+        let mut pinned = keys[0].clone();
+        pinned.alg = Some(Algorithm::RS384);
+        let err = select(&[pinned], Some("r1"), Algorithm::RS256, "RS256").unwrap_err();
+        assert!(matches!(err, TokenError::KeyMismatch { .. }), "{err}");
     }
 
     #[test]
