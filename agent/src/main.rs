@@ -468,10 +468,7 @@ fn login(agent: &AgentArgs) -> anyhow::Result<()> {
     if let Some(complete) = &auth.verification_uri_complete {
         println!("(or open {complete})");
     }
-    println!(
-        "Waiting up to {} s for you to finish ...",
-        auth.expires_in
-    );
+    println!("Waiting up to {} s for you to finish ...", auth.expires_in);
     std::io::stdout().flush()?;
     let tokens = device::wait_for_tokens(&cfg, &auth).context("the login did not complete")?;
     let r = control(

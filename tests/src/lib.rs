@@ -139,7 +139,12 @@ impl Postgres {
             std::fs::copy(key, &k)?;
             std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600))?;
             if as_root {
-                run_ok(Command::new("chown").args(["postgres:postgres"]).arg(&c).arg(&k))?;
+                run_ok(
+                    Command::new("chown")
+                        .args(["postgres:postgres"])
+                        .arg(&c)
+                        .arg(&k),
+                )?;
             }
             tls_args = vec![
                 "-c".to_string(),
@@ -334,6 +339,8 @@ impl Cgroup {
             .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
             .arg(&self.path);
         if let Some(uid) = uid {
+            // Not root's home: libpq, Java and friends look for files there.
+            c.env("HOME", "/nonexistent");
             c.args([
                 "setpriv",
                 &format!("--reuid={uid}"),
@@ -397,7 +404,14 @@ impl TestCa {
         let key = dir.path().join("ca.key");
         run_ok(
             Command::new("openssl")
-                .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"])
+                .args([
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                ])
                 .args(["-nodes", "-days", "2", "-subj", "/CN=sluice throwaway CA"])
                 .arg("-keyout")
                 .arg(&key)
@@ -423,7 +437,14 @@ impl TestCa {
         )?;
         run_ok(
             Command::new("openssl")
-                .args(["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
+                .args([
+                    "req",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-nodes",
+                ])
                 .args(["-subj", &format!("/CN={name}")])
                 .arg("-keyout")
                 .arg(&key)

@@ -100,8 +100,8 @@ pub fn print_sessions(reader: &Reader, json: bool, out: &mut dyn Write) -> Resul
     }
     writeln!(
         out,
-        "{:<36}  {:<30}  {:<30}  {:<12}  {:>6}  {:<15}  {:>10}  {:>12}",
-        "SESSION", "START", "END", "TARGET", "UID", "COMM", "STATEMENTS", "BYTES"
+        "{:<36}  {:<30}  {:<30}  {:<12}  {:<20}  {:>6}  {:<15}  {:>10}  {:>12}",
+        "SESSION", "START", "END", "TARGET", "PRINCIPAL", "UID", "COMM", "STATEMENTS", "BYTES"
     )?;
     for s in &list {
         let (uid, comm) = match &s.start.process {
@@ -111,11 +111,16 @@ pub fn print_sessions(reader: &Reader, json: bool, out: &mut dyn Write) -> Resul
         let end = s.ended_ns.map(rfc3339).unwrap_or_else(|| "(open)".into());
         writeln!(
             out,
-            "{:<36}  {:<30}  {:<30}  {:<12}  {:>6}  {:<15}  {:>10}  {:>12}",
+            "{:<36}  {:<30}  {:<30}  {:<12}  {:<20}  {:>6}  {:<15}  {:>10}  {:>12}",
             s.id,
             rfc3339(s.started_ns),
             end,
             s.start.target,
+            s.start
+                .principal
+                .as_ref()
+                .map(|p| p.name.as_str())
+                .unwrap_or("-"),
             uid,
             comm,
             s.statements,
@@ -132,6 +137,8 @@ fn session_json(s: &SessionSummary) -> serde_json::Value {
         "end": s.ended_ns.map(rfc3339),
         "end_reason": s.end_reason,
         "target": s.start.target,
+        "principal": s.start.principal.as_ref().map(|p| p.name.clone()),
+        "groups": s.start.principal.as_ref().map(|p| p.groups.clone()),
         "protocol": s.start.protocol,
         "orig_dst": s.start.orig_dst,
         "client_addr": s.start.client_addr,
