@@ -2,7 +2,8 @@
 //! same run on the same server. PostgreSQL: `pgbench -S` (select-only, scale 10) for 1 and 8
 //! clients, direct and through the agent (release build, eBPF interception of a bench cgroup),
 //! plus pgbouncer (session pooling) as a reference proxy when it is installed, and through a
-//! second agent that decides every statement with the example policies (`policies/`). Then
+//! second agent that decides every statement with the example policies (`policies/`), and
+//! through a third with TLS toward the client and an OIDC token as the password. Then
 //! the policy micro-benchmark: facts + Cedar per statement, cached and uncached. Prints TPS,
 //! ratios and microseconds; never asserts on them.
 
@@ -74,6 +75,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         targets: vec![pg_target("bench-db", &format!("127.0.0.1:{}", pg.port))],
         ..AgentOptions::default()
     })?;
+    // TLS toward the client and an OIDC token as the password (a real provider on loopback),
+    // sluice logging in to the backend with the role's credentials.
+    let idp = sluice_tests::oidc::Provider::start(&[]);
+    let token = idp.id_token("ada", 3600, "sluice");
+    let ca = sluice_tests::TestCa::new()?;
+    let (cert, key) = ca.issue("sluice")?;
+    let secured = Cgroup::create("bench-tls")?;
+    let mut tls_target = pg_target("bench-db", &format!("127.0.0.1:{}", pg.port));
+    tls_target.push_str(&format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"\nclient_tls = \"required\"\nauth = \"sluice\"\n\
+         [[target.role]]\nname = \"postgres\"\npassword_env = \"SLUICE_BENCH_PG\"\nallow = [\"group:developers\"]\n",
+        cert.display(),
+        key.display()
+    ));
+    let secured_agent = Agent::start(AgentOptions {
+        bin: Some(bin.clone()),
+        cgroup: Some(secured.path.clone()),
+        targets: vec![tls_target],
+        extra_config: format!("[oidc]\nissuer = \"{}\"\naudience = \"sluice\"\n", idp.issuer),
+        // The bench server trusts local connections; the password is never asked for.
+        env: vec![("SLUICE_BENCH_PG".into(), "unused".into())],
+        ..AgentOptions::default()
+    })?;
     // The same, with every statement decided by the example policies.
     let policed = Cgroup::create("bench-policy")?;
     let policed_agent = Agent::start(AgentOptions {
@@ -94,8 +118,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.scale, args.seconds
     );
     println!(
-        "{:<10} {:>12} {:>12} {:>8} {:>14} {:>8} {:>12} {:>8}",
-        "clients", "direct", "sluice", "ratio", "sluice+policy", "ratio", "pgbouncer", "ratio"
+        "{:<8} {:>10} {:>10} {:>7} {:>14} {:>7} {:>15} {:>7} {:>10} {:>7}",
+        "clients",
+        "direct",
+        "sluice",
+        "ratio",
+        "sluice+policy",
+        "ratio",
+        "sluice+TLS+OIDC",
+        "ratio",
+        "pgbouncer",
+        "ratio"
     );
     for clients in [1u32, 8] {
         let direct = pgbench_tps(Command::new(&pgbench), &port, clients, args.seconds)?;
@@ -111,6 +144,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             clients,
             args.seconds,
         )?;
+        let mut cmd = secured.command(None, pgbench.to_str().unwrap_or("pgbench"));
+        cmd.env("PGSSLMODE", "require").env("PGPASSWORD", &token);
+        let with_tls = pgbench_tps(cmd, &port, clients, args.seconds)?;
         let bouncer = match &pgbouncer {
             Some((_, bport)) => Some(pgbench_tps(
                 Command::new(&pgbench),
@@ -121,13 +157,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             None => None,
         };
         println!(
-            "{:<10} {:>12.0} {:>12.0} {:>8.3} {:>14.0} {:>8.3} {:>12} {:>8}",
+            "{:<8} {:>10.0} {:>10.0} {:>7.3} {:>14.0} {:>7.3} {:>15.0} {:>7.3} {:>10} {:>7}",
             clients,
             direct,
             through,
             through / direct,
             with_policy,
             with_policy / direct,
+            with_tls,
+            with_tls / direct,
             bouncer
                 .map(|b| format!("{b:.0}"))
                 .unwrap_or_else(|| "-".into()),
@@ -147,6 +185,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     drop(pgbouncer);
     drop(policed_agent);
+    drop(secured_agent);
     drop(agent);
     println!();
     run_policy()
