@@ -651,6 +651,44 @@ mod tests {
     }
 
     #[test]
+    fn tls_and_sluice_authentication_settings_are_checked_at_load() {
+        let base = "[agent]\n[[target]]\nname='a'\nprotocol='postgres'\nmatch='*:1'\n";
+        let err = |extra: &str| {
+            toml::from_str::<Config>(&format!("{base}{extra}"))
+                .unwrap()
+                .targets()
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("client_tls='required'\n").contains("needs `tls_cert`"));
+        assert!(err("tls_cert='/x'\n").contains("both `tls_cert` and `tls_key`"));
+        assert!(err("backend_tls='verify-full'\n").contains("needs `backend_ca`"));
+        assert!(err("auth='sluice'\n").contains("at least one [[target.role]]"));
+        assert!(
+            err("auth='sluice'\n[[target.role]]\nname='r'\nallow=['*']\n")
+                .contains("exactly one of `password_env` and `password_file`")
+        );
+        assert!(
+            err("auth='sluice'\n[[target.role]]\nname='r'\npassword_env='SLUICE_TEST_SURELY_UNSET'\nallow=['*']\n")
+                .contains("SLUICE_TEST_SURELY_UNSET")
+        );
+        assert!(
+            err("[[target.role]]\nname='r'\npassword_env='X'\nallow=['*']\n")
+                .contains("only apply with `auth")
+        );
+        let role = Role {
+            name: "r".into(),
+            user: "r".into(),
+            password: Secret("s3cret".into()),
+            allow: vec!["group:dba".into(), "user:ada".into()],
+        };
+        assert!(role.allows("ada", &[]));
+        assert!(role.allows("bob", &["dba".to_string()]));
+        assert!(!role.allows("bob", &["dev".to_string()]));
+        assert!(!format!("{role:?}").contains("s3cret"));
+    }
+
+    #[test]
     fn a_listener_without_a_backend_is_rejected() {
         let text = "[agent]\n[[target]]\nname='a'\nprotocol='postgres'\nmatch='*:1'\nlisten='127.0.0.1:7000'\n";
         let c: Config = toml::from_str(text).unwrap();

@@ -93,7 +93,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bin: Some(bin.clone()),
         cgroup: Some(secured.path.clone()),
         targets: vec![tls_target],
-        extra_config: format!("[oidc]\nissuer = \"{}\"\naudience = \"sluice\"\n", idp.issuer),
+        extra_config: format!(
+            "[oidc]\nissuer = \"{}\"\naudience = \"sluice\"\n",
+            idp.issuer
+        ),
         // The bench server trusts local connections; the password is never asked for.
         env: vec![("SLUICE_BENCH_PG".into(), "unused".into())],
         ..AgentOptions::default()

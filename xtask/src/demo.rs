@@ -1,6 +1,8 @@
 //! `cargo xtask demo`: sluice's main job on embedded defaults, on a fresh Debian machine as
 //! root. Installs what is missing, starts a throwaway PostgreSQL on a free loopback port,
-//! starts the agent attached to a demo cgroup, runs psql statements from inside that cgroup
+//! makes a throwaway CA and a certificate (clients must use TLS), starts the agent attached to
+//! a demo cgroup (it authenticates clients itself and logs in to the server with a configured
+//! role), runs psql statements (sslmode=require) from inside that cgroup
 //! against the server's own address (psql is not told about sluice) under the example
 //! policies in `policies/`, and prints what the journal recorded. The target is called
 //! `prod-db`, so the production policies apply: the schema change needs a just-in-time grant
@@ -61,6 +63,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         pg.port
     );
 
+    step("making a throwaway CA and a certificate for sluice (openssl)");
+    let ca = sluice_tests::TestCa::new()?;
+    let (cert, key) = ca.issue("sluice-demo")?;
+    println!(
+        "    CA {}, server certificate {}",
+        ca.cert.display(),
+        cert.display()
+    );
+
     step("starting the sluice agent, attached to a demo cgroup");
     let cgroup = Cgroup::create("demo")?;
     let target = format!("127.0.0.1:{}", pg.port);
@@ -81,10 +92,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
              [[identity]]\nuid = {APPROVER_UID}\nprincipal = \"dana\"\ngroups = [\"dba\"]\n"
         ),
         cgroup: Some(cgroup.path.clone()),
+        // TLS required toward clients; sluice authenticates them itself (here: by uid, as
+        // workloads) and logs in to the server as role postgres (the demo server trusts
+        // local logins, so the configured password is never asked for).
         targets: vec![format!(
-            "{}jit_approvers = \"dba\"\n",
-            pg_target("prod-db", &target)
+            "{}jit_approvers = \"dba\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nclient_tls = \"required\"\nauth = \"sluice\"\n\
+             [[target.role]]\nname = \"postgres\"\npassword_env = \"SLUICE_DEMO_PG_PASSWORD\"\nallow = [\"group:admins\"]\n",
+            pg_target("prod-db", &target),
+            cert.display(),
+            key.display()
         )],
+        env: vec![("SLUICE_DEMO_PG_PASSWORD".into(), "unused-by-trust".into())],
         ..AgentOptions::default()
     })?;
     println!(
@@ -99,7 +117,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let psql = |sql: &str| -> anyhow::Result<()> {
         let mut cmd = cgroup.command(Some(CLIENT_UID), "psql");
-        cmd.args(psql_args("127.0.0.1", pg.port, sql));
+        cmd.args(psql_args("127.0.0.1", pg.port, sql))
+            .env("PGSSLMODE", "require");
         let out = run_bounded(&mut cmd, Duration::from_secs(60))?;
         println!("    psql> {sql}");
         // Notices and errors first: psql got them before the rows it prints at the end.
@@ -120,7 +139,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Ok(out.stdout)
     };
 
-    step("running psql as `nobody` inside the cgroup, against the server's own address");
+    step(
+        "running psql (sslmode=require) as `nobody` inside the cgroup, against the server's own address",
+    );
     println!("    (schema changes on prod-db need a just-in-time grant, even for admins)");
     psql(CREATE)?;
 

@@ -12,7 +12,13 @@
 //! - Every way a session ends (either side closes, bad input, backend unreachable, agent
 //!   shutdown) writes the session's end event.
 //!
-//! Authentication is passed through unchanged for now; TLS requests are answered 'N'.
+//! **Startup and authentication.** TLS toward the client when the target has a certificate
+//! (SSLRequest, or direct TLS with ALPN `postgresql`), toward the backend per `backend_tls`.
+//! With `auth = "passthrough"` the client's startup packet is forwarded and the backend
+//! authenticates it through the relay. With `auth = "sluice"`, [`login`] identifies the person,
+//! checks the requested role and logs in to the backend with the role's credentials; the client
+//! gets sluice's greeting and its own cancel key ([`cancel`]). Either way the session's `Auth`
+//! event records the method and the TLS of both legs.
 //!
 //! **Policy** (when `agent.policy_dir` is set). At session start the principal is resolved
 //! (`policy::principal`), recorded in the session start, and asked for `connect`; a deny closes
