@@ -260,6 +260,7 @@ impl Access {
         // Recorded before it takes effect.
         self.journal.put_request(&updated)?;
         if let Some(g) = grant_of(&updated) {
+            inner.grants.retain(|g| g.expires_ns > at_ns);
             inner.grants.push(g);
         }
         if let Some(tx) = inner.waiters.remove(&updated.id) {
@@ -341,15 +342,14 @@ impl Access {
         Ok(updated)
     }
 
-    /// Does `principal` hold an unexpired grant for `target`? Asked per statement.
+    /// Does `principal` hold an unexpired grant for `target`? Asked per statement, so it only
+    /// reads (expired grants are dropped when a grant is added or revoked).
     pub fn has_grant(&self, principal: &str, target: &str) -> bool {
         let now = now_ns();
-        let mut inner = self.lock();
-        inner.grants.retain(|g| g.expires_ns > now);
-        inner
+        self.lock()
             .grants
             .iter()
-            .any(|g| g.principal == principal && g.target == target)
+            .any(|g| g.expires_ns > now && g.principal == principal && g.target == target)
     }
 
     /// Requests, oldest first: the pending ones, or all.

@@ -20,6 +20,8 @@ usage: pgraw.py HOST PORT MODE
               message: "E <SQLSTATE> <message>", "N <notice>", "D <first value>", "C <tag>",
               "Z <status>"
   pipeline SQL...  the same with one simple Query message per SQL, all in one write
+  direct-tls USER SQL  PostgreSQL 17 direct TLS (ALPN postgresql), log in as USER, run SQL
+  direct-tls-no-alpn USER SQL  the same without ALPN (a server should hang up)
 """
 import socket
 import struct
@@ -33,6 +35,18 @@ def connect(host, port):
     s.settimeout(15)
     s.connect((host, int(port)))
     return s
+
+
+def direct_tls(s, alpn):
+    """PostgreSQL 17's direct TLS: a ClientHello first, no SSLRequest; ALPN `alpn` if given.
+    The certificate is not checked (the tests only look at what the server says)."""
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if alpn:
+        ctx.set_alpn_protocols([alpn])
+    return ctx.wrap_socket(s, server_hostname="localhost")
 
 
 def startup(user="postgres", database="postgres"):
@@ -70,9 +84,9 @@ def error_fields(body):
     return fields
 
 
-def login(s):
+def login(s, user="postgres"):
     """Sends the startup message; returns None when ReadyForQuery arrived, else the error."""
-    s.sendall(startup())
+    s.sendall(startup(user))
     for _ in range(100):
         tag, body = read_message(s)
         if tag is None:
@@ -149,6 +163,21 @@ def main():
     if mode == "peer":
         addr = s.getpeername()
         print("peer", addr[0], addr[1])
+        return
+    if mode in ("direct-tls", "direct-tls-no-alpn"):
+        # direct-tls USER SQL: TLS first (ALPN postgresql unless -no-alpn), log in as USER, run
+        # SQL, print the transcript; or "closed" when the server hangs up.
+        try:
+            s = direct_tls(s, "postgresql" if mode == "direct-tls" else None)
+            err = login(s, sys.argv[4])
+        except (OSError, ConnectionError) as e:
+            print("closed", type(e).__name__)
+            return
+        if err is not None:
+            print("login failed", *err)
+            return
+        s.sendall(frame(b"Q", sys.argv[5].encode() + b"\0"))
+        transcript(s, 1)
         return
     if mode == "huge-startup":
         s.sendall(struct.pack("!II", 1 << 20, 196608))

@@ -645,3 +645,34 @@ fn a_cancel_request_with_sluices_key_stops_the_query_on_the_backend() {
     assert!(sent.elapsed() < Duration::from_secs(30));
     assert!(!running(), "the backend still runs the query");
 }
+
+#[test]
+fn postgresql_17_direct_tls_needs_alpn_postgresql() {
+    if !require_root("postgresql_17_direct_tls_needs_alpn_postgresql") {
+        return;
+    }
+    let Some(s) = setup("id-direct") else { return };
+    let raw = |mode: &str| {
+        let mut cmd = s.svc.command(Some(CLIENT_UID), "/usr/bin/python3");
+        cmd.arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("clients/pgraw.py"))
+            .args(["127.0.0.1", &s.pg.port.to_string(), mode, "app_rw"])
+            .arg("select 'direct ' || (select ssl from pg_stat_ssl where pid = pg_backend_pid())");
+        run_bounded(&mut cmd, LIMIT).unwrap()
+    };
+    let out = raw("direct-tls");
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("D direct true"),
+        "{}\n{}",
+        out.stdout,
+        s.agent.log()
+    );
+    // Without ALPN the handshake may finish, but the connection is closed unused.
+    let out = raw("direct-tls-no-alpn");
+    assert!(
+        out.stdout.starts_with("closed") || out.stdout.starts_with("login failed EOF"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+}
