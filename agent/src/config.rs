@@ -214,6 +214,10 @@ pub struct AgentConfig {
     /// with, so the database's own logs show who is behind a session (`auth = "sluice"`).
     #[serde(default = "default_true")]
     pub tag_application_name: bool,
+    /// How often `sluice login` bindings are checked for refresh (those expiring within five
+    /// minutes are refreshed when a refresh token exists).
+    #[serde(default = "default_login_refresh")]
+    pub login_refresh_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -369,6 +373,9 @@ fn default_approval_timeout() -> u64 {
 }
 fn default_control_socket() -> PathBuf {
     PathBuf::from("/run/sluice/agent.sock")
+}
+fn default_login_refresh() -> u64 {
+    60
 }
 fn default_jit_max() -> u64 {
     8 * 3600

@@ -42,7 +42,10 @@ fn setup(name: &str) -> Option<Setup> {
     if !oidc::node_available() {
         return None;
     }
-    let idp = oidc::shared();
+    setup_with(name, oidc::shared(), "")
+}
+
+fn setup_with(name: &str, idp: &'static Provider, agent_config: &str) -> Option<Setup> {
     let ca = TestCa::new().unwrap();
     let (pg_cert, pg_key) = ca.issue("postgres").unwrap();
     let (sl_cert, sl_key) = ca.issue("sluice").unwrap();
@@ -93,6 +96,7 @@ fn setup(name: &str) -> Option<Setup> {
         targets: vec![target],
         extra_config: extra,
         env: vec![("SLUICE_TEST_MD5".into(), MD5_SECRET.into())],
+        agent_config: agent_config.to_string(),
         ..AgentOptions::default()
     })
     .unwrap();
@@ -334,12 +338,9 @@ fn bad_tokens_wrong_roles_and_plaintext_are_refused_clearly_and_journaled() {
     assert!(!out.status.success());
 }
 
-#[test]
-fn a_uid_that_ran_sluice_login_connects_without_a_password_until_it_logs_out() {
-    if !require_root("a_uid_that_ran_sluice_login_connects_without_a_password_until_it_logs_out") {
-        return;
-    }
-    let Some(s) = setup("id-login") else { return };
+/// Runs `sluice login` as CLIENT_UID and completes the device flow for `account`; returns
+/// what it printed.
+fn login_as(s: &Setup, account: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let out_file = dir.path().join("login.out");
     let mut login = Command::new("setpriv")
@@ -372,7 +373,7 @@ fn a_uid_that_ran_sluice_login_connects_without_a_password_until_it_logs_out() {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    s.idp.approve_device(&code, "ada");
+    s.idp.approve_device(&code, account);
     let deadline = Instant::now() + LIMIT;
     let status = loop {
         if let Some(st) = login.try_wait().unwrap() {
@@ -383,6 +384,16 @@ fn a_uid_that_ran_sluice_login_connects_without_a_password_until_it_logs_out() {
     };
     let text = std::fs::read_to_string(&out_file).unwrap();
     assert!(status.success(), "{text}");
+    text
+}
+
+#[test]
+fn a_uid_that_ran_sluice_login_connects_without_a_password_until_it_logs_out() {
+    if !require_root("a_uid_that_ran_sluice_login_connects_without_a_password_until_it_logs_out") {
+        return;
+    }
+    let Some(s) = setup("id-login") else { return };
+    let text = login_as(&s, "ada");
     assert!(text.contains("logged in: ada@example.com"), "{text}");
 
     let out = s.psql(
@@ -674,5 +685,49 @@ fn postgresql_17_direct_tls_needs_alpn_postgresql() {
         "{}{}",
         out.stdout,
         out.stderr
+    );
+}
+
+#[test]
+fn a_login_is_refreshed_before_its_token_expires() {
+    if !require_root("a_login_is_refreshed_before_its_token_expires") {
+        return;
+    }
+    if !oidc::node_available() {
+        return;
+    }
+    // ID tokens that live 6 s; the agent checks its logins every second.
+    let idp: &'static Provider = Box::leak(Box::new(Provider::start(&["--id-token-ttl", "6"])));
+    let Some(s) = setup_with("id-refresh", idp, "login_refresh_secs = 1\n") else {
+        return;
+    };
+    let text = login_as(&s, "bob");
+    assert!(text.contains("logged in: bob@example.com"), "{text}");
+    let first = s
+        .agent
+        .control(Some(CLIENT_UID), &["whoami"])
+        .unwrap()
+        .stdout;
+    // Well past the first token's expiry (and the 1 s leeway), the uid is still bob.
+    std::thread::sleep(Duration::from_secs(9));
+    let out = s.psql(
+        &s.cgroup,
+        CLIENT_UID,
+        "user=app_rw sslmode=require",
+        None,
+        "select current_user",
+    );
+    assert!(out.status.success(), "{}\n{}", out.stderr, s.agent.log());
+    let later = s
+        .agent
+        .control(Some(CLIENT_UID), &["whoami"])
+        .unwrap()
+        .stdout;
+    assert!(later.contains("bob@example.com"), "{later}");
+    assert_ne!(first, later, "the expiry moved: {first} / {later}");
+    assert!(
+        s.agent.log().contains("login tokens refreshed"),
+        "{}",
+        s.agent.log()
     );
 }

@@ -210,7 +210,11 @@ pub async fn run(
         }),
         stop_tx.subscribe(),
     ));
-    let refresh_task = tokio::spawn(refresh_logins(shared.identity.clone(), stop_tx.subscribe()));
+    let refresh_task = tokio::spawn(refresh_logins(
+        shared.identity.clone(),
+        Duration::from_secs(shared.config.login_refresh_secs.max(1)),
+        stop_tx.subscribe(),
+    ));
     let reload_task = shared.policy.clone().map(|p| {
         tokio::spawn(watch_policies(
             p,
@@ -276,10 +280,14 @@ pub async fn run(
     Ok(())
 }
 
-/// Every minute, refreshes `sluice login` bindings whose token expires within five minutes
+/// Every `every`, refreshes `sluice login` bindings whose token expires within five minutes
 /// (when the login left a refresh token).
-async fn refresh_logins(identity: Arc<Identity>, mut stop: broadcast::Receiver<()>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(60));
+async fn refresh_logins(
+    identity: Arc<Identity>,
+    every: Duration,
+    mut stop: broadcast::Receiver<()>,
+) {
+    let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
             _ = stop.recv() => return,
