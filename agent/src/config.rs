@@ -480,6 +480,11 @@ impl Config {
                     "`backend_tls = \"verify-full\"` needs `backend_ca`".into(),
                 ));
             }
+            if t.auth == AuthMode::Passthrough && !t.roles.is_empty() {
+                return Err(invalid(
+                    "[[target.role]] entries only apply with `auth = \"sluice\"`".into(),
+                ));
+            }
             let roles = t
                 .roles
                 .iter()
@@ -488,11 +493,6 @@ impl Config {
             if t.auth == AuthMode::Sluice && roles.is_empty() {
                 return Err(invalid(
                     "`auth = \"sluice\"` needs at least one [[target.role]]".into(),
-                ));
-            }
-            if t.auth == AuthMode::Passthrough && !roles.is_empty() {
-                return Err(invalid(
-                    "[[target.role]] entries only apply with `auth = \"sluice\"`".into(),
                 ));
             }
             out.push(Target {

@@ -1,0 +1,25 @@
+//! Inline masking of sensitive values in result rows: the pure core (no I/O).
+//!
+//! Owns the masking rule file ([`rules`]), the content detectors ([`detect`]), the masking
+//! strategies ([`strategy`]), the per-result-set engine ([`engine`]) and the PostgreSQL row
+//! rewriters ([`pgrow`]). The proxy builds a [`MaskPlan`] from each RowDescription (or COPY
+//! column list) and the principal's groups, runs every DataRow through
+//! [`pgrow::rewrite_data_row`] before the journal and the client see it, and records
+//! [`MaskPlan::report`] per response. Never touches a socket, a file or the journal; the clear
+//! value never leaves the row being rewritten.
+//!
+//! Layering: `strategy` and `detect` know nothing of rules or protocols; `rules` compiles the
+//! file into a [`RuleSet`]; `engine` decides per column and per value; `pgrow` only parses and
+//! re-encodes PostgreSQL bytes around the engine. Modules refer to each other through
+//! `super::`, so this directory can be compiled from another crate by `#[path]` (the fuzz
+//! targets do).
+pub mod detect;
+pub mod engine;
+pub mod pgrow;
+pub mod rules;
+pub mod strategy;
+
+pub use engine::{Change, ColumnDesc, Firing, Format, MaskPlan, Outcome, Source};
+pub use pgrow::{RowError, RowRewrite, rewrite_copy_text, rewrite_data_row};
+pub use rules::{Audience, Origin, RuleSet, RulesError, RulesFile};
+pub use strategy::StrategyKind;
