@@ -201,6 +201,9 @@ pub struct AgentConfig {
     /// Cedar policies (`*.cedar` + `sluice.cedarschema`); none: every statement is allowed.
     #[serde(default)]
     pub policy_dir: Option<PathBuf>,
+    /// Masking rules (see `policies/masking.toml`); none: results are not masked.
+    #[serde(default)]
+    pub masking_file: Option<PathBuf>,
     /// Seconds between checks of `policy_dir` for changed files (0: reload on SIGHUP only).
     #[serde(default = "default_policy_poll")]
     pub policy_poll_secs: u64,

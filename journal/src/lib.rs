@@ -28,7 +28,8 @@ mod model;
 mod store;
 
 pub use model::{
-    AccessRequest, AuthInfo, Body, Decision, Direction, Event, NoteLevel, Principal, ProcessInfo,
-    RequestKind, RequestState, Review, SessionId, SessionStart, SessionSummary, now_ns,
+    AccessRequest, AuthInfo, Body, Decision, Direction, Event, MaskFiring, MaskReport, NoteLevel,
+    Principal, ProcessInfo, RequestKind, RequestState, Review, SessionId, SessionStart,
+    SessionSummary, now_ns,
 };
 pub use store::{Journal, JournalError, Reader, SessionRecorder};

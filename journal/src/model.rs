@@ -148,6 +148,27 @@ pub enum Body {
     /// How the session was authenticated and secured, once its backend login is done (added
     /// after `Review`). Never holds a credential.
     Auth(AuthInfo),
+    /// What masking changed in one response (added after `Auth`). Never holds a value.
+    Masked(MaskReport),
+}
+
+/// The masking of one response (result set or COPY): what fired where, how many values.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaskReport {
+    pub fired: Vec<MaskFiring>,
+}
+
+/// One rule or detector on one column of a response.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaskFiring {
+    /// The result column's name.
+    pub column: String,
+    /// `column:<rule>` or `detector:<name>`.
+    pub rule: String,
+    /// The strategy applied (redact, partial, hash, null).
+    pub strategy: String,
+    /// Values masked.
+    pub values: u64,
 }
 
 /// How a session was authenticated, and the TLS of both legs.

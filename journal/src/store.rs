@@ -279,6 +279,11 @@ impl SessionRecorder {
         self.write(Body::Decision(decision), false)
     }
 
+    /// Records what masking changed in one response.
+    pub fn masked(&self, report: crate::model::MaskReport) -> Result<(), JournalError> {
+        self.write(Body::Masked(report), false)
+    }
+
     /// Records how the session was authenticated.
     pub fn auth(&self, auth: crate::model::AuthInfo) -> Result<(), JournalError> {
         self.write(Body::Auth(auth), false)

@@ -55,6 +55,11 @@ pub enum ProxyError {
     Control(#[from] crate::control::ControlError),
     #[error("invalid [oidc] section: {0}")]
     Oidc(String),
+    #[error("cannot load the masking rules {path}: {message}")]
+    Masking {
+        path: std::path::PathBuf,
+        message: String,
+    },
     #[error(
         "cannot set up eBPF interception (run as root, or use --no-ebpf with explicit listeners)"
     )]
@@ -82,6 +87,8 @@ pub(crate) struct Shared {
     pub pg_cancels: Arc<postgres::CancelKeys>,
     /// Token validation and `sluice login` bindings.
     pub identity: Arc<Identity>,
+    /// Masking rules (None: results pass unmasked).
+    pub masking: Option<Arc<crate::mask::rules::RuleSet>>,
 }
 
 impl Shared {
@@ -142,6 +149,15 @@ pub async fn run(
         }
     };
 
+    let masking = match &config.agent.masking_file {
+        Some(path) => {
+            let rules = load_masking(path)?;
+            info!(file = %path.display(), "masking rules loaded");
+            Some(Arc::new(rules))
+        }
+        None => None,
+    };
+
     let mut listeners: Vec<(TcpListener, Entry)> = Vec::new();
     let mut interceptor = None;
     if !options.no_ebpf {
@@ -191,6 +207,7 @@ pub async fn run(
         access,
         pg_cancels: Arc::default(),
         identity: identity.clone(),
+        masking,
     });
     let (stop_tx, _) = broadcast::channel::<()>(1);
     let control_listener = control::bind(&shared.config.control_socket)?;
@@ -278,6 +295,24 @@ pub async fn run(
     }
     info!("sluice agent stopped");
     Ok(())
+}
+
+/// The masking rules in `path` (and the hash key file they name).
+pub fn load_masking(path: &std::path::Path) -> Result<crate::mask::rules::RuleSet, ProxyError> {
+    use crate::mask::rules::{KeySource, RuleSet, RulesFile};
+    let fail = |message: String| ProxyError::Masking {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let file = RulesFile::parse(&text).map_err(|e| fail(e.to_string()))?;
+    let key = match file.key_source() {
+        KeySource::File(k) => {
+            Some(std::fs::read(&k).map_err(|e| fail(format!("{}: {e}", k.display())))?)
+        }
+        KeySource::None | KeySource::Inline => None,
+    };
+    RuleSet::compile(&file, key.as_deref()).map_err(|e| fail(e.to_string()))
 }
 
 /// Every `every`, refreshes `sluice login` bindings whose token expires within five minutes

@@ -102,6 +102,17 @@ fn export_session(
                 "client_tls": a.client_tls,
                 "backend_tls": a.backend_tls,
             })),
+            Body::Masked(m) => {
+                for f in &m.fired {
+                    records.push(json!({
+                        "kind": "masked",
+                        "column": f.column,
+                        "rule": f.rule,
+                        "strategy": f.strategy,
+                        "values": f.values,
+                    }));
+                }
+            }
             Body::Client(_) | Body::Server(_) => {}
         }
         for item in decoder.items(&event) {

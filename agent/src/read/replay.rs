@@ -116,6 +116,19 @@ pub fn replay(
                     a.backend_tls
                 )?;
             }
+            Body::Masked(m) => {
+                let what: Vec<String> = m
+                    .fired
+                    .iter()
+                    .map(|f| format!("{} {} by {} ({})", f.values, f.column, f.rule, f.strategy))
+                    .collect();
+                writeln!(
+                    out,
+                    "{}  * sluice: masked {}",
+                    clock(event.ts_ns),
+                    what.join(", ")
+                )?;
+            }
             Body::Review(r) => {
                 writeln!(
                     out,

@@ -68,6 +68,7 @@ use tracing::{Span, debug, info, warn};
 
 mod cancel;
 mod login;
+mod masking;
 
 use super::{Routed, Shared, upstream};
 use crate::access::{Access, HoldRequest, Outcome};
@@ -406,6 +407,14 @@ pub(crate) async fn serve(
         expires_ns: who.as_ref().and_then(|w| w.expires_ns),
     });
     info!(backend = %routed.backend, "session started");
+    // Masking applies to the principal's groups (none known: nobody's overrides).
+    let masker = shared.masking.as_ref().map(|rules| {
+        let groups = principal
+            .as_ref()
+            .map(|p| p.groups.as_slice())
+            .unwrap_or(&[]);
+        masking::Masker::new(rules.clone(), &routed.target.name, groups)
+    });
     let end = relay(
         client,
         server,
@@ -416,6 +425,7 @@ pub(crate) async fn serve(
             cancel: &registration,
             greeted,
         },
+        masker,
         stop,
     )
     .await;
@@ -772,6 +782,7 @@ async fn relay(
     client: Stream,
     server: Stream,
     r: Relay<'_>,
+    masker: Option<masking::Masker>,
     stop: &mut broadcast::Receiver<()>,
 ) -> End {
     let recorder = r.recorder;
@@ -792,6 +803,7 @@ async fn relay(
             &mut client_wr,
             &r,
             &authenticated,
+            masker,
             inject_rx,
         );
         tokio::select! {
@@ -1418,6 +1430,7 @@ async fn server_pump<R, W>(
     to: &mut W,
     r: &Relay<'_>,
     authenticated: &AtomicBool,
+    mut masker: Option<masking::Masker>,
     mut inject: mpsc::Receiver<Injection>,
 ) -> End
 where
@@ -1482,9 +1495,27 @@ where
         {
             c.observe(&chunk);
         }
+        // Masked before anything records or forwards it: the clear value stays here.
+        let (chunk, reports) = match masker.as_mut() {
+            Some(m) if authenticated.load(Ordering::Relaxed) => match m.chunk(chunk) {
+                Ok(x) => x,
+                Err(reason) => {
+                    return End::Malformed {
+                        from: "server",
+                        reason,
+                    };
+                }
+            },
+            _ => (chunk, Vec::new()),
+        };
         let chunk = splice(chunk, &mut pending, &mut ready_seen);
         if let Err(e) = recorder.server(chunk.clone()) {
             return End::Journal(e);
+        }
+        for report in reports {
+            if let Err(e) = recorder.masked(report) {
+                return End::Journal(e);
+            }
         }
         if let Err(error) = to.write_all(&chunk).await {
             return End::Io {

@@ -1,0 +1,255 @@
+//! Masking in the server->client direction of a PostgreSQL session: every result row (DataRow,
+//! text or binary) and every COPY TO STDOUT row (text format) goes through the masking engine
+//! (`crate::mask`) before the journal records it and before the client receives it, so the
+//! clear value never leaves the agent.
+//!
+//! A RowDescription starts a result set's [`MaskPlan`] (column names, types and formats; a
+//! column's table is not resolved yet, so column rules match on the result column's name and
+//! everything else is left to the content detectors); CopyOutResponse starts a plan for a
+//! COPY's columns (no names: detectors only). CommandComplete ends the result set and, if
+//! anything was masked, yields a report for the journal: which rule or detector fired on which
+//! column, with what strategy, how many values (never a value).
+//!
+//! Unchanged messages keep their bytes; a chunk is copied only from its first rewritten
+//! message on. A binary-format COPY cannot be masked row by row, so with masking on it ends
+//! the session rather than pass clear values.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use sluice_journal::{MaskFiring, MaskReport};
+
+use crate::mask::engine::{ColumnDesc, Format, MaskPlan, Source};
+use crate::mask::pgrow::{RowRewrite, rewrite_copy_text, rewrite_data_row};
+use crate::mask::rules::{Audience, Origin, RuleSet};
+use crate::protocol::postgres::backend::{Backend, decode_backend};
+use crate::protocol::postgres::body::Format as WireFormat;
+use crate::protocol::postgres::frame::{HEADER_LEN, messages};
+
+/// One session's masking state.
+pub(crate) struct Masker {
+    rules: Arc<RuleSet>,
+    target: String,
+    groups: Vec<String>,
+    plan: Option<MaskPlan>,
+}
+
+impl Masker {
+    pub(crate) fn new(rules: Arc<RuleSet>, target: &str, groups: &[String]) -> Masker {
+        Masker {
+            rules,
+            target: target.to_string(),
+            groups: groups.to_vec(),
+            plan: None,
+        }
+    }
+
+    fn start(&mut self, columns: &[ColumnDesc<'_>]) {
+        let plan = MaskPlan::new(
+            self.rules.clone(),
+            &self.target,
+            Audience::Groups(&self.groups),
+            columns,
+        );
+        self.plan = plan.is_active().then_some(plan);
+    }
+
+    fn report(&mut self, reports: &mut Vec<MaskReport>) {
+        let Some(plan) = self.plan.as_mut() else {
+            return;
+        };
+        if plan.masked_values() == 0 {
+            return;
+        }
+        reports.push(MaskReport {
+            fired: plan
+                .report()
+                .into_iter()
+                .map(|f| MaskFiring {
+                    column: f.column_name,
+                    rule: match f.source {
+                        Source::Column(r) => format!("column:{r}"),
+                        Source::Detector(d) => format!("detector:{d}"),
+                    },
+                    strategy: format!("{:?}", f.strategy).to_lowercase(),
+                    values: f.values,
+                })
+                .collect(),
+        });
+        plan.reset_counts();
+    }
+
+    /// Masks a chunk of whole server messages. Returns the chunk to forward (the same bytes
+    /// when nothing changed) and the reports of result sets that ended in it.
+    pub(crate) fn chunk(&mut self, chunk: Bytes) -> Result<(Bytes, Vec<MaskReport>), String> {
+        let mut out: Option<BytesMut> = None;
+        let mut reports = Vec::new();
+        let mut offset = 0usize;
+        for message in messages(&chunk) {
+            let (tag, body) = message.map_err(|e| e.to_string())?;
+            let len = HEADER_LEN + body.len();
+            let start = offset;
+            offset += len;
+            let mut rewritten = false;
+            match tag {
+                b'T' => {
+                    let Ok(Backend::RowDescription(fields)) = decode_backend(tag, body) else {
+                        return Err("malformed RowDescription".into());
+                    };
+                    let columns: Vec<ColumnDesc<'_>> = fields
+                        .iter()
+                        .map(|f| ColumnDesc {
+                            origin: Origin {
+                                name: f.name,
+                                ..Origin::default()
+                            },
+                            type_oid: f.type_oid,
+                            format: match f.format {
+                                WireFormat::Binary => Format::Binary,
+                                WireFormat::Text => Format::Text,
+                            },
+                        })
+                        .collect();
+                    self.start(&columns);
+                }
+                b'H' => {
+                    // CopyOutResponse: overall format (0 text, 1 binary), then the columns.
+                    let binary = body.first() == Some(&1);
+                    let count = body
+                        .get(1..3)
+                        .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+                        .unwrap_or(0);
+                    let columns = vec![ColumnDesc::default(); count];
+                    self.start(&columns);
+                    if binary && self.plan.is_some() {
+                        return Err(
+                            "a binary COPY cannot be masked; use COPY in text format".into()
+                        );
+                    }
+                }
+                b'D' => {
+                    if let Some(plan) = self.plan.as_mut() {
+                        let o = out.get_or_insert_with(|| copy_prefix(&chunk, start));
+                        let mark = o.len();
+                        match rewrite_data_row(body, plan, o) {
+                            Ok(RowRewrite::Rewritten) => rewritten = true,
+                            Ok(RowRewrite::Unchanged) => {}
+                            Err(e) => {
+                                o.truncate(mark);
+                                return Err(format!("cannot mask a result row: {e}"));
+                            }
+                        }
+                    }
+                }
+                b'd' => {
+                    if let Some(plan) = self.plan.as_mut() {
+                        let o = out.get_or_insert_with(|| copy_prefix(&chunk, start));
+                        let mark = o.len();
+                        match rewrite_copy_text(body, plan, o) {
+                            Ok(RowRewrite::Rewritten) => rewritten = true,
+                            Ok(RowRewrite::Unchanged) => {}
+                            Err(e) => {
+                                o.truncate(mark);
+                                return Err(format!("cannot mask a COPY row: {e}"));
+                            }
+                        }
+                    }
+                }
+                b'C' => {
+                    self.report(&mut reports);
+                    self.plan = None;
+                }
+                b'Z' | b'E' => self.plan = None,
+                _ => {}
+            }
+            if !rewritten && let Some(o) = out.as_mut() {
+                o.extend_from_slice(&chunk[start..offset]);
+            }
+        }
+        Ok((out.map(BytesMut::freeze).unwrap_or(chunk), reports))
+    }
+}
+
+/// A buffer holding `chunk[..upto]`, with room for the rest.
+fn copy_prefix(chunk: &Bytes, upto: usize) -> BytesMut {
+    let mut o = BytesMut::with_capacity(chunk.len() + chunk.len() / 8);
+    o.extend_from_slice(&chunk[..upto]);
+    o
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn row_description(names: &[&str]) -> Vec<u8> {
+        let mut b = (names.len() as i16).to_be_bytes().to_vec();
+        for n in names {
+            b.extend_from_slice(n.as_bytes());
+            b.push(0);
+            b.extend_from_slice(&0u32.to_be_bytes()); // table oid
+            b.extend_from_slice(&0i16.to_be_bytes()); // attnum
+            b.extend_from_slice(&25u32.to_be_bytes()); // text
+            b.extend_from_slice(&(-1i16).to_be_bytes());
+            b.extend_from_slice(&(-1i32).to_be_bytes());
+            b.extend_from_slice(&0i16.to_be_bytes()); // text format
+        }
+        msg(b'T', &b)
+    }
+
+    fn data_row(values: &[&str]) -> Vec<u8> {
+        let mut b = (values.len() as i16).to_be_bytes().to_vec();
+        for v in values {
+            b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+            b.extend_from_slice(v.as_bytes());
+        }
+        msg(b'D', &b)
+    }
+
+    fn masker() -> Masker {
+        let rules = "[[detector]]\nname = \"email\"\nstrategy = \"redact\"\n";
+        let rules = Arc::new(RuleSet::from_toml(rules, None).unwrap());
+        Masker::new(rules, "app-db", &[])
+    }
+
+    #[test]
+    fn rows_with_sensitive_values_are_rewritten_and_the_rest_keep_their_bytes() {
+        let mut m = masker();
+        let mut chunk = row_description(&["id", "note"]);
+        chunk.extend(data_row(&["1", "nothing to see"]));
+        chunk.extend(data_row(&["2", "mail ada@example.com please"]));
+        chunk.extend(msg(b'C', b"SELECT 2\0"));
+        chunk.extend(msg(b'Z', b"I"));
+        let chunk = Bytes::from(chunk);
+        let (out, reports) = m.chunk(chunk.clone()).unwrap();
+        assert!(!out.windows(17).any(|w| w == b"ada@example.com p"));
+        let tags: Vec<u8> = messages(&out).flatten().map(|(t, _)| t).collect();
+        assert_eq!(tags, b"TDDCZ".to_vec());
+        // The first row is byte for byte the same.
+        let rows: Vec<&[u8]> = messages(&out)
+            .flatten()
+            .filter(|(t, _)| *t == b'D')
+            .map(|(_, b)| b)
+            .collect();
+        assert_eq!(rows[0], &data_row(&["1", "nothing to see"])[5..]);
+        assert_eq!(reports.len(), 1);
+        assert_eq!(reports[0].fired[0].column, "note");
+        assert_eq!(reports[0].fired[0].values, 1);
+
+        // Nothing sensitive: the very same bytes come back.
+        let mut plain = row_description(&["id"]);
+        plain.extend(data_row(&["7"]));
+        plain.extend(msg(b'C', b"SELECT 1\0"));
+        let plain = Bytes::from(plain);
+        let (out, reports) = m.chunk(plain.clone()).unwrap();
+        assert_eq!(out.as_ptr(), plain.as_ptr());
+        assert!(reports.is_empty());
+    }
+}

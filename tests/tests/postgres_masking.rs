@@ -1,0 +1,286 @@
+//! End to end: masking of result rows through interception, with real psql and psycopg 3 and a
+//! real PostgreSQL. A `customers` table holds emails, card numbers, SSNs, IBANs, a tax id and
+//! free text; the rules (written here) mask by column name and by content. Checked: text and
+//! binary formats, simple and extended protocol, COPY TO STDOUT, joins on hashed values, the
+//! escapes whose values content detection still catches, the journal's masking reports, and that
+//! no clear value is anywhere in the journal directory or the export.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::Value;
+use sluice_tests::{
+    Agent, AgentOptions, CLIENT_UID, Cgroup, Postgres, pg_target, psql_args, require_root,
+    run_bounded,
+};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Every clear sensitive value the tests put in the database.
+const CLEAR: &[&str] = &[
+    "ada@example.com",
+    "grace.hopper@navy.example",
+    "4111 1111 1111 1111",
+    "5500005555555559",
+    "078-05-1120",
+    "219-09-9999",
+    "GB82WEST12345698765432",
+    "DE89370400440532013000",
+    "TAX-00042",
+    "TAX-00043",
+    "edsger@example.org",
+];
+
+const RULES: &str = r#"
+[hash]
+key_hex = "00112233445566778899aabbccddeeff"
+
+[[column]]
+name = "email"
+column = "email"
+strategy = "redact"
+
+[[column]]
+name = "cards"
+column = "card_*"
+strategy = "partial"
+
+[[column]]
+name = "ssn"
+column = "ssn"
+strategy = "null"
+
+[[column]]
+name = "tax-id"
+column = "tax_id"
+strategy = "hash"
+
+[[detector]]
+name = "email"
+strategy = "redact"
+
+[[detector]]
+name = "card"
+strategy = "partial"
+
+[[detector]]
+name = "us_ssn"
+strategy = "redact"
+
+[[detector]]
+name = "iban"
+strategy = "partial"
+
+[[detector]]
+name = "tax"
+regex = "TAX-[0-9]{5}"
+strategy = "hash"
+"#;
+
+struct Setup {
+    agent: Agent,
+    cgroup: Cgroup,
+    pg: Postgres,
+    _rules: tempfile::TempDir,
+}
+
+fn setup(name: &str) -> Setup {
+    let pg = Postgres::start().unwrap();
+    pg.sql(
+        "create table customers (id int primary key, name text, email text, card_number text, \
+           ssn text, iban text, tax_id text, note text);
+         insert into customers values
+           (1, 'Ada', 'ada@example.com', '4111 1111 1111 1111', '078-05-1120', 'GB82WEST12345698765432', 'TAX-00042', 'call ada@example.com'),
+           (2, 'Grace', 'grace.hopper@navy.example', '5500005555555559', '219-09-9999', 'DE89370400440532013000', 'TAX-00043', 'no secrets here');
+         create table orders (id int, tax_id text, amount int);
+         insert into orders values (10, 'TAX-00042', 5), (11, 'TAX-00043', 7), (12, 'TAX-00042', 3);",
+    )
+    .unwrap();
+    let rules = tempfile::tempdir().unwrap();
+    std::fs::write(rules.path().join("masking.toml"), RULES).unwrap();
+    let cgroup = Cgroup::create(name).unwrap();
+    let agent = Agent::start(AgentOptions {
+        cgroup: Some(cgroup.path.clone()),
+        targets: vec![pg_target("app-db", &format!("127.0.0.1:{}", pg.port))],
+        agent_config: format!(
+            "masking_file = \"{}\"\n",
+            rules.path().join("masking.toml").display()
+        ),
+        ..AgentOptions::default()
+    })
+    .unwrap();
+    Setup {
+        agent,
+        cgroup,
+        pg,
+        _rules: rules,
+    }
+}
+
+impl Setup {
+    fn psql(&self, sql: &str) -> String {
+        let mut cmd = self.cgroup.command(Some(CLIENT_UID), "psql");
+        cmd.args(psql_args("127.0.0.1", self.pg.port, sql));
+        let out = run_bounded(&mut cmd, LIMIT).unwrap();
+        assert!(
+            out.status.success(),
+            "{sql}: {}\n{}",
+            out.stderr,
+            self.agent.log()
+        );
+        out.stdout
+    }
+}
+
+fn assert_no_clear(what: &str, text: &str) {
+    for clear in CLEAR {
+        assert!(
+            !text.contains(clear),
+            "{what}: clear value {clear:?} in:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn sensitive_values_are_masked_in_text_binary_simple_extended_and_copy_and_never_recorded() {
+    if !require_root(
+        "sensitive_values_are_masked_in_text_binary_simple_extended_and_copy_and_never_recorded",
+    ) {
+        return;
+    }
+    let s = setup("mask");
+    // Simple protocol, text format, by column and by content.
+    let out = s.psql(
+        "select id, name, email, card_number, ssn, iban, tax_id, note from customers order by id",
+    );
+    assert_no_clear("select", &out);
+    let rows: Vec<Vec<&str>> = out.lines().map(|l| l.split('|').collect()).collect();
+    assert_eq!(rows[0][1], "Ada", "unmasked columns pass: {out}");
+    assert_eq!(rows[0][2], "****");
+    assert!(
+        rows[0][3].ends_with("1111") && rows[0][3].starts_with('*'),
+        "{out}"
+    );
+    assert_eq!(rows[0][4], "", "ssn is NULL: {out}");
+    assert!(
+        rows[0][5].ends_with("5432") && rows[0][5].contains('*'),
+        "{out}"
+    );
+    assert!(rows[0][6].starts_with("h:"), "{out}");
+    assert_eq!(rows[0][7], "call ****");
+    assert_eq!(rows[1][7], "no secrets here");
+
+    // Hashed values still join: the masked tax ids of customers match those of orders.
+    let out = s.psql(
+        "select c.tax_id, count(o.id) from customers c join orders o on o.tax_id = c.tax_id group by c.tax_id order by 2",
+    );
+    assert_no_clear("join", &out);
+    let counts: Vec<&str> = out
+        .lines()
+        .map(|l| l.split('|').nth(1).unwrap_or(""))
+        .collect();
+    assert_eq!(counts, ["1", "2"], "{out}");
+    let h_customers = s.psql("select tax_id from customers where id = 1");
+    let h_orders = s.psql("select tax_id from orders where id = 10");
+    assert_eq!(h_customers.trim(), h_orders.trim(), "same value, same hash");
+
+    // COPY TO STDOUT (text format).
+    let out = s.psql("copy customers to stdout");
+    assert_no_clear("copy", &out);
+    assert!(out.contains("Ada") && out.contains("Grace"), "{out}");
+
+    // Extended protocol in text and binary formats (psycopg 3).
+    let script = r#"
+import json, sys, psycopg
+out = {}
+with psycopg.connect(sys.argv[1]) as conn:
+    for binary in (False, True):
+        cur = conn.cursor(binary=binary)
+        cur.execute("select email, card_number, iban, note, id from customers where id = %s", (1,))
+        out["binary" if binary else "text"] = [str(v) for v in cur.fetchone()]
+print(json.dumps(out))
+"#;
+    let mut cmd = s.cgroup.command(Some(CLIENT_UID), "/usr/bin/python3");
+    cmd.args(["-c", script]).arg(format!(
+        "host=127.0.0.1 port={} dbname=postgres user=postgres",
+        s.pg.port
+    ));
+    let out = run_bounded(&mut cmd, LIMIT).unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_no_clear("psycopg", &out.stdout);
+    let v: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    for format in ["text", "binary"] {
+        assert_eq!(v[format][0], "****", "{format}: {v}");
+        assert!(
+            v[format][1].as_str().unwrap().ends_with("1111"),
+            "{format}: {v}"
+        );
+        assert_eq!(v[format][3], "call ****", "{format}: {v}");
+        assert_eq!(v[format][4], "1", "{format}: an integer passes: {v}");
+    }
+
+    // The journal says what was masked, never the value; nothing clear anywhere in it.
+    let export = s.agent.export().unwrap();
+    let masked: Vec<&Value> = export.iter().filter(|r| r["kind"] == "masked").collect();
+    assert!(
+        masked
+            .iter()
+            .any(|m| m["column"] == "email" && m["rule"] == "column:email" && m["values"] == 2),
+        "{masked:?}"
+    );
+    assert!(
+        masked
+            .iter()
+            .any(|m| m["column"] == "note" && m["rule"] == "detector:email"),
+        "{masked:?}"
+    );
+    let text = serde_json::to_string(&export).unwrap();
+    assert_no_clear("export", &text);
+    let csv = s.agent.read(&["export", "--format", "csv"]).unwrap();
+    assert_no_clear("csv export", &csv);
+    let mut raw = Vec::new();
+    for e in std::fs::read_dir(s.agent.journal_dir()).unwrap() {
+        let p: PathBuf = e.unwrap().path();
+        if p.is_file() {
+            raw.extend(std::fs::read(p).unwrap());
+        }
+    }
+    for clear in CLEAR {
+        assert!(
+            !raw.windows(clear.len()).any(|w| w == clear.as_bytes()),
+            "clear value {clear:?} in the journal directory"
+        );
+    }
+}
+
+#[test]
+fn values_whose_column_is_lost_are_still_caught_by_their_content() {
+    if !require_root("values_whose_column_is_lost_are_still_caught_by_their_content") {
+        return;
+    }
+    let s = setup("mask-escape");
+    let escapes = [
+        "select email as contact from customers",
+        "select lower(email) from customers",
+        "select email || '' from customers",
+        "select upper(card_number) as c from customers",
+        "select (select email from customers where id = 1)",
+        "with x as (select email, iban from customers) select * from x",
+        "select email from customers union all select ssn from customers",
+        "select c from customers c",
+        "select row_to_json(c) from customers c",
+        "select json_agg(c) from customers c",
+        "select concat_ws(' ', name, ssn, iban) from customers",
+        "copy (select note, tax_id, card_number from customers) to stdout",
+    ];
+    for sql in escapes {
+        let out = s.psql(sql);
+        assert_no_clear(sql, &out);
+        assert!(!out.trim().is_empty(), "{sql}: rows still come back");
+    }
+    // JSON stays JSON.
+    let out = s.psql("select json_agg(c) from customers c");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v[0]["name"], "Ada");
+}
