@@ -23,6 +23,9 @@ pub struct Args {
     /// pgbench scale factor.
     #[arg(long, default_value_t = 10)]
     scale: u32,
+    /// Rows of the large-result (masking) benchmark.
+    #[arg(long, default_value_t = 1_000_000)]
+    rows: u64,
     /// Only the policy micro-benchmark: facts + Cedar per statement, cached and uncached
     /// (no root, no servers).
     #[arg(long)]
@@ -104,7 +107,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // The same, with every statement decided by the example policies.
     let policed = Cgroup::create("bench-policy")?;
     let policed_agent = Agent::start(AgentOptions {
-        bin: Some(bin),
+        bin: Some(bin.clone()),
         cgroup: Some(policed.path.clone()),
         targets: vec![pg_target("bench-db", &format!("127.0.0.1:{}", pg.port))],
         policy_dir: Some(crate::util::root().join("policies")),
@@ -189,9 +192,103 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     drop(pgbouncer);
     drop(policed_agent);
     drop(secured_agent);
+    large_result(&pg, &bin, &cgroup, args.rows)?;
     drop(agent);
     println!();
     run_policy()
+}
+
+/// One large result (`rows` rows, about 130 bytes each) read with psql, direct, through
+/// sluice, and through sluice masking one column by rule with the content detectors on.
+fn large_result(
+    pg: &Postgres,
+    bin: &std::path::Path,
+    plain_cg: &Cgroup,
+    rows: u64,
+) -> anyhow::Result<()> {
+    eprintln!("bench: creating a table of {rows} rows");
+    pg.sql(&format!(
+        "drop table if exists big; create table big as select g as id, 'user' || g || '@example.com' as email,          'order ' || g || ' shipped to the usual address; ' || repeat('x', 60) as note          from generate_series(1, {rows}) g; analyze big;"
+    ))?;
+    let bytes: f64 = pg
+        .sql("select sum(octet_length(id::text) + octet_length(email) + octet_length(note)) from big")?
+        .trim()
+        .parse()
+        .unwrap_or(0.0);
+    let rules = tempfile::tempdir()?;
+    let rules_file = rules.path().join("masking.toml");
+    std::fs::write(
+        &rules_file,
+        "[[column]]\nname = \"email\"\ncolumn = \"email\"\nstrategy = \"redact\"\n\n\
+         [[detector]]\nname = \"email\"\nstrategy = \"redact\"\n[[detector]]\nname = \"card\"\nstrategy = \"partial\"\n\
+         [[detector]]\nname = \"iban\"\nstrategy = \"partial\"\n[[detector]]\nname = \"us_ssn\"\nstrategy = \"redact\"\n",
+    )?;
+    let masked_cg = Cgroup::create("bench-mask")?;
+    let _masked = Agent::start(AgentOptions {
+        bin: Some(bin.to_path_buf()),
+        cgroup: Some(masked_cg.path.clone()),
+        targets: vec![pg_target("bench-db", &format!("127.0.0.1:{}", pg.port))],
+        agent_config: format!("masking_file = \"{}\"\n", rules_file.display()),
+        ..AgentOptions::default()
+    })?;
+    let psql = pg.bin.join("psql");
+    let read = |mut cmd: Command| -> anyhow::Result<f64> {
+        cmd.args([
+            "-X",
+            "-A",
+            "-t",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-p",
+        ])
+        .arg(pg.port.to_string())
+        .args([
+            "-d",
+            "postgres",
+            "-o",
+            "/dev/null",
+            "-c",
+            "select id, email, note from big",
+        ]);
+        let start = std::time::Instant::now();
+        let out = run_bounded(&mut cmd, Duration::from_secs(600))?;
+        if !out.status.success() {
+            bail!("psql failed: {}", out.stderr);
+        }
+        Ok(start.elapsed().as_secs_f64())
+    };
+    let direct = read(Command::new(&psql))?;
+    let through = read(plain_cg.command(None, psql.to_str().unwrap_or("psql")))?;
+    let masked = read(masked_cg.command(None, psql.to_str().unwrap_or("psql")))?;
+    let mb = bytes / 1e6;
+    println!(
+        "\nlarge result: {rows} rows, {mb:.0} MB of values, read by psql (MB/s; ratio against direct)"
+    );
+    println!(
+        "{:<40} {:>10.0} MB/s {:>8.0} rows/s ratio {:.3}",
+        "direct",
+        mb / direct,
+        rows as f64 / direct,
+        1.0
+    );
+    println!(
+        "{:<40} {:>10.0} MB/s {:>8.0} rows/s ratio {:.3}",
+        "sluice (recorded)",
+        mb / through,
+        rows as f64 / through,
+        direct / through
+    );
+    println!(
+        "{:<40} {:>10.0} MB/s {:>8.0} rows/s ratio {:.3}",
+        "sluice, 1 column masked + 4 detectors",
+        mb / masked,
+        rows as f64 / masked,
+        direct / masked
+    );
+    Ok(())
 }
 
 fn pgbench_tps(mut cmd: Command, port: &str, clients: u32, seconds: u32) -> anyhow::Result<f64> {
