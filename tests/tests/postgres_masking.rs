@@ -86,6 +86,10 @@ struct Setup {
 }
 
 fn setup(name: &str) -> Setup {
+    setup_rules(name, RULES)
+}
+
+fn setup_rules(name: &str, rules_text: &str) -> Setup {
     let pg = Postgres::start().unwrap();
     pg.sql(
         "create table customers (id int primary key, name text, email text, card_number text, \
@@ -98,7 +102,7 @@ fn setup(name: &str) -> Setup {
     )
     .unwrap();
     let rules = tempfile::tempdir().unwrap();
-    std::fs::write(rules.path().join("masking.toml"), RULES).unwrap();
+    std::fs::write(rules.path().join("masking.toml"), rules_text).unwrap();
     let cgroup = Cgroup::create(name).unwrap();
     let agent = Agent::start(AgentOptions {
         cgroup: Some(cgroup.path.clone()),
@@ -119,6 +123,12 @@ fn setup(name: &str) -> Setup {
 }
 
 impl Setup {
+    fn psql_output(&self, sql: &str) -> sluice_tests::Output {
+        let mut cmd = self.cgroup.command(Some(CLIENT_UID), "psql");
+        cmd.args(psql_args("127.0.0.1", self.pg.port, sql));
+        run_bounded(&mut cmd, LIMIT).unwrap()
+    }
+
     fn psql(&self, sql: &str) -> String {
         let mut cmd = self.cgroup.command(Some(CLIENT_UID), "psql");
         cmd.args(psql_args("127.0.0.1", self.pg.port, sql));
@@ -283,4 +293,49 @@ fn values_whose_column_is_lost_are_still_caught_by_their_content() {
     let out = s.psql("select json_agg(c) from customers c");
     let v: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v[0]["name"], "Ada");
+}
+
+#[test]
+fn a_strict_target_denies_what_it_cannot_track_and_masks_what_it_can() {
+    if !require_root("a_strict_target_denies_what_it_cannot_track_and_masks_what_it_can") {
+        return;
+    }
+    let rules = format!("{RULES}\n[[target]]\nname = \"app-db\"\nstrict = true\n");
+    let s = setup_rules("mask-strict", &rules);
+    // Tracked: masked by name, as on any target.
+    let out = s.psql("select id, email, ssn from customers order by id");
+    assert_no_clear("tracked", &out);
+    assert!(out.starts_with("1|****|"), "{out}");
+    let out = s.psql("select count(*) from customers");
+    assert_eq!(out.trim(), "2");
+    // Untracked shapes that return masked columns are denied before they run, even the one
+    // content detection cannot catch (three digits of an SSN).
+    for sql in [
+        "select substr(ssn, 1, 3) from customers",
+        "select email as contact from customers",
+        "select lower(email) from customers",
+        "with x as (select email from customers) select * from x",
+        "select email from customers union all select ssn from customers",
+        "select c from customers c",
+        "select row_to_json(c) from customers c",
+        "copy customers to stdout",
+        "copy (select card_number from customers) to stdout",
+    ] {
+        let out = s.psql_output(sql);
+        assert!(!out.status.success(), "{sql}: should be denied");
+        assert!(
+            out.stderr.contains("sluice-masking-strict"),
+            "{sql}: {}",
+            out.stderr
+        );
+        assert_no_clear(sql, &out.stdout);
+    }
+    let denials: Vec<Value> = s
+        .agent
+        .export()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r["kind"] == "decision" && r["allowed"] == false)
+        .collect();
+    assert_eq!(denials.len(), 9, "{denials:?}");
 }

@@ -602,6 +602,18 @@ impl RuleSet {
 
     /// Whether some column rule of `target` masks `schema.table.column`: for the proxy's
     /// strict mode, which must deny statements whose masked columns it cannot track.
+    /// Could a column named `column` be masked by a column rule on `target`, whatever its
+    /// table? (Strict mode's question, asked of the names a statement mentions.)
+    pub fn masks_column_name(&self, target: &str, column: &str) -> bool {
+        let origin = Origin {
+            schema: None,
+            table: None,
+            column: Some(column),
+            name: column,
+        };
+        self.column_rule(target, &origin).is_some()
+    }
+
     pub fn masks_column(&self, target: &str, schema: &str, table: &str, column: &str) -> bool {
         let origin = Origin {
             schema: Some(schema),

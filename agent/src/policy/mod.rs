@@ -4,6 +4,8 @@
 //!   text.
 //! - [`engine`]: the Cedar schema + policy set from a directory, validated, and decisions.
 //! - [`principal`]: who a connection belongs to, from the config's `[[identity]]` entries.
+//! - [`tracking`]: for masking's strict mode, whether a statement returns masked columns under
+//!   their own names.
 //!
 //! The protocol relays (`proxy/postgres.rs`) call [`Policy::decide_sql`] for every statement
 //! before it is forwarded; this module never touches a socket or the journal.
@@ -16,6 +18,7 @@
 pub mod engine;
 pub mod facts;
 pub mod principal;
+pub mod tracking;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -48,6 +51,23 @@ pub struct SqlDecision {
     pub facts: String,
     /// Some statement did not parse (and its target allows that).
     pub unparsed_allowed: bool,
+}
+
+impl SqlDecision {
+    /// Allowed without asking anyone (no policies configured).
+    pub fn allowed() -> SqlDecision {
+        SqlDecision {
+            verdict: Verdict {
+                allowed: true,
+                policies: Vec::new(),
+                reason: String::new(),
+                approval: None,
+            },
+            action: "other",
+            facts: String::new(),
+            unparsed_allowed: false,
+        }
+    }
 }
 
 impl Policy {

@@ -32,6 +32,8 @@ pub(crate) struct Masker {
     target: String,
     groups: Vec<String>,
     plan: Option<MaskPlan>,
+    /// Where a rewritten message is built before it joins the output.
+    scratch: BytesMut,
 }
 
 impl Masker {
@@ -41,6 +43,7 @@ impl Masker {
             target: target.to_string(),
             groups: groups.to_vec(),
             plan: None,
+            scratch: BytesMut::new(),
         }
     }
 
@@ -127,31 +130,21 @@ impl Masker {
                         );
                     }
                 }
-                b'D' => {
+                b'D' | b'd' => {
                     if let Some(plan) = self.plan.as_mut() {
-                        let o = out.get_or_insert_with(|| copy_prefix(&chunk, start));
-                        let mark = o.len();
-                        match rewrite_data_row(body, plan, o) {
-                            Ok(RowRewrite::Rewritten) => rewritten = true,
-                            Ok(RowRewrite::Unchanged) => {}
-                            Err(e) => {
-                                o.truncate(mark);
-                                return Err(format!("cannot mask a result row: {e}"));
-                            }
-                        }
-                    }
-                }
-                b'd' => {
-                    if let Some(plan) = self.plan.as_mut() {
-                        let o = out.get_or_insert_with(|| copy_prefix(&chunk, start));
-                        let mark = o.len();
-                        match rewrite_copy_text(body, plan, o) {
-                            Ok(RowRewrite::Rewritten) => rewritten = true,
-                            Ok(RowRewrite::Unchanged) => {}
-                            Err(e) => {
-                                o.truncate(mark);
-                                return Err(format!("cannot mask a COPY row: {e}"));
-                            }
+                        self.scratch.clear();
+                        let done = if tag == b'D' {
+                            rewrite_data_row(body, plan, &mut self.scratch)
+                                .map_err(|e| format!("cannot mask a result row: {e}"))?
+                        } else {
+                            rewrite_copy_text(body, plan, &mut self.scratch)
+                                .map_err(|e| format!("cannot mask a COPY row: {e}"))?
+                        };
+                        if done == RowRewrite::Rewritten {
+                            // Only now is the chunk copied (up to this message).
+                            out.get_or_insert_with(|| copy_prefix(&chunk, start))
+                                .extend_from_slice(&self.scratch);
+                            rewritten = true;
                         }
                     }
                 }

@@ -73,7 +73,11 @@ mod masking;
 use super::{Routed, Shared, upstream};
 use crate::access::{Access, HoldRequest, Outcome};
 use crate::config::{AuthMode, ClientTls, Unparsed};
-use crate::policy::{Policy, PrincipalRef, SessionPolicy, Source, principal};
+use crate::mask::rules::RuleSet;
+use crate::policy::facts::Dialect;
+use crate::policy::{
+    Policy, PrincipalRef, SessionPolicy, Source, SqlDecision, Verdict, principal, tracking,
+};
 use crate::protocol::postgres::auth;
 use crate::protocol::postgres::encode::{
     NoticeSeverity, SSL_ACCEPTED, SSL_REFUSED, Severity, error_response, notice_response,
@@ -98,6 +102,8 @@ const INJECT_QUEUE: usize = 64;
 const SYNC: &[u8] = &[b'S', 0, 0, 0, 4];
 /// The policy id a legacy FunctionCall ('F') is denied by.
 const FASTPATH_POLICY: &str = "sluice-fastpath";
+/// The policy id of a statement strict masking denies.
+const STRICT_MASKING_POLICY: &str = "sluice-masking-strict";
 
 /// Why a session ended; the text goes to the journal's end event and the log.
 #[derive(Debug)]
@@ -283,8 +289,27 @@ pub(crate) async fn serve(
         .as_ref()
         .is_some_and(|p| shared.access.has_grant(&p.name, &routed.target.name));
     let (registration, cancel_rx) = CancelRegistration::new(shared.pg_cancels.clone());
+    // Masking's strict mode needs statements checked even without policies.
+    let strict = shared
+        .masking
+        .as_ref()
+        .filter(|r| r.is_strict(&routed.target.name))
+        .cloned();
     let gate = match gate {
-        None => None,
+        None => strict.map(|rules| Gate {
+            policy: None,
+            strict: Some(rules),
+            unparsed: routed.target.unparsed,
+            access: shared.access.clone(),
+            session_id: recorder.id(),
+            target: routed.target.name.clone(),
+            principal: principal.clone().unwrap_or_else(|| Principal {
+                name: "unknown".into(),
+                groups: Vec::new(),
+            }),
+            hold_timeout: shared.config.approval_timeout(),
+            cancel: cancel_rx,
+        }),
         Some((who, policy, session)) => {
             let connect = match &session {
                 Ok(s) => policy.engine().decide_connect(s, jit),
@@ -305,8 +330,8 @@ pub(crate) async fn serve(
             });
             match session {
                 Ok(session) if connect.allowed => Some(Gate {
-                    policy,
-                    session,
+                    policy: Some((policy, session)),
+                    strict,
                     unparsed: routed.target.unparsed,
                     access: shared.access.clone(),
                     session_id: recorder.id(),
@@ -735,8 +760,10 @@ async fn forward_cancel(routed: &Routed, shared: &Shared, packet: &Bytes, key: c
 
 /// What a session needs to decide statements.
 struct Gate {
-    policy: Arc<Policy>,
-    session: SessionPolicy,
+    /// The policies and this session's part of their requests (None: no `policy_dir`).
+    policy: Option<(Arc<Policy>, SessionPolicy)>,
+    /// Masking rules, when the target is in strict masking mode.
+    strict: Option<Arc<RuleSet>>,
     unparsed: Unparsed,
     access: Arc<Access>,
     session_id: SessionId,
@@ -1285,9 +1312,30 @@ fn gate_chunk(
                         Ok(_) => "",
                         Err(e) => return Err(e.to_string()),
                     };
-                    let d = gate
-                        .policy
-                        .decide_sql(&gate.session, sql, gate.unparsed, gate.jit());
+                    let mut d = match &gate.policy {
+                        Some((policy, session)) => {
+                            policy.decide_sql(session, sql, gate.unparsed, gate.jit())
+                        }
+                        None => SqlDecision::allowed(),
+                    };
+                    if d.verdict.allowed
+                        && let Some(rules) = &gate.strict
+                        && let Some(why) = tracking::untracked(sql, Dialect::Postgres, &|c| {
+                            rules.masks_column_name(&gate.target, c)
+                        })
+                    {
+                        d.verdict = Verdict {
+                            allowed: false,
+                            policies: vec![STRICT_MASKING_POLICY.into()],
+                            reason: format!(
+                                "target \"{}\" masks in strict mode and the statement would return {why}; select masked columns by their own names",
+                                gate.target
+                            ),
+                            approval: None,
+                        };
+                    }
+                    // Without policies, only what strict masking denies is worth a record.
+                    let record = gate.policy.is_some() || !d.verdict.allowed;
                     if d.unparsed_allowed {
                         warn!(
                             sql,
@@ -1352,14 +1400,16 @@ fn gate_chunk(
                         let (code, text) = refused.unwrap_or_else(|| ("42501", verdict.message()));
                         error_response(Severity::Error, code, &text)
                     });
-                    out.decisions.push(Decision {
-                        sql: sql.to_string(),
-                        action: d.action.to_string(),
-                        facts,
-                        allowed: verdict.allowed,
-                        policies: verdict.policies,
-                        reason: verdict.reason,
-                    });
+                    if record {
+                        out.decisions.push(Decision {
+                            sql: sql.to_string(),
+                            action: d.action.to_string(),
+                            facts,
+                            allowed: verdict.allowed,
+                            policies: verdict.policies,
+                            reason: verdict.reason,
+                        });
+                    }
                     match (tag, error) {
                         (b'Q', None) => {
                             state.sync_points += 1;
@@ -1639,8 +1689,8 @@ mod tests {
         let journal_dir = tempfile::tempdir().unwrap();
         let journal = sluice_journal::Journal::open(journal_dir.path()).unwrap();
         let gate = Gate {
-            policy,
-            session,
+            policy: Some((policy, session)),
+            strict: None,
             unparsed: Unparsed::Deny,
             access: Arc::new(Access::open(journal).unwrap()),
             session_id: SessionId::new(),
