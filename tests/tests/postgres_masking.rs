@@ -339,3 +339,58 @@ fn a_strict_target_denies_what_it_cannot_track_and_masks_what_it_can() {
         .collect();
     assert_eq!(denials.len(), 9, "{denials:?}");
 }
+
+#[test]
+fn with_sluice_authentication_columns_are_matched_by_table_through_the_catalog() {
+    if !require_root("with_sluice_authentication_columns_are_matched_by_table_through_the_catalog")
+    {
+        return;
+    }
+    let pg = Postgres::start().unwrap();
+    pg.sql(
+        "create table customers (id int, name text); insert into customers values (1, 'Ada Lovelace');
+         create table products (id int, name text); insert into products values (1, 'Analytical Engine');",
+    )
+    .unwrap();
+    let rules = tempfile::tempdir().unwrap();
+    let rules_file = rules.path().join("masking.toml");
+    std::fs::write(
+        &rules_file,
+        "[[column]]\nname = \"customer-names\"\nschema = \"public\"\ntable = \"customers\"\ncolumn = \"name\"\nstrategy = \"redact\"\n",
+    )
+    .unwrap();
+    let cgroup = Cgroup::create("mask-catalog").unwrap();
+    let mut target = pg_target("app-db", &format!("127.0.0.1:{}", pg.port));
+    target.push_str(
+        "auth = \"sluice\"\n[[target.role]]\nname = \"postgres\"\npassword_env = \"SLUICE_TEST_PG\"\nallow = [\"*\"]\n",
+    );
+    let agent = Agent::start(AgentOptions {
+        cgroup: Some(cgroup.path.clone()),
+        targets: vec![target],
+        agent_config: format!("masking_file = \"{}\"\n", rules_file.display()),
+        extra_config: format!("[[identity]]\nuid = {CLIENT_UID}\nprincipal = \"analyst\"\n"),
+        // The test server trusts local logins; the password is never asked for.
+        env: vec![("SLUICE_TEST_PG".into(), "unused".into())],
+        ..AgentOptions::default()
+    })
+    .unwrap();
+    let s = Setup {
+        agent,
+        cgroup,
+        pg,
+        _rules: rules,
+    };
+    assert_eq!(s.psql("select name from customers").trim(), "****");
+    // An alias keeps the column's origin: the catalog names it.
+    assert_eq!(s.psql("select name as who from customers").trim(), "****");
+    // The same column name in another table is not masked: the rule is for customers.
+    assert_eq!(
+        s.psql("select name from products").trim(),
+        "Analytical Engine"
+    );
+    assert_eq!(
+        s.psql("select c.name as n, p.name from customers c, products p")
+            .trim(),
+        "****|Analytical Engine"
+    );
+}

@@ -89,6 +89,8 @@ pub(crate) struct Shared {
     pub identity: Arc<Identity>,
     /// Masking rules (None: results pass unmasked).
     pub masking: Option<Arc<crate::mask::rules::RuleSet>>,
+    /// Column origins for masking, per target and database.
+    pub pg_catalogs: Arc<postgres::Catalogs>,
 }
 
 impl Shared {
@@ -208,6 +210,7 @@ pub async fn run(
         pg_cancels: Arc::default(),
         identity: identity.clone(),
         masking,
+        pg_catalogs: Arc::default(),
     });
     let (stop_tx, _) = broadcast::channel::<()>(1);
     let control_listener = control::bind(&shared.config.control_socket)?;

@@ -3,10 +3,11 @@
 //! (`crate::mask`) before the journal records it and before the client receives it, so the
 //! clear value never leaves the agent.
 //!
-//! A RowDescription starts a result set's [`MaskPlan`] (column names, types and formats; a
-//! column's table is not resolved yet, so column rules match on the result column's name and
-//! everything else is left to the content detectors); CopyOutResponse starts a plan for a
-//! COPY's columns (no names: detectors only). CommandComplete ends the result set and, if
+//! A RowDescription starts a result set's [`MaskPlan`] (column names, types and formats, and,
+//! for sessions sluice logged in for, each column's schema, table and source column from the
+//! catalog ([`super::catalog`]), so rules by table apply under aliases; otherwise rules match
+//! the result column's name); CopyOutResponse starts a plan for a COPY's columns (no names:
+//! detectors only). CommandComplete ends the result set and, if
 //! anything was masked, yields a report for the journal: which rule or detector fired on which
 //! column, with what strategy, how many values (never a value).
 //!
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use sluice_journal::{MaskFiring, MaskReport};
 
+use super::catalog::{CatalogAccess, TableNames};
 use crate::mask::engine::{ColumnDesc, Format, MaskPlan, Source};
 use crate::mask::pgrow::{RowRewrite, rewrite_copy_text, rewrite_data_row};
 use crate::mask::rules::{Audience, Origin, RuleSet};
@@ -31,17 +33,25 @@ pub(crate) struct Masker {
     rules: Arc<RuleSet>,
     target: String,
     groups: Vec<String>,
+    /// Column origins by table OID (sessions sluice logged in for); None: names only.
+    catalog: Option<CatalogAccess>,
     plan: Option<MaskPlan>,
     /// Where a rewritten message is built before it joins the output.
     scratch: BytesMut,
 }
 
 impl Masker {
-    pub(crate) fn new(rules: Arc<RuleSet>, target: &str, groups: &[String]) -> Masker {
+    pub(crate) fn new(
+        rules: Arc<RuleSet>,
+        target: &str,
+        groups: &[String],
+        catalog: Option<CatalogAccess>,
+    ) -> Masker {
         Masker {
             rules,
             target: target.to_string(),
             groups: groups.to_vec(),
+            catalog,
             plan: None,
             scratch: BytesMut::new(),
         }
@@ -82,6 +92,27 @@ impl Masker {
         plan.reset_counts();
     }
 
+    /// Looks up, before [`Masker::chunk`], the tables of the chunk's RowDescriptions that the
+    /// catalog cache does not know yet.
+    pub(crate) async fn resolve(&self, chunk: &Bytes) {
+        let Some(catalog) = &self.catalog else {
+            return;
+        };
+        let mut oids: Vec<u32> = Vec::new();
+        for (tag, body) in messages(chunk).flatten() {
+            if tag == b'T'
+                && let Ok(Backend::RowDescription(fields)) = decode_backend(tag, body)
+            {
+                oids.extend(fields.iter().map(|f| f.table_oid).filter(|o| *o != 0));
+            }
+        }
+        if !oids.is_empty() {
+            oids.sort_unstable();
+            oids.dedup();
+            catalog.ensure(&oids).await;
+        }
+    }
+
     /// Masks a chunk of whole server messages. Returns the chunk to forward (the same bytes
     /// when nothing changed) and the reports of result sets that ended in it.
     pub(crate) fn chunk(&mut self, chunk: Bytes) -> Result<(Bytes, Vec<MaskReport>), String> {
@@ -99,12 +130,31 @@ impl Masker {
                     let Ok(Backend::RowDescription(fields)) = decode_backend(tag, body) else {
                         return Err("malformed RowDescription".into());
                     };
+                    // Where each column comes from, when the catalog knows its table.
+                    let tables: Vec<Option<Arc<TableNames>>> = fields
+                        .iter()
+                        .map(|f| {
+                            self.catalog
+                                .as_ref()
+                                .filter(|_| f.table_oid != 0)
+                                .and_then(|c| c.table(f.table_oid))
+                        })
+                        .collect();
                     let columns: Vec<ColumnDesc<'_>> = fields
                         .iter()
-                        .map(|f| ColumnDesc {
-                            origin: Origin {
-                                name: f.name,
-                                ..Origin::default()
+                        .zip(&tables)
+                        .map(|(f, t)| ColumnDesc {
+                            origin: match t.as_deref() {
+                                Some(t) => Origin {
+                                    schema: Some(t.schema.as_str()),
+                                    table: Some(t.table.as_str()),
+                                    column: t.columns.get(&f.column).map(String::as_str),
+                                    name: f.name,
+                                },
+                                None => Origin {
+                                    name: f.name,
+                                    ..Origin::default()
+                                },
                             },
                             type_oid: f.type_oid,
                             format: match f.format {
@@ -209,7 +259,7 @@ mod tests {
     fn masker() -> Masker {
         let rules = "[[detector]]\nname = \"email\"\nstrategy = \"redact\"\n";
         let rules = Arc::new(RuleSet::from_toml(rules, None).unwrap());
-        Masker::new(rules, "app-db", &[])
+        Masker::new(rules, "app-db", &[], None)
     }
 
     #[test]

@@ -67,6 +67,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{Span, debug, info, warn};
 
 mod cancel;
+mod catalog;
 mod login;
 mod masking;
 
@@ -90,6 +91,7 @@ use crate::protocol::postgres::startup::{
 use crate::tls::Stream;
 pub(crate) use cancel::CancelKeys;
 use cancel::{BackendCancel, CancelRegistration};
+pub(crate) use catalog::Catalogs;
 
 /// Cap on any client message before the server has accepted the login.
 pub(crate) const PRE_AUTH_MAX: usize = 10 * 1024;
@@ -438,7 +440,21 @@ pub(crate) async fn serve(
             .as_ref()
             .map(|p| p.groups.as_slice())
             .unwrap_or(&[]);
-        masking::Masker::new(rules.clone(), &routed.target.name, groups)
+        // Column origins need a catalog connection, which needs credentials of sluice's own.
+        let catalog = role.as_ref().map(|role| catalog::CatalogAccess {
+            catalogs: shared.pg_catalogs.clone(),
+            target: routed.target.clone(),
+            backend: routed.backend,
+            role: role.clone(),
+            database: param(&backend_params, "database")
+                .or(param(&backend_params, "user"))
+                .unwrap_or("postgres")
+                .to_string(),
+            mark: shared.config.upstream_mark,
+            timeout: shared.config.connect_timeout() * 2,
+            max_message: shared.config.max_message_bytes,
+        });
+        masking::Masker::new(rules.clone(), &routed.target.name, groups, catalog)
     });
     let end = relay(
         client,
@@ -508,20 +524,32 @@ fn own_key() -> (i32, i32) {
 
 /// Dials the target's backend (SO_MARK), with TLS when the target says so.
 async fn dial_backend(routed: &Routed, shared: &Shared) -> Result<Stream, String> {
-    let unreachable = |e: &dyn std::fmt::Display| {
-        format!(
-            "sluice: cannot reach target \"{}\" at {}: {e}",
-            routed.target.name, routed.backend
-        )
-    };
-    let tcp = upstream::dial(
+    dial(
+        &routed.target,
         routed.backend,
         shared.config.upstream_mark,
         shared.config.connect_timeout(),
     )
     .await
-    .map_err(|e| unreachable(&e))?;
-    let Some(tls) = &routed.target.backend_tls else {
+}
+
+/// Dials `backend` for `target` with SO_MARK `mark`, with TLS when the target says so.
+pub(crate) async fn dial(
+    target: &crate::config::Target,
+    backend: std::net::SocketAddr,
+    mark: u32,
+    timeout: Duration,
+) -> Result<Stream, String> {
+    let unreachable = |e: &dyn std::fmt::Display| {
+        format!(
+            "sluice: cannot reach target \"{}\" at {}: {e}",
+            target.name, backend
+        )
+    };
+    let tcp = upstream::dial(backend, mark, timeout)
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let Some(tls) = &target.backend_tls else {
         return Ok(Stream::Plain(tcp));
     };
     let mut tcp = tcp;
@@ -530,7 +558,7 @@ async fn dial_backend(routed: &Routed, shared: &Shared) -> Result<Stream, String
         .await
         .map_err(|e| unreachable(&e))?;
     let mut answer = [0u8; 1];
-    tokio::time::timeout(shared.config.connect_timeout(), tcp.read_exact(&mut answer))
+    tokio::time::timeout(timeout, tcp.read_exact(&mut answer))
         .await
         .map_err(|_| unreachable(&"no answer to SSLRequest"))?
         .map_err(|e| unreachable(&e))?;
@@ -539,13 +567,13 @@ async fn dial_backend(routed: &Routed, shared: &Shared) -> Result<Stream, String
             &"the backend does not accept TLS, and the target's backend_tls requires it",
         ));
     }
-    let name = match &routed.target.backend_server_name {
+    let name = match &target.backend_server_name {
         Some(n) => rustls::pki_types::ServerName::try_from(n.clone())
             .map_err(|e| unreachable(&format!("bad backend_server_name {n:?}: {e}")))?,
-        None => rustls::pki_types::ServerName::IpAddress(routed.backend.ip().into()),
+        None => rustls::pki_types::ServerName::IpAddress(backend.ip().into()),
     };
     let stream = tokio::time::timeout(
-        shared.config.connect_timeout(),
+        timeout,
         tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp),
     )
     .await
@@ -1546,6 +1574,11 @@ where
             c.observe(&chunk);
         }
         // Masked before anything records or forwards it: the clear value stays here.
+        if let Some(m) = masker.as_ref()
+            && authenticated.load(Ordering::Relaxed)
+        {
+            m.resolve(&chunk).await;
+        }
         let (chunk, reports) = match masker.as_mut() {
             Some(m) if authenticated.load(Ordering::Relaxed) => match m.chunk(chunk) {
                 Ok(x) => x,
