@@ -462,7 +462,8 @@ impl Config {
             let invalid = |e: String| ConfigError::Invalid(format!("target {}: {e}", t.name));
             let tls = match (&t.tls_cert, &t.tls_key) {
                 (Some(cert), Some(key)) => Some(
-                    crate::tls::server_config(cert, key).map_err(|e| invalid(error_chain(&e)))?,
+                    crate::tls::server_config(cert, key)
+                        .map_err(|e| invalid(crate::error_chain(&e)))?,
                 ),
                 (None, None) => None,
                 _ => {
@@ -477,7 +478,7 @@ impl Config {
                 ));
             }
             let backend_tls = crate::tls::client_config(t.backend_tls, t.backend_ca.as_deref())
-                .map_err(|e| invalid(error_chain(&e)))?;
+                .map_err(|e| invalid(crate::error_chain(&e)))?;
             if t.backend_tls == crate::tls::BackendTls::VerifyFull && t.backend_ca.is_none() {
                 return Err(invalid(
                     "`backend_tls = \"verify-full\"` needs `backend_ca`".into(),
@@ -572,17 +573,6 @@ fn resolve_role(r: &RoleConfig) -> Result<Role, String> {
         password: Secret(password),
         allow: r.allow.clone(),
     })
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Parses `HOST:PORT`, `[V6]:PORT` or `*:PORT`.

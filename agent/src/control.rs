@@ -366,7 +366,7 @@ fn handle(
                         info!(policies = n, "policies reloaded on request");
                         done(Vec::new(), Some(format!("{n} policies in force")))
                     }
-                    Err(e) => refuse(crate::policy::error_text(&e)),
+                    Err(e) => refuse(crate::error_chain(&e)),
                 },
             };
         }

@@ -25,3 +25,15 @@ pub mod protocol;
 pub mod proxy;
 pub mod read;
 pub mod tls;
+
+/// An error and its causes on one line, `outer: cause: cause`, for logs and client messages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

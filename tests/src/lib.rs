@@ -780,3 +780,31 @@ pub fn psql_args(host: &str, port: u16, sql: &str) -> Vec<String> {
         sql.into(),
     ]
 }
+
+/// psql arguments running each of `sql` as its own `-c` in one session against
+/// 127.0.0.1:`port` as `postgres`, continuing after errors.
+pub fn psql_session_args(port: u16, sql: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "-X",
+        "-A",
+        "-t",
+        "-v",
+        "ON_ERROR_STOP=0",
+        "-h",
+        "127.0.0.1",
+        "-U",
+        "postgres",
+        "-d",
+        "postgres",
+        "-p",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push(port.to_string());
+    for s in sql {
+        args.push("-c".into());
+        args.push(s.to_string());
+    }
+    args
+}

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sluice_tests::{
-    Agent, AgentOptions, CLIENT_UID, Cgroup, Postgres, pg_target, require_root, run_bounded,
+    Agent, AgentOptions, CLIENT_UID, Cgroup, Postgres, pg_target, psql_session_args, require_root,
+    run_bounded,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -93,32 +94,6 @@ impl Drop for Setup {
     }
 }
 
-fn psql_args(port: u16, sql: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "-X",
-        "-A",
-        "-t",
-        "-v",
-        "ON_ERROR_STOP=0",
-        "-h",
-        "127.0.0.1",
-        "-U",
-        "postgres",
-        "-d",
-        "postgres",
-        "-p",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.push(port.to_string());
-    for s in sql {
-        args.push("-c".into());
-        args.push(s.to_string());
-    }
-    args
-}
-
 /// A client running in the background, its stdout and stderr going to files we can poll.
 struct Background {
     child: Child,
@@ -189,7 +164,7 @@ impl Setup {
     /// psql as `uid` running each of `sql` in one session, in the background.
     fn psql_bg(&self, uid: u32, sql: &[&str]) -> Background {
         let mut cmd = self.cgroup.command(Some(uid), "psql");
-        cmd.args(psql_args(self.pg.port, sql));
+        cmd.args(psql_session_args(self.pg.port, sql));
         self.spawn(cmd, false)
     }
 
@@ -541,7 +516,7 @@ fn a_grant_allows_ddl_until_it_expires_also_in_an_open_session_and_survives_a_re
     let mut s = setup("jit");
     // One long session for dana (an admin, so only the JIT policy stands in the way).
     let mut cmd = s.cgroup.command(Some(DANA), "psql");
-    let mut args = psql_args(s.pg.port, &[]);
+    let mut args = psql_session_args(s.pg.port, &[]);
     args.extend(["-f".to_string(), "-".to_string()]);
     cmd.args(args);
     let mut psql = s.spawn(cmd, true);
@@ -670,7 +645,7 @@ fn a_grant_allows_ddl_until_it_expires_also_in_an_open_session_and_survives_a_re
     let out = run_bounded(
         s.cgroup
             .command(Some(DANA), "psql")
-            .args(psql_args(s.pg.port, &["create table t4 (x int)"])),
+            .args(psql_session_args(s.pg.port, &["create table t4 (x int)"])),
         LIMIT,
     )
     .unwrap();
@@ -681,7 +656,7 @@ fn a_grant_allows_ddl_until_it_expires_also_in_an_open_session_and_survives_a_re
     let out = run_bounded(
         s.cgroup
             .command(Some(DANA), "psql")
-            .args(psql_args(s.pg.port, &["create table t5 (x int)"])),
+            .args(psql_session_args(s.pg.port, &["create table t5 (x int)"])),
         LIMIT,
     )
     .unwrap();
@@ -701,7 +676,10 @@ fn policies_reload_on_change_and_on_sighup_and_a_broken_set_keeps_the_old_one() 
         run_bounded(
             s.cgroup
                 .command(Some(CLIENT_UID), "psql")
-                .args(psql_args(s.pg.port, &["select count(*) from people"])),
+                .args(psql_session_args(
+                    s.pg.port,
+                    &["select count(*) from people"],
+                )),
             LIMIT,
         )
         .unwrap()

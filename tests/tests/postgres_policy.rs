@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sluice_tests::{
-    Agent, AgentOptions, CLIENT_UID, Cgroup, Postgres, pg_target, require_root, run_bounded,
+    Agent, AgentOptions, CLIENT_UID, Cgroup, Postgres, pg_target, psql_session_args, require_root,
+    run_bounded,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -53,37 +54,10 @@ fn setup(name: &str) -> Setup {
     }
 }
 
-/// psql arguments running each of `sql` as its own `-c` in one session, continuing on errors.
-fn psql_args(port: u16, sql: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "-X",
-        "-A",
-        "-t",
-        "-v",
-        "ON_ERROR_STOP=0",
-        "-h",
-        "127.0.0.1",
-        "-U",
-        "postgres",
-        "-d",
-        "postgres",
-        "-p",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.push(port.to_string());
-    for s in sql {
-        args.push("-c".into());
-        args.push(s.to_string());
-    }
-    args
-}
-
 impl Setup {
     fn psql_in(&self, cgroup: &Cgroup, sql: &[&str]) -> sluice_tests::Output {
         let mut cmd = cgroup.command(Some(CLIENT_UID), "psql");
-        cmd.args(psql_args(self.pg.port, sql));
+        cmd.args(psql_session_args(self.pg.port, sql));
         run_bounded(&mut cmd, LIMIT).unwrap()
     }
 

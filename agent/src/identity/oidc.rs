@@ -551,7 +551,7 @@ impl Validator {
             }
             Err(source) => {
                 // Keep the keys we had: a flaky IdP must not log everyone out.
-                cache.last_error = Some(error_chain(&source));
+                cache.last_error = Some(crate::error_chain(&source));
                 Err(TokenError::Keys {
                     issuer: self.cfg.issuer.clone(),
                     source,
@@ -807,17 +807,6 @@ fn quoted(s: &str) -> String {
         cut.push('…');
         cut
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -179,18 +179,6 @@ impl Policy {
     }
 }
 
-/// An error with its causes, on one line (for logs and the control socket).
-pub fn error_text(e: &PolicyError) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// A fingerprint of the policy directory's files (name, size, modification time), to notice a
 /// change without reading them. None when the directory cannot be read.
 pub fn dir_fingerprint(

@@ -373,7 +373,7 @@ async fn watch_policies(policy: Arc<Policy>, poll: Duration, mut stop: broadcast
             Err(e) => error!(
                 dir = %policy.dir().display(),
                 reason = why,
-                error = %crate::policy::error_text(&e),
+                error = %crate::error_chain(&e),
                 "policy reload refused: the previous policies stay in force"
             ),
         }
