@@ -10,8 +10,8 @@
 //! - [`protocol`]: one module per wire protocol (codec, no I/O) and the shared vocabulary.
 //! - [`read`]: reading the journal back: `sessions`, `replay`, `export`.
 //! - [`tls`]: rustls configs for both legs, and the stream type the proxy relays over.
-//! - [`mask`]: the masking engine (rules, detectors, strategies, the DataRow/COPY rewriters);
-//!   not yet wired into the relay (issue 5).
+//! - [`mask`]: the masking engine (rules, detectors, strategies, the DataRow/COPY rewriters),
+//!   which the PostgreSQL relay runs on every result.
 #![deny(unsafe_code)]
 
 pub mod access;

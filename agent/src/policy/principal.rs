@@ -1,11 +1,12 @@
-//! Who a connection belongs to, for policy, until login-based identity (OIDC) lands.
+//! Workload identities: who a caller is without a password.
 //!
 //! The `[[identity]]` entries of the config map a caller to a principal name and groups: by the
 //! uid the eBPF record captured in connect(), or by the caller's cgroup (a configured cgroup v2
 //! directory matches processes in it and in every cgroup below it). The first matching entry
-//! wins; a caller nobody matches is `uid:<n>` with no groups, and a connection without an eBPF
-//! record (an explicit listener) is `unknown`. The identity issue will add token-based
-//! principals in front of these rules; they stay the fallback.
+//! wins ([`matching`]). For policy on passthrough targets ([`resolve`]) a caller nobody matches
+//! is `uid:<n>` with no groups, and a connection without an eBPF record (an explicit listener)
+//! is `unknown`. With `auth = "sluice"` a `sluice login` binding comes first and a token as the
+//! password last (`proxy/postgres/login.rs`); the control socket asks the same way.
 //!
 //! Matching a cgroup walks the configured directory looking for the caller's cgroup id (the
 //! directory's inode number on cgroup v2), bounded in depth and entries; it runs once per
