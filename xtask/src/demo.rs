@@ -49,6 +49,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     ensure_packages(&[
         ("/usr/bin/psql", "postgresql"),
         ("/usr/lib/postgresql", "postgresql"),
+        ("/usr/bin/openssl", "openssl"),
     ])?;
     step("building sluice");
     crate::util::run(cargo().args(["build", "--workspace", "--all-targets"]))?;
