@@ -731,3 +731,57 @@ fn a_login_is_refreshed_before_its_token_expires() {
         s.agent.log()
     );
 }
+
+#[test]
+fn a_relayed_scram_login_leaves_no_guessable_material_in_the_journal() {
+    if !require_root("a_relayed_scram_login_leaves_no_guessable_material_in_the_journal") {
+        return;
+    }
+    let pg = Postgres::start_with(PgOptions {
+        tls: None,
+        hba: vec!["host all scram_user all scram-sha-256".into()],
+    })
+    .unwrap();
+    pg.sql("create role scram_user login password 'Scram-Pass-55e1'")
+        .unwrap();
+    let verifier = pg
+        .sql("select rolpassword from pg_authid where rolname = 'scram_user'")
+        .unwrap();
+    // SCRAM-SHA-256$<iterations>:<salt>$<stored key>:<server key>
+    let salt = verifier
+        .trim()
+        .split('$')
+        .nth(1)
+        .and_then(|p| p.split(':').nth(1))
+        .unwrap()
+        .to_string();
+    let cgroup = Cgroup::create("id-scram-relay").unwrap();
+    let agent = Agent::start(AgentOptions {
+        cgroup: Some(cgroup.path.clone()),
+        targets: vec![pg_target("app-db", &format!("127.0.0.1:{}", pg.port))],
+        ..AgentOptions::default()
+    })
+    .unwrap();
+    let mut cmd = cgroup.command(Some(CLIENT_UID), "psql");
+    cmd.args(["-X", "-A", "-t", "-w", "-c", "select current_user"])
+        .arg(format!(
+            "host=127.0.0.1 port={} dbname=postgres user=scram_user",
+            pg.port
+        ))
+        .env("PGPASSWORD", "Scram-Pass-55e1");
+    let out = run_bounded(&mut cmd, LIMIT).unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), "scram_user");
+    let export = agent.read(&["export", "--format", "jsonl"]).unwrap();
+    let mut raw = Vec::new();
+    for e in std::fs::read_dir(agent.journal_dir()).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            raw.extend(std::fs::read(p).unwrap());
+        }
+    }
+    for secret in [salt.as_str(), "Scram-Pass-55e1"] {
+        assert!(!export.contains(secret), "{secret} in the export");
+        assert!(!contains(&raw, secret), "{secret} in the journal files");
+    }
+}

@@ -1592,7 +1592,13 @@ where
             _ => (chunk, Vec::new()),
         };
         let chunk = splice(chunk, &mut pending, &mut ready_seen);
-        if let Err(e) = recorder.server(chunk.clone()) {
+        // Before login, the journal's copy loses the server's SASL payloads (see below).
+        let journal_copy = if ready_seen == 0 {
+            server_chunk_for_journal(&chunk)
+        } else {
+            chunk.clone()
+        };
+        if let Err(e) = recorder.server(journal_copy) {
             return End::Journal(e);
         }
         for report in reports {
@@ -1672,6 +1678,32 @@ fn client_chunk_for_journal(chunk: &Bytes) -> (Bytes, u64) {
         offset += len;
     }
     (copy.freeze(), statements)
+}
+
+/// The journal's copy of a server chunk during login: AuthenticationSASLContinue and
+/// AuthenticationSASLFinal (codes 11, 12) keep their code but lose their payload. With the
+/// salt, iteration count and nonces of the first and the server signature of the second, a
+/// reader of the journal could test password guesses offline; the client gets them whole.
+fn server_chunk_for_journal(chunk: &Bytes) -> Bytes {
+    let is_sasl = |tag: u8, body: &[u8]| {
+        tag == b'R' && matches!(body.get(..4), Some([0, 0, 0, 11]) | Some([0, 0, 0, 12]))
+    };
+    if !messages(chunk).flatten().any(|(t, b)| is_sasl(t, b)) {
+        return chunk.clone();
+    }
+    let mut copy = BytesMut::with_capacity(chunk.len());
+    let mut offset = 0usize;
+    for (tag, body) in messages(chunk).flatten() {
+        let len = HEADER_LEN + body.len();
+        if is_sasl(tag, body) {
+            copy.extend_from_slice(&[b'R', 0, 0, 0, 8]);
+            copy.extend_from_slice(&body[..4]);
+        } else if let Some(whole) = chunk.get(offset..offset + len) {
+            copy.extend_from_slice(whole);
+        }
+        offset += len;
+    }
+    copy.freeze()
 }
 
 /// Does this chunk of server messages contain AuthenticationOk ('R', code 0)?
@@ -1882,6 +1914,23 @@ mod tests {
                 .any(|w| w == b"denied by ")
         );
         assert!(!g.decisions[0].allowed);
+    }
+
+    #[test]
+    fn scram_payloads_from_the_server_are_emptied_in_the_journal_copy() {
+        let mut chunk = msg(b'R', b"\0\0\0\x0br=abc,s=c2FsdA==,i=4096");
+        chunk.extend(msg(b'S', b"a\0b\0"));
+        chunk.extend(msg(b'R', b"\0\0\0\x0cv=c2lnbmF0dXJl"));
+        let copy = server_chunk_for_journal(&Bytes::from(chunk));
+        let tags: Vec<(u8, Vec<u8>)> = messages(&copy)
+            .flatten()
+            .map(|(t, b)| (t, b.to_vec()))
+            .collect();
+        assert_eq!(tags[0], (b'R', vec![0, 0, 0, 11]));
+        assert_eq!(tags[1].0, b'S');
+        assert_eq!(tags[2], (b'R', vec![0, 0, 0, 12]));
+        let plain = Bytes::from(msg(b'R', b"\0\0\0\0"));
+        assert_eq!(server_chunk_for_journal(&plain).as_ptr(), plain.as_ptr());
     }
 
     #[test]
