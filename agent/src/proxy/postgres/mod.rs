@@ -840,10 +840,43 @@ async fn relay(
     masker: Option<masking::Masker>,
     stop: &mut broadcast::Receiver<()>,
 ) -> End {
+    match (client, server) {
+        // Plain TCP splits into owned halves without a lock between them.
+        (Stream::Plain(c), Stream::Plain(s)) => {
+            let (client_rd, client_wr) = c.into_split();
+            let (server_rd, server_wr) = s.into_split();
+            relay_halves(
+                (client_rd, client_wr),
+                (server_rd, server_wr),
+                r,
+                masker,
+                stop,
+            )
+            .await
+        }
+        (c, s) => {
+            let client = tokio::io::split(c);
+            let server = tokio::io::split(s);
+            relay_halves(client, server, r, masker, stop).await
+        }
+    }
+}
+
+async fn relay_halves<CR, CW, SR, SW>(
+    (mut client_rd, mut client_wr): (CR, CW),
+    (mut server_rd, mut server_wr): (SR, SW),
+    r: Relay<'_>,
+    masker: Option<masking::Masker>,
+    stop: &mut broadcast::Receiver<()>,
+) -> End
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    SR: AsyncRead + Unpin,
+    SW: AsyncWrite + Unpin,
+{
     let recorder = r.recorder;
     let authenticated = AtomicBool::new(r.greeted);
-    let (mut client_rd, mut client_wr) = tokio::io::split(client);
-    let (mut server_rd, mut server_wr) = tokio::io::split(server);
     let (inject_tx, inject_rx) = mpsc::channel::<Injection>(INJECT_QUEUE);
     let end = {
         let c2s = client_pump(
