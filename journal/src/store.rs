@@ -257,6 +257,26 @@ impl SessionRecorder {
         self.write(Body::Client(data), false)
     }
 
+    /// Records whole messages from the client together with the policy decisions taken on
+    /// them, in one write (one write per chunk instead of one more per statement).
+    pub fn client_with_decisions(
+        &self,
+        data: Bytes,
+        statements: u64,
+        decisions: Vec<Decision>,
+    ) -> Result<(), JournalError> {
+        if decisions.is_empty() {
+            return self.client(data, statements);
+        }
+        self.statements.fetch_add(statements, Ordering::Relaxed);
+        self.client_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        let mut bodies = Vec::with_capacity(decisions.len() + 1);
+        bodies.push(Body::Client(data));
+        bodies.extend(decisions.into_iter().map(Body::Decision));
+        self.write_events(bodies)
+    }
+
     /// Records whole messages from the server.
     pub fn server(&self, data: Bytes) -> Result<(), JournalError> {
         self.server_bytes
@@ -302,6 +322,30 @@ impl SessionRecorder {
             s.end_reason = Some(reason.clone());
         }
         self.write(Body::End { reason }, true)
+    }
+
+    /// Several events (no summary) in one atomic batch, numbered consecutively.
+    fn write_events(&self, bodies: Vec<Body>) -> Result<(), JournalError> {
+        let first = self.seq.fetch_add(bodies.len() as u64, Ordering::Relaxed);
+        let ts_ns = now_ns();
+        let id = self.id();
+        let mut batch = WriteBatch::default();
+        let family = self.journal.cf(CF_EVENTS)?;
+        for (i, body) in bodies.into_iter().enumerate() {
+            let seq = first + i as u64;
+            batch.put_cf(
+                family,
+                event_key(&id, seq),
+                encode(&StoredEvent { ts_ns, body }, || format!("event {id}/{seq}"))?,
+            );
+        }
+        self.journal
+            .db
+            .write(batch)
+            .map_err(|source| JournalError::Write {
+                session: id,
+                source,
+            })
     }
 
     fn write(&self, body: Body, with_summary: bool) -> Result<(), JournalError> {

@@ -1025,10 +1025,10 @@ where
             Err(end) => return end,
         };
         let (journal_copy, statements) = client_chunk_for_journal(&chunk);
-        if let Err(e) = recorder.client(journal_copy, statements) {
-            return End::Journal(e);
-        }
         let Some(gate) = gate else {
+            if let Err(e) = recorder.client(journal_copy, statements) {
+                return End::Journal(e);
+            }
             if let Err(error) = to.write_all(&chunk).await {
                 return End::Io {
                     from: "server",
@@ -1039,20 +1039,30 @@ where
         };
         let mut from_offset = 0usize;
         let mut resolved: Option<Resolved> = None;
+        // The chunk is journaled with the first decisions on it, before anything is forwarded.
+        let mut unjournaled = Some((journal_copy, statements));
         loop {
             let gated = match gate_chunk(&chunk, from_offset, resolved.take(), gate, &mut state) {
                 Ok(g) => g,
                 Err(reason) => {
+                    if let Some((copy, n)) = unjournaled.take() {
+                        let _ = recorder.client(copy, n);
+                    }
                     return End::Malformed {
                         from: "client",
                         reason,
                     };
                 }
             };
-            for d in gated.decisions {
-                if let Err(e) = recorder.decision(d) {
-                    return End::Journal(e);
-                }
+            let written = match unjournaled.take() {
+                Some((copy, n)) => recorder.client_with_decisions(copy, n, gated.decisions),
+                None => gated
+                    .decisions
+                    .into_iter()
+                    .try_for_each(|d| recorder.decision(d)),
+            };
+            if let Err(e) = written {
+                return End::Journal(e);
             }
             // Injections go first: the server side must know about an error before the
             // ReadyForQuery it precedes can come back.
