@@ -18,10 +18,13 @@ use sluice::read;
     version,
     about = "Identity-aware, recording gateway for database connections",
     long_about = "sluice intercepts every connection to a protected database port on this host (eBPF on \
-the cgroup v2 hierarchy), passes it through a Layer 7 proxy that records every request and every \
-response in a local journal before forwarding it, and lets you read the recordings back.\n\n\
-Run the agent as root with `sluice agent --config FILE`; read its journal with `sluice sessions`, \
-`sluice replay ID` and `sluice export`, also while it runs."
+the cgroup v2 hierarchy) and passes it through a Layer 7 proxy that authenticates the person \
+(OIDC), decides every statement by policy (holding risky ones for approval), masks sensitive \
+values, and records every request and every (masked) response in a local journal before \
+forwarding it.\n\n\
+Run the agent as root with `sluice agent --config FILE`. People use `sluice login`, `sluice \
+request access`, `sluice requests`/`approve`/`deny`; auditors read the journal with `sluice \
+sessions`, `sluice replay ID` and `sluice export`, also while the agent runs."
 )]
 struct Cli {
     #[command(subcommand)]
