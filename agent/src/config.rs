@@ -204,6 +204,10 @@ pub struct AgentConfig {
     /// Masking rules (see `policies/masking.toml`); none: results are not masked.
     #[serde(default)]
     pub masking_file: Option<PathBuf>,
+    /// The Ed25519 key that signs the journal's chain checkpoints (PKCS#8, mode 600; created
+    /// at first start).
+    #[serde(default = "default_signing_key")]
+    pub signing_key: PathBuf,
     /// Seconds between checks of `policy_dir` for changed files (0: reload on SIGHUP only).
     #[serde(default = "default_policy_poll")]
     pub policy_poll_secs: u64,
@@ -376,6 +380,9 @@ fn default_approval_timeout() -> u64 {
 }
 fn default_control_socket() -> PathBuf {
     PathBuf::from("/run/sluice/agent.sock")
+}
+fn default_signing_key() -> PathBuf {
+    PathBuf::from("/var/lib/sluice/signing.key")
 }
 fn default_login_refresh() -> u64 {
     60

@@ -190,6 +190,15 @@ enum Command {
         #[command(flatten)]
         agent: AgentArgs,
     },
+    /// Check recorded sessions against their hash chains and signed checkpoints; exits 1 and
+    /// names the event when anything was changed, dropped, inserted or reordered.
+    Verify {
+        /// Only this session (id or unique prefix).
+        #[arg(long)]
+        session: Option<String>,
+        #[command(flatten)]
+        journal: JournalArgs,
+    },
     /// List recorded sessions: id, start, end, target, uid, comm, statements, bytes.
     Sessions {
         #[command(flatten)]
@@ -371,6 +380,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .map(|a| a.to_string())
                         .unwrap_or_else(|| "-".into()),
                 );
+            }
+            Ok(())
+        }
+        Command::Verify { session, journal } => {
+            let reader = open_reader(&journal)?;
+            let mut out = std::io::stdout().lock();
+            let ok = read::verify(&reader, session.as_deref(), &mut out)?;
+            out.flush()?;
+            if !ok {
+                anyhow::bail!("the journal does not verify (see above)");
             }
             Ok(())
         }

@@ -10,6 +10,7 @@
 //! "events"       session id (16 B, UUIDv7) ++ seq (u64 BE)   FORMAT ++ postcard(Event body + time)
 //! "sessions"     session id (16 B)                     FORMAT ++ postcard(SessionSummary)
 //! "requests"     created ns (u64 BE) ++ request id     FORMAT ++ postcard(AccessRequest)
+//! "checkpoints"  session id (16 B) ++ seq (u64 BE)     FORMAT ++ postcard(chain::Checkpoint)
 //! ```
 //! A request (a held statement or a just-in-time access request) is rewritten under the same
 //! key as its state changes, so the family holds each request's latest state, in creation
@@ -24,6 +25,7 @@
 //! corrupt value (decoding errors are returned, naming the key).
 #![forbid(unsafe_code)]
 
+pub mod chain;
 mod model;
 mod store;
 
@@ -32,4 +34,4 @@ pub use model::{
     Principal, ProcessInfo, RequestKind, RequestState, Review, SessionId, SessionStart,
     SessionSummary, now_ns,
 };
-pub use store::{Journal, JournalError, Reader, SessionRecorder};
+pub use store::{Journal, JournalError, Reader, SessionRecorder, Verification};

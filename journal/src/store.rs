@@ -20,6 +20,7 @@ use rocksdb::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::chain::{ChainState, Checkpoint, Signer, genesis, link, verify_checkpoint};
 use crate::model::{
     AccessRequest, Body, Decision, Event, NoteLevel, Review, SessionId, SessionStart,
     SessionSummary, now_ns,
@@ -28,6 +29,7 @@ use crate::model::{
 const CF_EVENTS: &str = "events";
 const CF_SESSIONS: &str = "sessions";
 const CF_REQUESTS: &str = "requests";
+const CF_CHECKPOINTS: &str = "checkpoints";
 /// First byte of every stored value: the value format. Bump it when the encoding changes.
 const FORMAT: u8 = 1;
 
@@ -53,6 +55,8 @@ pub enum JournalError {
         #[source]
         source: rocksdb::Error,
     },
+    #[error("cannot use the journal signing key")]
+    Key(#[source] crate::chain::KeyError),
     #[error("journal read failed")]
     Read {
         #[source]
@@ -114,6 +118,16 @@ fn decode<'a, T: Deserialize<'a>>(
     }
 }
 
+fn key_seq(key: &[u8]) -> Result<u64, JournalError> {
+    key.get(16..24)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| JournalError::Format {
+            what: format!("event key {}", hex(key)),
+            format: 0,
+        })
+}
+
 fn event_key(session: &SessionId, seq: u64) -> [u8; 24] {
     let mut key = [0u8; 24];
     key[..16].copy_from_slice(session.as_bytes());
@@ -130,7 +144,7 @@ fn options() -> Options {
 }
 
 fn descriptors() -> Vec<ColumnFamilyDescriptor> {
-    [CF_EVENTS, CF_SESSIONS, CF_REQUESTS]
+    [CF_EVENTS, CF_SESSIONS, CF_REQUESTS, CF_CHECKPOINTS]
         .into_iter()
         .map(|name| ColumnFamilyDescriptor::new(name, options()))
         .collect()
@@ -140,6 +154,8 @@ fn descriptors() -> Vec<ColumnFamilyDescriptor> {
 #[derive(Clone)]
 pub struct Journal {
     db: Arc<DB>,
+    /// Signs the sessions' chain checkpoints (None: chains are kept but not signed).
+    signer: Option<Arc<Signer>>,
 }
 
 impl Journal {
@@ -151,7 +167,24 @@ impl Journal {
                 source,
             }
         })?;
-        Ok(Journal { db: Arc::new(db) })
+        Ok(Journal {
+            db: Arc::new(db),
+            signer: None,
+        })
+    }
+
+    /// Opens the journal in `dir`, signing checkpoints with the key in `key` (created on first
+    /// use, mode 600).
+    pub fn open_signed(dir: &Path, key: &Path) -> Result<Journal, JournalError> {
+        let signer = Signer::load_or_create(key).map_err(JournalError::Key)?;
+        let mut journal = Journal::open(dir)?;
+        journal.signer = Some(Arc::new(signer));
+        Ok(journal)
+    }
+
+    /// The public half of the signing key, if any.
+    pub fn public_key(&self) -> Option<Vec<u8>> {
+        self.signer.as_ref().map(|s| s.public_key())
     }
 
     /// Starts recording a session: writes its start event and index entry.
@@ -172,7 +205,7 @@ impl Journal {
         let recorder = SessionRecorder {
             journal: self.clone(),
             summary: std::sync::Mutex::new(summary),
-            seq: AtomicU64::new(0),
+            chain: std::sync::Mutex::new(ChainState::new(&id, ts)),
             statements: AtomicU64::new(0),
             client_bytes: AtomicU64::new(0),
             server_bytes: AtomicU64::new(0),
@@ -233,7 +266,9 @@ fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily, JournalEr
 pub struct SessionRecorder {
     journal: Journal,
     summary: std::sync::Mutex<SessionSummary>,
-    seq: AtomicU64,
+    /// The next seq and the running hash chain; held while an event is numbered, linked and
+    /// written, so the chain follows the seq order.
+    chain: std::sync::Mutex<ChainState>,
     statements: AtomicU64,
     client_bytes: AtomicU64,
     server_bytes: AtomicU64,
@@ -326,39 +361,42 @@ impl SessionRecorder {
 
     /// Several events (no summary) in one atomic batch, numbered consecutively.
     fn write_events(&self, bodies: Vec<Body>) -> Result<(), JournalError> {
-        let first = self.seq.fetch_add(bodies.len() as u64, Ordering::Relaxed);
-        let ts_ns = now_ns();
-        let id = self.id();
-        let mut batch = WriteBatch::default();
-        let family = self.journal.cf(CF_EVENTS)?;
-        for (i, body) in bodies.into_iter().enumerate() {
-            let seq = first + i as u64;
-            batch.put_cf(
-                family,
-                event_key(&id, seq),
-                encode(&StoredEvent { ts_ns, body }, || format!("event {id}/{seq}"))?,
-            );
-        }
-        self.journal
-            .db
-            .write(batch)
-            .map_err(|source| JournalError::Write {
-                session: id,
-                source,
-            })
+        self.commit(bodies, false)
     }
 
     fn write(&self, body: Body, with_summary: bool) -> Result<(), JournalError> {
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.commit(vec![body], with_summary)
+    }
+
+    /// Numbers, links and writes `bodies` (and the summary, and a checkpoint when due) in one
+    /// batch, under the chain lock.
+    fn commit(&self, bodies: Vec<Body>, with_summary: bool) -> Result<(), JournalError> {
         let ts_ns = now_ns();
-        let ended = matches!(body, Body::End { .. });
         let id = self.id();
+        let mut chain = self.chain.lock().unwrap_or_else(|e| e.into_inner());
         let mut batch = WriteBatch::default();
-        batch.put_cf(
-            self.journal.cf(CF_EVENTS)?,
-            event_key(&id, seq),
-            encode(&StoredEvent { ts_ns, body }, || format!("event {id}/{seq}"))?,
-        );
+        let events = self.journal.cf(CF_EVENTS)?;
+        let mut ended = false;
+        let mut last = 0;
+        let mut due = false;
+        for body in bodies {
+            let seq = chain.next_seq;
+            let ending = matches!(body, Body::End { .. });
+            ended |= ending;
+            let value = encode(&StoredEvent { ts_ns, body }, || format!("event {id}/{seq}"))?;
+            due |= chain.push(seq, &value, ending, ts_ns);
+            batch.put_cf(events, event_key(&id, seq), value);
+            chain.next_seq += 1;
+            last = seq;
+        }
+        if due && let Some(signer) = &self.journal.signer {
+            let checkpoint = chain.checkpoint(signer, &id, last, ts_ns);
+            batch.put_cf(
+                self.journal.cf(CF_CHECKPOINTS)?,
+                event_key(&id, last),
+                encode(&checkpoint, || format!("checkpoint {id}/{last}"))?,
+            );
+        }
         if with_summary {
             let mut s = self.lock_summary();
             if ended {
@@ -367,7 +405,7 @@ impl SessionRecorder {
             s.statements = self.statements.load(Ordering::Relaxed);
             s.client_bytes = self.client_bytes.load(Ordering::Relaxed);
             s.server_bytes = self.server_bytes.load(Ordering::Relaxed);
-            s.events = seq + 1;
+            s.events = chain.next_seq;
             batch.put_cf(
                 self.journal.cf(CF_SESSIONS)?,
                 id.as_bytes(),
@@ -382,6 +420,19 @@ impl SessionRecorder {
                 source,
             })
     }
+}
+
+/// What [`Reader::verify`] found for one session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    /// Events read.
+    pub events: u64,
+    /// The last event a valid checkpoint covers (None: no checkpoint).
+    pub sealed_through: Option<u64>,
+    /// The public key the checkpoints were made with.
+    pub public_key: Option<Vec<u8>>,
+    /// The first problem: the event's seq and what is wrong.
+    pub problem: Option<(u64, String)>,
 }
 
 /// A read-only view of a journal directory; safe to open while the agent writes to it.
@@ -413,6 +464,83 @@ impl Reader {
     /// Every request, oldest first, in its latest state.
     pub fn requests(&self) -> Result<Vec<AccessRequest>, JournalError> {
         read_requests(&self.db)
+    }
+
+    /// Recomputes `session`'s hash chain from its stored events and checks every checkpoint's
+    /// chain and signature; reports the first event where anything disagrees (a changed,
+    /// missing, inserted or reordered event, a bad signature, or a second signing key).
+    pub fn verify(&self, session: &SessionId) -> Result<Verification, JournalError> {
+        let prefix = *session.as_bytes();
+        let mut checkpoints: std::collections::BTreeMap<u64, Checkpoint> = Default::default();
+        if let Some(family) = self.db.cf_handle(CF_CHECKPOINTS) {
+            for item in self
+                .db
+                .iterator_cf(family, IteratorMode::From(&prefix, IterDirection::Forward))
+            {
+                let (key, value) = item.map_err(|source| JournalError::Read { source })?;
+                if !key.starts_with(&prefix) {
+                    break;
+                }
+                let seq = key_seq(&key)?;
+                checkpoints.insert(
+                    seq,
+                    decode(&value, || format!("checkpoint {session}/{seq}"))?,
+                );
+            }
+        }
+        let mut out = Verification {
+            events: 0,
+            sealed_through: None,
+            public_key: checkpoints.values().next().map(|c| c.public_key.clone()),
+            problem: None,
+        };
+        let mut hash = genesis(session);
+        let events = self.db.iterator_cf(
+            cf(&self.db, CF_EVENTS)?,
+            IteratorMode::From(&prefix, IterDirection::Forward),
+        );
+        for (expected, item) in (0u64..).zip(events) {
+            let (key, value) = item.map_err(|source| JournalError::Read { source })?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let seq = key_seq(&key)?;
+            if seq != expected {
+                out.problem = Some((
+                    expected,
+                    format!("event {expected} is missing (the next stored event is {seq})"),
+                ));
+                return Ok(out);
+            }
+            hash = link(&hash, seq, &value);
+            out.events += 1;
+            if let Some(c) = checkpoints.remove(&seq) {
+                if out.public_key.as_deref() != Some(c.public_key.as_slice()) {
+                    out.problem = Some((seq, "a checkpoint is signed with another key".into()));
+                    return Ok(out);
+                }
+                if !verify_checkpoint(session, seq, &hash, &c) {
+                    let from = out.sealed_through.map(|s| s + 1).unwrap_or(0);
+                    out.problem = Some((
+                        seq,
+                        format!(
+                            "the chain does not match the signed checkpoint at event {seq}: an event from {from} to {seq} was changed, inserted or reordered, or the checkpoint was forged"
+                        ),
+                    ));
+                    return Ok(out);
+                }
+                out.sealed_through = Some(seq);
+            }
+        }
+        if let Some((&seq, _)) = checkpoints.iter().next() {
+            out.problem = Some((
+                seq,
+                format!(
+                    "a checkpoint covers event {seq}, which is not in the journal (events were dropped)"
+                ),
+            ));
+        }
+        Ok(out)
     }
 
     /// Every session's index entry, oldest first. For sessions that were never sealed, the
@@ -584,6 +712,123 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = Reader::open(&dir.path().join("nope")).err().unwrap();
         assert!(err.to_string().contains("no journal at"), "{err}");
+    }
+
+    /// A signed session of `n` client chunks, sealed; returns its id and the journal dir.
+    fn signed_session(n: usize) -> (tempfile::TempDir, SessionId) {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open_signed(&dir.path().join("j"), &dir.path().join("key")).unwrap();
+        let rec = journal.start_session(start()).unwrap();
+        for i in 0..n {
+            rec.client(Bytes::from(format!("Q\0\0\0\x0dselect {i}\0")), 1)
+                .unwrap();
+        }
+        rec.end("client closed").unwrap();
+        let id = rec.id();
+        drop(rec);
+        drop(journal);
+        (dir, id)
+    }
+
+    fn verify(dir: &Path, id: &SessionId) -> Verification {
+        Reader::open(&dir.join("j")).unwrap().verify(id).unwrap()
+    }
+
+    /// Opens the journal for writing, as an attacker with the files would.
+    fn tamper(dir: &Path, f: impl FnOnce(&DB)) {
+        let db = DB::open_cf_descriptors(&options(), dir.join("j"), descriptors()).unwrap();
+        f(&db);
+    }
+
+    #[test]
+    fn a_sealed_signed_session_verifies_and_checkpoints_come_every_thousand_events() {
+        let (dir, id) = signed_session(2500);
+        let v = verify(dir.path(), &id);
+        assert_eq!(v.problem, None);
+        assert_eq!(v.events, 2502);
+        assert_eq!(v.sealed_through, Some(2501));
+        let reader = Reader::open(&dir.path().join("j")).unwrap();
+        let family = reader.db.cf_handle(CF_CHECKPOINTS).unwrap();
+        let count = reader.db.iterator_cf(family, IteratorMode::Start).count();
+        assert_eq!(count, 3, "at 999, 1999 and the end");
+        // The key file is the owner's only.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0);
+    }
+
+    #[test]
+    fn an_altered_dropped_inserted_or_reordered_event_is_found_and_named() {
+        // Altered: a byte of event 3 changes.
+        let (dir, id) = signed_session(10);
+        tamper(dir.path(), |db| {
+            let cf = db.cf_handle(CF_EVENTS).unwrap();
+            let key = event_key(&id, 3);
+            let mut v = db.get_cf(cf, key).unwrap().unwrap();
+            let last = v.len() - 2;
+            v[last] ^= 1;
+            db.put_cf(cf, key, v).unwrap();
+        });
+        let v = verify(dir.path(), &id);
+        assert_eq!(v.problem.as_ref().map(|p| p.0), Some(11), "{v:?}");
+        assert_eq!(v.sealed_through, None);
+
+        // Dropped: event 4 is deleted.
+        let (dir, id) = signed_session(10);
+        tamper(dir.path(), |db| {
+            db.delete_cf(db.cf_handle(CF_EVENTS).unwrap(), event_key(&id, 4))
+                .unwrap();
+        });
+        let v = verify(dir.path(), &id);
+        assert_eq!(v.problem.as_ref().map(|p| p.0), Some(4), "{v:?}");
+        assert!(v.problem.unwrap().1.contains("missing"));
+
+        // Reordered: events 2 and 5 swap values.
+        let (dir, id) = signed_session(10);
+        tamper(dir.path(), |db| {
+            let cf = db.cf_handle(CF_EVENTS).unwrap();
+            let a = db.get_cf(cf, event_key(&id, 2)).unwrap().unwrap();
+            let b = db.get_cf(cf, event_key(&id, 5)).unwrap().unwrap();
+            db.put_cf(cf, event_key(&id, 2), b).unwrap();
+            db.put_cf(cf, event_key(&id, 5), a).unwrap();
+        });
+        assert!(verify(dir.path(), &id).problem.is_some());
+
+        // Inserted at the end, after the last checkpoint: the end's checkpoint no longer
+        // covers the last event, which is reported unsealed, and a re-signed checkpoint with
+        // another key is refused.
+        let (dir, id) = signed_session(3);
+        tamper(dir.path(), |db| {
+            let cf = db.cf_handle(CF_EVENTS).unwrap();
+            let v = db.get_cf(cf, event_key(&id, 1)).unwrap().unwrap();
+            db.put_cf(cf, event_key(&id, 5), v).unwrap();
+        });
+        let v = verify(dir.path(), &id);
+        assert_eq!(v.sealed_through, Some(4));
+        assert_eq!(v.events, 6);
+        let other = tempfile::tempdir().unwrap();
+        let forger = Signer::load_or_create(&other.path().join("k")).unwrap();
+        let (dir, id) = signed_session(3);
+        tamper(dir.path(), |db| {
+            let mut chain = ChainState::new(&id, 0);
+            let events = db.cf_handle(CF_EVENTS).unwrap();
+            for seq in 0..5u64 {
+                let v = db.get_cf(events, event_key(&id, seq)).unwrap().unwrap();
+                chain.push(seq, &v, false, 0);
+            }
+            let c = chain.checkpoint(&forger, &id, 4, 0);
+            db.put_cf(
+                db.cf_handle(CF_CHECKPOINTS).unwrap(),
+                event_key(&id, 1),
+                encode(&c, || "x".into()).unwrap(),
+            )
+            .unwrap();
+        });
+        let v = verify(dir.path(), &id);
+        assert!(v.problem.is_some(), "{v:?}");
     }
 
     #[test]

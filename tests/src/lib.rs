@@ -541,6 +541,7 @@ impl Agent {
         // Clients running as other uids reach the control socket inside (but list nothing).
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))?;
         let socket = dir.path().join("agent.sock");
+        let signing_key = dir.path().join("signing.key");
         let journal = options
             .journal_dir
             .clone()
@@ -553,11 +554,12 @@ impl Agent {
             )
         });
         let mut text = format!(
-            "[agent]\nproxy_listen = \"127.0.0.1:{proxy_port}\"\njournal_dir = \"{}\"\nbpf_pin_dir = \"{pin}\"\nexempt_own_cgroup = {}\nmax_message_bytes = {}\ncontrol_socket = \"{}\"\n{}",
+            "[agent]\nproxy_listen = \"127.0.0.1:{proxy_port}\"\njournal_dir = \"{}\"\nbpf_pin_dir = \"{pin}\"\nexempt_own_cgroup = {}\nmax_message_bytes = {}\ncontrol_socket = \"{}\"\nsigning_key = \"{}\"\n{}",
             journal.display(),
             options.exempt_own_cgroup,
             options.max_message_bytes,
             socket.display(),
+            signing_key.display(),
             options.agent_config,
         );
         if let Some(cg) = &options.cgroup {

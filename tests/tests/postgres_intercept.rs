@@ -139,6 +139,13 @@ fn psql_in_the_cgroup_is_intercepted_recorded_and_gets_correct_results() {
             .any(|l| l.contains(",row,") && l.contains("grace")),
         "{csv}"
     );
+
+    // The sealed session's hash chain and signed checkpoint verify.
+    let verified = s.agent.read(&["verify", "--session", &id[..13]]).unwrap();
+    assert!(
+        verified.contains("ok:") && verified.contains("all signed"),
+        "{verified}"
+    );
 }
 
 #[test]

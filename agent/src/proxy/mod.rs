@@ -126,7 +126,7 @@ pub async fn run(
         addr: config.agent.proxy_listen,
         source,
     })?;
-    let journal = Journal::open(&config.agent.journal_dir)?;
+    let journal = Journal::open_signed(&config.agent.journal_dir, &config.agent.signing_key)?;
     let access = Arc::new(Access::open(journal.clone())?);
     let identity = Arc::new(match &config.oidc {
         Some(o) => {

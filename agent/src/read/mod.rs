@@ -8,6 +8,7 @@
 mod export;
 mod replay;
 mod requests;
+mod verify;
 
 use std::io::Write;
 
@@ -16,6 +17,7 @@ use sluice_journal::{Body, Event, Reader, SessionSummary};
 pub use export::{Format, export};
 pub use replay::{ReplayOptions, replay};
 pub use requests::print_requests;
+pub use verify::verify;
 
 use crate::protocol::Item;
 use crate::protocol::postgres::transcript::Transcriber;
