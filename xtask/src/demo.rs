@@ -243,7 +243,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "\nThe journal stays in {}. Read it yourself:",
         journal.display()
     );
-    for cmd in ["sessions", "replay <ID>", "export --format csv"] {
+    for cmd in ["sessions", "replay <ID>", "export --format csv", "verify"] {
         println!(
             "    {} {cmd} --journal {}",
             bin.display(),
