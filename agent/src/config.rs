@@ -65,6 +65,17 @@ impl OidcSection {
     }
 }
 
+/// What the journal's writes survive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// An agent crash (the WAL is in the kernel's page cache).
+    #[default]
+    Crash,
+    /// A power loss too: each write waits for the WAL's fsync (group commit).
+    PowerLoss,
+}
+
 /// How a target's clients authenticate.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -204,6 +215,10 @@ pub struct AgentConfig {
     /// Masking rules (see `policies/masking.toml`); none: results are not masked.
     #[serde(default)]
     pub masking_file: Option<PathBuf>,
+    /// "crash" (default): a journal write survives an agent crash. "power-loss": every write
+    /// also waits for the WAL's fsync (shared by concurrent writers).
+    #[serde(default)]
+    pub durability: Durability,
     /// The Ed25519 key that signs the journal's chain checkpoints (PKCS#8, mode 600; created
     /// at first start).
     #[serde(default = "default_signing_key")]
@@ -641,6 +656,10 @@ mod tests {
         let text = "[agent]\npolicy_dir = '/etc/sluice/policies'\n[[target]]\nname='a'\nprotocol='postgres'\nmatch='*:1'\nunparsed='allow'\n[[identity]]\nuid=1000\nprincipal='ada'\ngroups=['admins']\n[[identity]]\ncgroup='/sys/fs/cgroup/ops'\nprincipal='ops'\n";
         let c: Config = toml::from_str(text).unwrap();
         assert_eq!(c.agent.approval_timeout(), Duration::from_secs(300));
+        assert_eq!(c.agent.durability, Durability::Crash);
+        let durable: Config = toml::from_str("[agent]\ndurability = 'power-loss'\n").unwrap();
+        assert_eq!(durable.agent.durability, Durability::PowerLoss);
+        assert!(toml::from_str::<Config>("[agent]\ndurability = 'maybe'\n").is_err());
         assert_eq!(c.targets().unwrap()[0].jit_approvers, None);
         assert_eq!(
             c.agent.policy_dir.as_deref(),

@@ -260,9 +260,18 @@ fn large_result(
         }
         Ok(start.elapsed().as_secs_f64())
     };
+    let durable_cg = Cgroup::create("bench-durable")?;
+    let _durable = Agent::start(AgentOptions {
+        bin: Some(bin.to_path_buf()),
+        cgroup: Some(durable_cg.path.clone()),
+        targets: vec![pg_target("bench-db", &format!("127.0.0.1:{}", pg.port))],
+        agent_config: "durability = \"power-loss\"\n".into(),
+        ..AgentOptions::default()
+    })?;
     let direct = read(Command::new(&psql))?;
     let through = read(plain_cg.command(None, psql.to_str().unwrap_or("psql")))?;
     let masked = read(masked_cg.command(None, psql.to_str().unwrap_or("psql")))?;
+    let durable = read(durable_cg.command(None, psql.to_str().unwrap_or("psql")))?;
     let mb = bytes / 1e6;
     println!(
         "\nlarge result: {rows} rows, {mb:.0} MB of values, read by psql (MB/s; ratio against direct)"
@@ -287,6 +296,13 @@ fn large_result(
         mb / masked,
         rows as f64 / masked,
         direct / masked
+    );
+    println!(
+        "{:<40} {:>10.0} MB/s {:>8.0} rows/s ratio {:.3}",
+        "sluice, power-loss durable journal",
+        mb / durable,
+        rows as f64 / durable,
+        direct / durable
     );
     Ok(())
 }

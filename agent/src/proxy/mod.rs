@@ -126,7 +126,8 @@ pub async fn run(
         addr: config.agent.proxy_listen,
         source,
     })?;
-    let journal = Journal::open_signed(&config.agent.journal_dir, &config.agent.signing_key)?;
+    let journal = Journal::open_signed(&config.agent.journal_dir, &config.agent.signing_key)?
+        .power_loss_durable(config.agent.durability == crate::config::Durability::PowerLoss);
     let access = Arc::new(Access::open(journal.clone())?);
     let identity = Arc::new(match &config.oidc {
         Some(o) => {
