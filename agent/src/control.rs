@@ -1,5 +1,6 @@
 //! The agent's control socket: how `sluice requests|approve|deny|grants|request access|revoke|
-//! whoami` reach the running agent, and the client side those commands use.
+//! whoami|login|logout|policy reload` reach the running agent, and the client side those
+//! commands use.
 //!
 //! A unix stream socket (`agent.control_socket`, mode 0666: anyone may connect). Each
 //! connection carries one request line of JSON ([`ControlRequest`]) and gets one response line

@@ -201,11 +201,6 @@ impl Journal {
         Ok(journal)
     }
 
-    /// The public half of the signing key, if any.
-    pub fn public_key(&self) -> Option<Vec<u8>> {
-        self.signer.as_ref().map(|s| s.public_key())
-    }
-
     /// Starts recording a session: writes its start event and index entry.
     pub fn start_session(&self, start: SessionStart) -> Result<SessionRecorder, JournalError> {
         let id = SessionId::new();
@@ -222,6 +217,7 @@ impl Journal {
             events: 1,
         };
         let recorder = SessionRecorder {
+            id,
             journal: self.clone(),
             summary: std::sync::Mutex::new(summary),
             chain: std::sync::Mutex::new(ChainState::new(&id, ts)),
@@ -288,6 +284,7 @@ fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily, JournalEr
 
 /// Records one session. Shared (behind an `Arc`) by the tasks that pump each direction.
 pub struct SessionRecorder {
+    id: SessionId,
     journal: Journal,
     summary: std::sync::Mutex<SessionSummary>,
     /// The next seq and the running hash chain; held while an event is numbered, linked and
@@ -300,7 +297,7 @@ pub struct SessionRecorder {
 
 impl SessionRecorder {
     pub fn id(&self) -> SessionId {
-        self.lock_summary().id
+        self.id
     }
 
     fn lock_summary(&self) -> std::sync::MutexGuard<'_, SessionSummary> {
@@ -333,7 +330,7 @@ impl SessionRecorder {
         let mut bodies = Vec::with_capacity(decisions.len() + 1);
         bodies.push(Body::Client(data));
         bodies.extend(decisions.into_iter().map(Body::Decision));
-        self.write_events(bodies)
+        self.commit(bodies, false)
     }
 
     /// Records whole messages from the server.
@@ -381,11 +378,6 @@ impl SessionRecorder {
             s.end_reason = Some(reason.clone());
         }
         self.write(Body::End { reason }, true)
-    }
-
-    /// Several events (no summary) in one atomic batch, numbered consecutively.
-    fn write_events(&self, bodies: Vec<Body>) -> Result<(), JournalError> {
-        self.commit(bodies, false)
     }
 
     fn write(&self, body: Body, with_summary: bool) -> Result<(), JournalError> {

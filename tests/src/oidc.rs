@@ -8,7 +8,7 @@
 //!
 //! Never: reach anything but 127.0.0.1.
 
-#![allow(clippy::unwrap_used, dead_code)]
+#![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;

@@ -327,7 +327,7 @@ fn bad_tokens_wrong_roles_and_plaintext_are_refused_clearly_and_journaled() {
             "no journaled refusal with {expected:?}: {ends:?}"
         );
     }
-    // Nobody logged in, no token: the client is told to log in.
+    // Nobody logged in and an empty password: refused.
     let out = s.psql(
         &s.cgroup,
         CLIENT_UID,

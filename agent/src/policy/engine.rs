@@ -476,9 +476,10 @@ mod tests {
         Engine::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")).unwrap()
     }
 
-    fn decide(engine: &Engine, who: (&str, &[&str]), target: &str, sql: &str) -> Verdict {
+    /// The session of `who` (name, groups) on `target`, from psql as uid 1000.
+    fn session(engine: &Engine, who: (&str, &[&str]), target: &str) -> SessionPolicy {
         let groups: Vec<String> = who.1.iter().map(|s| s.to_string()).collect();
-        let session = engine
+        engine
             .session(
                 PrincipalRef {
                     name: who.0,
@@ -490,7 +491,22 @@ mod tests {
                     comm: "psql",
                 },
             )
-            .unwrap();
+            .unwrap()
+    }
+
+    /// A policy directory with the example schema and no policies yet.
+    fn dir_with_schema() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/sluice.cedarschema"),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join(SCHEMA_FILE), schema).unwrap();
+        dir
+    }
+
+    fn decide(engine: &Engine, who: (&str, &[&str]), target: &str, sql: &str) -> Verdict {
+        let session = session(engine, who, target);
         let mut last = engine.decide_connect(&session, false);
         for f in &analyze(sql, Dialect::Postgres) {
             last = engine.decide(&session, f, false);
@@ -633,31 +649,14 @@ mod tests {
 
     #[test]
     fn jit_reaches_the_policies_as_context() {
-        let dir = tempfile::tempdir().unwrap();
-        let schema = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/sluice.cedarschema"),
-        )
-        .unwrap();
-        std::fs::write(dir.path().join(SCHEMA_FILE), schema).unwrap();
+        let dir = dir_with_schema();
         std::fs::write(
             dir.path().join("jit.cedar"),
             "permit (principal, action, resource);\n@id(\"prod-needs-jit\")\nforbid (principal, action, resource == Sluice::Target::\"prod-db\") unless { context.jit };\n",
         )
         .unwrap();
         let e = Engine::load(dir.path()).unwrap();
-        let session = e
-            .session(
-                PrincipalRef {
-                    name: "dev",
-                    groups: &[],
-                },
-                "prod-db",
-                Source {
-                    uid: Some(1000),
-                    comm: "psql",
-                },
-            )
-            .unwrap();
+        let session = session(&e, ("dev", &[]), "prod-db");
         let f = &analyze("select 1", Dialect::Postgres)[0];
         assert!(!e.decide(&session, f, false).allowed);
         assert!(e.decide(&session, f, true).allowed);
@@ -666,12 +665,7 @@ mod tests {
 
     #[test]
     fn invalid_policies_are_rejected_with_cedar_messages() {
-        let dir = tempfile::tempdir().unwrap();
-        let schema = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/sluice.cedarschema"),
-        )
-        .unwrap();
-        std::fs::write(dir.path().join(SCHEMA_FILE), schema).unwrap();
+        let dir = dir_with_schema();
         std::fs::write(
             dir.path().join("bad.cedar"),
             "@id(\"typo\") forbid (principal, action, resource) when { context.has_wher };",

@@ -7,7 +7,8 @@ use sluice_journal::{AccessRequest, RequestKind, RequestState, now_ns};
 
 use super::{ReadError, rfc3339};
 
-/// Prints `requests` as a table (or JSON, one array). `grants`: show each grant's expiry.
+/// Prints `requests` as a table (or JSON, one array); an approved access request shows when its
+/// grant expires.
 pub fn print_requests(
     requests: &[AccessRequest],
     json: bool,

@@ -59,6 +59,18 @@ pub fn notice_response(severity: NoticeSeverity, sqlstate: &str, message: &str) 
     diagnostic(b'N', severity.as_str(), sqlstate, message)
 }
 
+/// A simple Query message (sluice's own queries, e.g. the masking catalog lookup).
+pub fn query(sql: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(sql.len() + 6);
+    out.put_u8(b'Q');
+    out.put_i32(0); // patched below, once NULs have been dropped
+    out.extend(sql.bytes().filter(|&b| b != 0));
+    out.put_u8(0);
+    let len = i32::try_from(out.len() - 1).unwrap_or(i32::MAX);
+    out[1..5].copy_from_slice(&len.to_be_bytes());
+    out.freeze()
+}
+
 /// A ReadyForQuery, which must follow an error sluice sends in place of a query's results.
 pub fn ready_for_query(status: TxStatus) -> Bytes {
     Bytes::copy_from_slice(&[b'Z', 0, 0, 0, 5, status.byte()])

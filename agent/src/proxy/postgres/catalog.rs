@@ -16,12 +16,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use super::login;
 use crate::config::{Role, Target};
 use crate::protocol::postgres::backend::{Backend, decode_backend};
-use crate::protocol::postgres::frame::{message_len, messages};
+use crate::protocol::postgres::encode;
+use crate::protocol::postgres::frame::HEADER_LEN;
 
 /// Cached tables per target and database before the cache starts over.
 pub(crate) const MAX_TABLES: usize = 10_000;
@@ -123,34 +124,16 @@ impl CatalogAccess {
              where c.oid in ({}) and a.attnum > 0 and not a.attisdropped",
             list.join(",")
         );
-        let mut q = BytesMut::new();
-        q.extend_from_slice(b"Q");
-        q.extend_from_slice(
-            &i32::try_from(sql.len() + 5)
-                .unwrap_or(i32::MAX)
-                .to_be_bytes(),
-        );
-        q.extend_from_slice(sql.as_bytes());
-        q.extend_from_slice(&[0]);
-        conn.write_all(&q).await.map_err(|e| e.to_string())?;
+        conn.write_all(&encode::query(&sql))
+            .await
+            .map_err(|e| e.to_string())?;
         let mut found: HashMap<u32, TableNames> = HashMap::new();
         let mut buf = BytesMut::with_capacity(8192);
         loop {
-            let n = loop {
-                match message_len(&buf, self.max_message) {
-                    Ok(Some(n)) => break n,
-                    Ok(None) => {}
-                    Err(e) => return Err(e.to_string()),
-                }
-                if conn.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-                    return Err("the backend closed the catalog connection".into());
-                }
-            };
-            let msg = buf.split_to(n);
-            let Some(Ok((tag, body))) = messages(&msg).next() else {
-                return Err("malformed catalog answer".into());
-            };
-            match decode_backend(tag, body).map_err(|e| e.to_string())? {
+            let (tag, msg) = login::read_message(&mut conn, &mut buf, self.max_message)
+                .await
+                .map_err(|e| format!("catalog answer: {e:?}"))?;
+            match decode_backend(tag, &msg[HEADER_LEN..]).map_err(|e| e.to_string())? {
                 Backend::DataRow(values) => {
                     let v: Vec<Option<&[u8]>> = values.iter().collect();
                     let text = |i: usize| {

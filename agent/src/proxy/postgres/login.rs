@@ -30,7 +30,7 @@ use crate::protocol::postgres::auth::{
     password_message, startup_message,
 };
 use crate::protocol::postgres::backend::{Authentication, Backend, decode_backend};
-use crate::protocol::postgres::frame::{message_len, messages};
+use crate::protocol::postgres::frame::{HEADER_LEN, message_len};
 
 /// Most backend messages read before the backend's first ReadyForQuery.
 const MAX_GREETING_MESSAGES: usize = 256;
@@ -151,32 +151,57 @@ fn who_text(process: Option<&ProcessInfo>) -> String {
 /// Reads one PasswordMessage ('p') and returns its text.
 async fn read_password<S: AsyncRead + Unpin>(client: &mut S) -> Result<String, Refusal> {
     let mut buf = BytesMut::with_capacity(2048);
+    let (tag, msg) = match read_message(client, &mut buf, PRE_AUTH_MAX).await {
+        Ok(m) => m,
+        Err(ReadError::Malformed(e)) => {
+            return Err(Refusal::new(
+                "08P01",
+                format!("sluice: bad password message: {e}"),
+            ));
+        }
+        Err(_) => return Err(Refusal::new("08006", "client went away")),
+    };
+    if tag != b'p' {
+        return Err(Refusal::new("08P01", "sluice: expected a password message"));
+    }
+    let body = &msg[HEADER_LEN..];
+    let text = body.strip_suffix(&[0]).unwrap_or(body);
+    String::from_utf8(text.to_vec())
+        .map_err(|_| Refusal::new("28P01", "sluice: the password is not UTF-8"))
+}
+
+/// Why [`read_message`] has no message.
+#[derive(Debug)]
+pub(crate) enum ReadError {
+    /// The peer closed the connection before a whole message.
+    Closed,
+    Io(std::io::Error),
+    /// A bad length, or one over the cap.
+    Malformed(String),
+}
+
+/// Reads one whole message (tag, length, body; at most `max` bytes) from `from`, buffering in
+/// `buf`; bytes after it stay in `buf` for the next call. Returns its tag and the whole message
+/// (the body is `msg[HEADER_LEN..]`). For the exchanges sluice has with a peer itself (login,
+/// catalog); the relay reads chunks of whole messages instead.
+pub(crate) async fn read_message<R: AsyncRead + Unpin>(
+    from: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<(u8, Bytes), ReadError> {
     loop {
-        match message_len(&buf, PRE_AUTH_MAX) {
+        match message_len(buf, max) {
             Ok(Some(n)) => {
-                let msg = buf.split_to(n);
-                let (tag, body) = messages(&msg)
-                    .next()
-                    .and_then(Result::ok)
-                    .ok_or_else(|| Refusal::new("08P01", "sluice: malformed password message"))?;
-                if tag != b'p' {
-                    return Err(Refusal::new("08P01", "sluice: expected a password message"));
-                }
-                let text = body.strip_suffix(&[0]).unwrap_or(body);
-                return String::from_utf8(text.to_vec())
-                    .map_err(|_| Refusal::new("28P01", "sluice: the password is not UTF-8"));
+                let msg = buf.split_to(n).freeze();
+                return Ok((msg[0], msg));
             }
             Ok(None) => {}
-            Err(e) => {
-                return Err(Refusal::new(
-                    "08P01",
-                    format!("sluice: bad password message: {e}"),
-                ));
-            }
+            Err(e) => return Err(ReadError::Malformed(e.to_string())),
         }
-        match client.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return Err(Refusal::new("08006", "client went away")),
+        match from.read_buf(buf).await {
+            Ok(0) => return Err(ReadError::Closed),
             Ok(_) => {}
+            Err(e) => return Err(ReadError::Io(e)),
         }
     }
 }
@@ -257,6 +282,16 @@ pub(crate) enum LoginError {
     TooLong,
 }
 
+impl From<ReadError> for LoginError {
+    fn from(e: ReadError) -> LoginError {
+        match e {
+            ReadError::Closed => LoginError::Closed,
+            ReadError::Io(e) => LoginError::Io(e),
+            ReadError::Malformed(e) => LoginError::Malformed(e),
+        }
+    }
+}
+
 /// Logs in to the backend as `role` with `params` (the client's, `user` replaced) and returns
 /// its greeting.
 pub(crate) async fn backend_login<S: AsyncRead + AsyncWrite + Unpin>(
@@ -274,21 +309,8 @@ pub(crate) async fn backend_login<S: AsyncRead + AsyncWrite + Unpin>(
     let mut out = BytesMut::new();
     let mut key = None;
     for _ in 0..MAX_GREETING_MESSAGES {
-        let n = loop {
-            match message_len(&buf, max_message) {
-                Ok(Some(n)) => break n,
-                Ok(None) => {}
-                Err(e) => return Err(LoginError::Malformed(e.to_string())),
-            }
-            if server.read_buf(&mut buf).await? == 0 {
-                return Err(LoginError::Closed);
-            }
-        };
-        let msg = buf.split_to(n).freeze();
-        let (tag, body) = messages(&msg)
-            .next()
-            .and_then(Result::ok)
-            .ok_or_else(|| LoginError::Malformed("unframed".into()))?;
+        let (tag, msg) = read_message(server, &mut buf, max_message).await?;
+        let body = &msg[HEADER_LEN..];
         let decoded =
             decode_backend(tag, body).map_err(|e| LoginError::Malformed(e.to_string()))?;
         match decoded {

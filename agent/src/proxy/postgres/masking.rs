@@ -182,18 +182,29 @@ impl Masker {
                 }
                 b'D' | b'd' => {
                     if let Some(plan) = self.plan.as_mut() {
-                        self.scratch.clear();
+                        // The rewriters append only a rewritten message, so once the chunk is
+                        // being copied they write into the copy; before that into scratch, and
+                        // the chunk is copied only when a first row changes.
+                        let target = match out.as_mut() {
+                            Some(o) => o,
+                            None => {
+                                self.scratch.clear();
+                                &mut self.scratch
+                            }
+                        };
                         let done = if tag == b'D' {
-                            rewrite_data_row(body, plan, &mut self.scratch)
+                            rewrite_data_row(body, plan, target)
                                 .map_err(|e| format!("cannot mask a result row: {e}"))?
                         } else {
-                            rewrite_copy_text(body, plan, &mut self.scratch)
+                            rewrite_copy_text(body, plan, target)
                                 .map_err(|e| format!("cannot mask a COPY row: {e}"))?
                         };
                         if done == RowRewrite::Rewritten {
-                            // Only now is the chunk copied (up to this message).
-                            out.get_or_insert_with(|| copy_prefix(&chunk, start))
-                                .extend_from_slice(&self.scratch);
+                            if out.is_none() {
+                                let mut o = copy_prefix(&chunk, start);
+                                o.extend_from_slice(&self.scratch);
+                                out = Some(o);
+                            }
                             rewritten = true;
                         }
                     }

@@ -2,9 +2,11 @@
 //! directions that journals every chunk of whole messages **before** forwarding it.
 //!
 //! Invariants:
-//! - Bytes are forwarded exactly as received, in chunks of whole messages; nothing is
-//!   re-encoded. The journal gets the same chunk (password messages emptied: the journal never
-//!   holds a credential).
+//! - Unchanged messages are forwarded exactly as received, in chunks of whole messages; only
+//!   what policy replaces (a Sync for a denied statement, sluice's errors and notices), what
+//!   masking rewrites (result rows) and sluice's own login greeting are new bytes. The journal
+//!   gets what was forwarded (credentials emptied: a client's password/SASL messages, and the
+//!   server's SASL payloads during a relayed login).
 //! - Nothing is forwarded that the journal did not accept: a failed append ends the session.
 //! - Memory per connection is bounded: a client message is capped at 10 kB until the server
 //!   has said AuthenticationOk, then both directions at `max_message_bytes`; a larger declared
@@ -1572,16 +1574,11 @@ where
             biased;
             i = inject.recv(), if inject_open => {
                 match i {
-                    Some(i) if i.before_ready == NOW => {
-                        // A notice: between two whole messages is a valid place for it.
-                        if let Err(e) = recorder.server(i.error.clone()) {
-                            return End::Journal(e);
-                        }
-                        if let Err(error) = to.write_all(&i.error).await {
-                            return End::Io { from: "client", error };
+                    Some(i) => {
+                        if let Err(end) = take_injection(i, &mut pending, recorder, to).await {
+                            return end;
                         }
                     }
-                    Some(i) => pending.push_back(i),
                     None => inject_open = false,
                 }
                 continue;
@@ -1591,20 +1588,10 @@ where
                 Err(end) => return end,
             },
         };
+        // Queued before this chunk was complete: a notice goes ahead of it.
         while let Ok(i) = inject.try_recv() {
-            if i.before_ready == NOW {
-                // Written ahead of this chunk: it was queued before the chunk was complete.
-                if let Err(e) = recorder.server(i.error.clone()) {
-                    return End::Journal(e);
-                }
-                if let Err(error) = to.write_all(&i.error).await {
-                    return End::Io {
-                        from: "client",
-                        error,
-                    };
-                }
-            } else {
-                pending.push_back(i);
+            if let Err(end) = take_injection(i, &mut pending, recorder, to).await {
+                return end;
             }
         }
         if !authenticated.load(Ordering::Relaxed) && is_authentication_ok(&chunk) {
@@ -1656,6 +1643,26 @@ where
             };
         }
     }
+}
+
+/// Takes one injection on the server side: a notice ([`NOW`]) is journaled and written at once
+/// (between two whole messages is a valid place for it); an error waits in `pending` for its
+/// ReadyForQuery.
+async fn take_injection<W: AsyncWrite + Unpin>(
+    i: Injection,
+    pending: &mut VecDeque<Injection>,
+    recorder: &SessionRecorder,
+    to: &mut W,
+) -> Result<(), End> {
+    if i.before_ready != NOW {
+        pending.push_back(i);
+        return Ok(());
+    }
+    recorder.server(i.error.clone()).map_err(End::Journal)?;
+    to.write_all(&i.error).await.map_err(|error| End::Io {
+        from: "client",
+        error,
+    })
 }
 
 /// Counts the ReadyForQuery messages in `chunk` and puts each due injection's error right
