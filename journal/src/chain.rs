@@ -25,6 +25,8 @@ use ring::rand::SystemRandom;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 
+use crate::keyfile;
+pub use crate::keyfile::KeyError;
 use crate::model::SessionId;
 
 /// Events between two checkpoints of a long session, at most.
@@ -35,28 +37,6 @@ pub const CHECKPOINT_NANOS: u64 = 10_000_000_000;
 const CHAIN_DOMAIN: &[u8] = b"sluice-chain-v1";
 const CHECKPOINT_DOMAIN: &[u8] = b"sluice-checkpoint-v1";
 
-#[derive(Debug, thiserror::Error)]
-pub enum KeyError {
-    #[error("cannot read the signing key {path}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot write a new signing key to {path}")]
-    Write {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the signing key {path} is not an Ed25519 PKCS#8 key")]
-    Invalid { path: String },
-    #[error("the signing key {path} is readable by others than its owner (chmod 600 it)")]
-    Permissions { path: String },
-    #[error("no randomness to make a signing key")]
-    Random,
-}
-
 /// The agent's Ed25519 key, created on first use (mode 600).
 pub struct Signer {
     key: Ed25519KeyPair,
@@ -65,57 +45,16 @@ pub struct Signer {
 impl Signer {
     /// Loads the PKCS#8 key in `path`, or creates one there (readable by its owner only).
     pub fn load_or_create(path: &Path) -> Result<Signer, KeyError> {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        let shown = path.display().to_string();
-        match std::fs::read(path) {
-            Ok(bytes) => {
-                let mode = std::fs::metadata(path)
-                    .map_err(|source| KeyError::Read {
-                        path: shown.clone(),
-                        source,
-                    })?
-                    .permissions()
-                    .mode();
-                if mode & 0o077 != 0 {
-                    return Err(KeyError::Permissions { path: shown });
-                }
-                let key = Ed25519KeyPair::from_pkcs8(&bytes)
-                    .map_err(|_| KeyError::Invalid { path: shown })?;
-                Ok(Signer { key })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
-                    .map_err(|_| KeyError::Random)?;
-                if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent).map_err(|source| KeyError::Write {
-                        path: shown.clone(),
-                        source,
-                    })?;
-                }
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path)
-                    .map_err(|source| KeyError::Write {
-                        path: shown.clone(),
-                        source,
-                    })?;
-                std::io::Write::write_all(&mut f, pkcs8.as_ref()).map_err(|source| {
-                    KeyError::Write {
-                        path: shown.clone(),
-                        source,
-                    }
-                })?;
-                let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
-                    .map_err(|_| KeyError::Invalid { path: shown })?;
-                Ok(Signer { key })
-            }
-            Err(source) => Err(KeyError::Read {
-                path: shown,
-                source,
-            }),
-        }
+        let pkcs8 = keyfile::load_or_create(path, || {
+            Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+                .map(|d| d.as_ref().to_vec())
+                .map_err(|_| KeyError::Random)
+        })?;
+        let key = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|_| KeyError::Invalid {
+            path: path.display().to_string(),
+            what: "an Ed25519 PKCS#8 key",
+        })?;
+        Ok(Signer { key })
     }
 
     pub fn public_key(&self) -> Vec<u8> {

@@ -11,7 +11,13 @@
 //! "sessions"     session id (16 B)                     FORMAT ++ postcard(SessionSummary)
 //! "requests"     created ns (u64 BE) ++ request id     FORMAT ++ postcard(AccessRequest)
 //! "checkpoints"  session id (16 B) ++ seq (u64 BE)     FORMAT ++ postcard(chain::Checkpoint)
+//! "hashes"       session id (16 B) ++ seq (u64 BE)     the chain hash after that event (32 B)
+//! "shipped"      session id (16 B)                     next unacknowledged seq (u64 BE), agent only
+//! "integrity"    session id (16 B)                     FORMAT ++ postcard(Integrity), collector only
+//! "meta"         the collector's own records           opaque
 //! ```
+//! With a data key, values of `events`, `sessions` and `requests` are sealed (AES-256-GCM, see
+//! [`seal`]); everything the chain hashes is the plain value.
 //! A request (a held statement or a just-in-time access request) is rewritten under the same
 //! key as its state changes, so the family holds each request's latest state, in creation
 //! order; the sessions it touches also carry `Body::Review` events.
@@ -26,12 +32,29 @@
 #![forbid(unsafe_code)]
 
 pub mod chain;
+mod collector;
+mod keyfile;
 mod model;
+pub mod seal;
+mod ship;
 mod store;
 
+pub use collector::{Integrity, MetaRecord, Store};
+pub use keyfile::KeyError;
 pub use model::{
     AccessRequest, AuthInfo, Body, Decision, Direction, Event, MaskFiring, MaskReport, NoteLevel,
     Principal, ProcessInfo, RequestKind, RequestState, Review, SessionId, SessionStart,
     SessionSummary, now_ns,
 };
-pub use store::{Journal, JournalError, Reader, SessionRecorder, Verification};
+pub use ship::{
+    Backlog, IngestReport, SessionAck, ShipBatch, ShipCheckpoint, ShipEvent, ShipSession,
+};
+pub use store::{
+    INTERRUPTED, Journal, JournalError, JournalOptions, RawEvent, RawSession, Reader,
+    SessionRecorder, Verification,
+};
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,16 +1,17 @@
-//! The RocksDB spool: the agent's writer ([`Journal`], [`SessionRecorder`]) and the readers'
-//! view ([`Reader`]).
+//! The RocksDB spool: the shared core ([`Core`]: families, sealing, reading, verifying), the
+//! agent's writer ([`Journal`], [`SessionRecorder`]) and the readers' view ([`Reader`]).
 //!
 //! Writes go through RocksDB's WAL (on). By default without fsync: an append survives a crash
 //! of the agent (the data is in the kernel's page cache), not a power loss. With
-//! [`Journal::power_loss_durable`] every write waits for the WAL's fsync, and concurrent writers
-//! share one fsync (RocksDB's group commit). An append is a few microseconds and is done inline on the connection's
-//! task; a RocksDB write stall therefore slows that connection, which is the intended
-//! backpressure: nothing is forwarded that was not recorded.
+//! [`JournalOptions::power_loss_durable`] every write waits for the WAL's fsync, and concurrent
+//! writers share one fsync (RocksDB's group commit). An append is a few microseconds and is
+//! done inline on the connection's task; a RocksDB write stall therefore slows that connection,
+//! which is the intended backpressure: nothing is forwarded that was not recorded.
 //!
 //! [`Reader`] opens the same directory read-only, which works while the agent holds it open: it
 //! sees everything written up to the moment it opened.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,17 +23,40 @@ use rocksdb::{
 use serde::{Deserialize, Serialize};
 
 use crate::chain::{ChainState, Checkpoint, Signer, genesis, link, verify_checkpoint};
+use crate::hex;
 use crate::model::{
     AccessRequest, Body, Decision, Event, NoteLevel, Review, SessionId, SessionStart,
     SessionSummary, now_ns,
 };
+use crate::seal::{SealError, Sealer};
 
-const CF_EVENTS: &str = "events";
-const CF_SESSIONS: &str = "sessions";
-const CF_REQUESTS: &str = "requests";
-const CF_CHECKPOINTS: &str = "checkpoints";
-/// First byte of every stored value: the value format. Bump it when the encoding changes.
-const FORMAT: u8 = 1;
+pub(crate) const CF_EVENTS: &str = "events";
+pub(crate) const CF_SESSIONS: &str = "sessions";
+pub(crate) const CF_REQUESTS: &str = "requests";
+pub(crate) const CF_CHECKPOINTS: &str = "checkpoints";
+/// Each event's chain hash h(n), so a verifier can name the exact event that was changed.
+pub(crate) const CF_HASHES: &str = "hashes";
+/// The agent's shipping cursor per session: events below it are acknowledged by the collector.
+pub(crate) const CF_SHIPPED: &str = "shipped";
+/// The collector's ingest verdict per session.
+pub(crate) const CF_INTEGRITY: &str = "integrity";
+/// The collector's own records (agents, tokens, audit).
+pub(crate) const CF_META: &str = "meta";
+const FAMILIES: [&str; 8] = [
+    CF_EVENTS,
+    CF_SESSIONS,
+    CF_REQUESTS,
+    CF_CHECKPOINTS,
+    CF_HASHES,
+    CF_SHIPPED,
+    CF_INTEGRITY,
+    CF_META,
+];
+/// First byte of every plain stored value: the value format. Bump it when the encoding changes.
+pub(crate) const FORMAT: u8 = 1;
+/// The end reason of a session its agent never closed, sealed when the agent restarted.
+pub const INTERRUPTED: &str =
+    "interrupted: the agent stopped without closing this session (sealed when it restarted)";
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -50,6 +74,12 @@ pub enum JournalError {
         #[source]
         source: rocksdb::Error,
     },
+    #[error("cannot write {what} to the journal")]
+    WriteOther {
+        what: String,
+        #[source]
+        source: rocksdb::Error,
+    },
     #[error("cannot write request {id} to the journal")]
     WriteRequest {
         id: String,
@@ -58,6 +88,8 @@ pub enum JournalError {
     },
     #[error("cannot use the journal signing key")]
     Key(#[source] crate::chain::KeyError),
+    #[error("cannot use the journal's data key")]
+    Seal(#[from] SealError),
     #[error("journal read failed")]
     Read {
         #[source]
@@ -77,6 +109,14 @@ pub enum JournalError {
     },
     #[error("journal value at {what} has unknown format {format} (written by a newer sluice?)")]
     Format { what: String, format: u8 },
+    #[error(
+        "journal value at {what} does not open with the data key: it was altered or moved, or the journal holds values sealed with another key"
+    )]
+    Unseal { what: String },
+    #[error(
+        "journal value at {what} is encrypted, and no data key was given (pass --key, or run where the journal's key pointer is readable)"
+    )]
+    Sealed { what: String },
     #[error("no session matches {0:?}")]
     NoSuchSession(String),
     #[error("{prefix:?} matches several sessions: {candidates}")]
@@ -85,19 +125,22 @@ pub enum JournalError {
 
 /// The stored form of an event (the key carries session and seq).
 #[derive(Serialize, Deserialize)]
-struct StoredEvent {
-    ts_ns: u64,
-    body: Body,
+pub(crate) struct StoredEvent {
+    pub ts_ns: u64,
+    pub body: Body,
 }
 
-fn encode<T: Serialize>(value: &T, what: impl Fn() -> String) -> Result<Vec<u8>, JournalError> {
+pub(crate) fn encode<T: Serialize>(
+    value: &T,
+    what: impl Fn() -> String,
+) -> Result<Vec<u8>, JournalError> {
     postcard::to_extend(value, vec![FORMAT]).map_err(|source| JournalError::Encode {
         what: what(),
         source,
     })
 }
 
-fn decode<'a, T: Deserialize<'a>>(
+pub(crate) fn decode<'a, T: Deserialize<'a>>(
     bytes: &'a [u8],
     what: impl Fn() -> String,
 ) -> Result<T, JournalError> {
@@ -119,7 +162,22 @@ fn decode<'a, T: Deserialize<'a>>(
     }
 }
 
-fn key_seq(key: &[u8]) -> Result<u64, JournalError> {
+/// Decodes the plain stored value of event `seq` of `session`.
+pub(crate) fn decode_event(
+    session: SessionId,
+    seq: u64,
+    plain: &[u8],
+) -> Result<Event, JournalError> {
+    let stored: StoredEvent = decode(plain, || format!("event {session}/{seq}"))?;
+    Ok(Event {
+        session,
+        seq,
+        ts_ns: stored.ts_ns,
+        body: stored.body,
+    })
+}
+
+pub(crate) fn key_seq(key: &[u8]) -> Result<u64, JournalError> {
     key.get(16..24)
         .and_then(|b| <[u8; 8]>::try_from(b).ok())
         .map(u64::from_be_bytes)
@@ -129,7 +187,7 @@ fn key_seq(key: &[u8]) -> Result<u64, JournalError> {
         })
 }
 
-fn event_key(session: &SessionId, seq: u64) -> [u8; 24] {
+pub(crate) fn event_key(session: &SessionId, seq: u64) -> [u8; 24] {
     let mut key = [0u8; 24];
     key[..16].copy_from_slice(session.as_bytes());
     key[16..].copy_from_slice(&seq.to_be_bytes());
@@ -145,60 +203,543 @@ fn options() -> Options {
 }
 
 fn descriptors() -> Vec<ColumnFamilyDescriptor> {
-    [CF_EVENTS, CF_SESSIONS, CF_REQUESTS, CF_CHECKPOINTS]
+    FAMILIES
         .into_iter()
         .map(|name| ColumnFamilyDescriptor::new(name, options()))
         .collect()
 }
 
-/// The agent's handle on its journal. Cheap to clone.
-#[derive(Clone)]
-pub struct Journal {
-    db: Arc<DB>,
-    /// Signs the sessions' chain checkpoints (None: chains are kept but not signed).
-    signer: Option<Arc<Signer>>,
-    /// Every write waits for the WAL's fsync (power-loss durability); concurrent writers share
-    /// one fsync (RocksDB's group commit).
-    sync: bool,
+/// What every view of a journal directory shares: the database, its data key, and reading.
+pub(crate) struct Core {
+    pub db: DB,
+    pub sealer: Option<Sealer>,
 }
 
-impl Journal {
-    /// Opens (creating if needed) the journal in `dir`.
-    pub fn open(dir: &Path) -> Result<Journal, JournalError> {
+impl Core {
+    /// Opens `dir` for writing (creating it), sealing values with the key in `data_key`
+    /// (created on first use) and leaving the key pointer for readers.
+    pub fn open_write(dir: &Path, data_key: Option<&Path>) -> Result<Core, JournalError> {
         let db = DB::open_cf_descriptors(&options(), dir, descriptors()).map_err(|source| {
             JournalError::Open {
                 path: dir.to_path_buf(),
                 source,
             }
         })?;
-        Ok(Journal {
-            db: Arc::new(db),
-            signer: None,
-            sync: false,
+        let sealer = match data_key {
+            Some(path) => {
+                let sealer = Sealer::load_or_create(path)
+                    .map_err(|e| JournalError::Seal(SealError::Key(e)))?;
+                crate::seal::write_pointer(dir, path, &sealer)?;
+                Some(sealer)
+            }
+            None => None,
+        };
+        Ok(Core { db, sealer })
+    }
+
+    pub fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, JournalError> {
+        self.db.cf_handle(name).ok_or_else(|| JournalError::Format {
+            what: format!("column family {name}"),
+            format: 0,
         })
     }
 
-    /// Makes every write wait for the WAL's fsync, so what was forwarded survives a power
-    /// loss, not only an agent crash. Writes from all connections that arrive together share
-    /// one fsync (group commit).
+    /// The stored form of a plain value of a sealed family.
+    pub fn seal(&self, family: &str, key: &[u8], plain: Vec<u8>) -> Result<Vec<u8>, JournalError> {
+        match &self.sealer {
+            None => Ok(plain),
+            Some(s) => s
+                .seal(family, key, &plain)
+                .ok_or_else(|| JournalError::Unseal {
+                    what: format!("{family}/{} (sealing failed)", hex(key)),
+                }),
+        }
+    }
+
+    /// The plain form of a stored value of a sealed family.
+    pub fn unseal(&self, family: &str, key: &[u8], stored: &[u8]) -> Result<Vec<u8>, JournalError> {
+        if stored.first() != Some(&crate::seal::SEALED) {
+            return Ok(stored.to_vec());
+        }
+        let what = || format!("{family}/{}", hex(key));
+        match &self.sealer {
+            None => Err(JournalError::Sealed { what: what() }),
+            Some(s) => s
+                .open(family, key, stored)
+                .ok_or_else(|| JournalError::Unseal { what: what() }),
+        }
+    }
+
+    pub fn put_summary(
+        &self,
+        batch: &mut WriteBatch,
+        summary: &SessionSummary,
+    ) -> Result<(), JournalError> {
+        let key = summary.id.as_bytes();
+        let plain = encode(summary, || format!("session {}", summary.id))?;
+        batch.put_cf(
+            self.cf(CF_SESSIONS)?,
+            key,
+            self.seal(CF_SESSIONS, key, plain)?,
+        );
+        Ok(())
+    }
+
+    pub fn summary(&self, id: &SessionId) -> Result<Option<SessionSummary>, JournalError> {
+        let key = id.as_bytes();
+        let Some(stored) = self
+            .db
+            .get_cf(self.cf(CF_SESSIONS)?, key)
+            .map_err(|source| JournalError::Read { source })?
+        else {
+            return Ok(None);
+        };
+        let plain = self.unseal(CF_SESSIONS, key, &stored)?;
+        decode(&plain, || format!("session {id}")).map(Some)
+    }
+
+    /// Every session's stored summary, oldest first (counters as last written).
+    pub fn stored_summaries(&self) -> Result<Vec<SessionSummary>, JournalError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_SESSIONS)?, IteratorMode::Start)
+        {
+            let (key, value) = item.map_err(|source| JournalError::Read { source })?;
+            let plain = self.unseal(CF_SESSIONS, &key, &value)?;
+            out.push(decode(&plain, || format!("session {}", hex(&key)))?);
+        }
+        Ok(out)
+    }
+
+    /// A session's events from `from` on as (seq, plain stored value), in order.
+    pub fn raw_events(
+        &self,
+        session: SessionId,
+        from: u64,
+    ) -> Result<impl Iterator<Item = Result<(u64, Vec<u8>), JournalError>> + '_, JournalError> {
+        let prefix = *session.as_bytes();
+        let start = event_key(&session, from);
+        let iter = self.db.iterator_cf(
+            self.cf(CF_EVENTS)?,
+            IteratorMode::From(&start, IterDirection::Forward),
+        );
+        Ok(iter
+            .take_while(move |item| match item {
+                Ok((key, _)) => key.starts_with(&prefix),
+                Err(_) => true,
+            })
+            .map(move |item| {
+                let (key, value) = item.map_err(|source| JournalError::Read { source })?;
+                let seq = key_seq(&key)?;
+                Ok((seq, self.unseal(CF_EVENTS, &key, &value)?))
+            }))
+    }
+
+    /// A session's checkpoints, by the seq they cover.
+    pub fn checkpoints(
+        &self,
+        session: &SessionId,
+        from: u64,
+    ) -> Result<BTreeMap<u64, Checkpoint>, JournalError> {
+        let mut out = BTreeMap::new();
+        let prefix = *session.as_bytes();
+        let start = event_key(session, from);
+        for item in self.db.iterator_cf(
+            self.cf(CF_CHECKPOINTS)?,
+            IteratorMode::From(&start, IterDirection::Forward),
+        ) {
+            let (key, value) = item.map_err(|source| JournalError::Read { source })?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let seq = key_seq(&key)?;
+            out.insert(
+                seq,
+                decode(&value, || format!("checkpoint {session}/{seq}"))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// The recorded chain hash of event `seq`, if any.
+    pub fn hash(&self, session: &SessionId, seq: u64) -> Result<Option<[u8; 32]>, JournalError> {
+        Ok(self
+            .db
+            .get_cf(self.cf(CF_HASHES)?, event_key(session, seq))
+            .map_err(|source| JournalError::Read { source })?
+            .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok()))
+    }
+
+    /// The seq after a session's last stored event (0 when it has none).
+    pub fn next_seq(&self, session: &SessionId) -> Result<u64, JournalError> {
+        let end = event_key(session, u64::MAX);
+        let mut iter = self.db.raw_iterator_cf(self.cf(CF_EVENTS)?);
+        iter.seek_for_prev(end);
+        match iter.key() {
+            Some(key) if key.starts_with(session.as_bytes()) => Ok(key_seq(key)? + 1),
+            _ => {
+                iter.status()
+                    .map_err(|source| JournalError::Read { source })?;
+                Ok(0)
+            }
+        }
+    }
+
+    /// Deletes everything recorded of `session` into `batch`.
+    pub fn delete_session(
+        &self,
+        batch: &mut WriteBatch,
+        session: &SessionId,
+    ) -> Result<(), JournalError> {
+        let from = event_key(session, 0);
+        let to = {
+            let mut k = [0xffu8; 25];
+            k[..16].copy_from_slice(session.as_bytes());
+            k
+        };
+        for family in [CF_EVENTS, CF_HASHES, CF_CHECKPOINTS] {
+            batch.delete_range_cf(self.cf(family)?, &from[..], &to[..]);
+        }
+        for family in [CF_SESSIONS, CF_SHIPPED, CF_INTEGRITY] {
+            batch.delete_cf(self.cf(family)?, session.as_bytes());
+        }
+        Ok(())
+    }
+
+    /// Every session's index entry, oldest first; the counters of sessions never sealed are
+    /// derived from their events.
+    pub fn sessions(&self) -> Result<Vec<SessionSummary>, JournalError> {
+        let mut out = self.stored_summaries()?;
+        for summary in &mut out {
+            if summary.ended_ns.is_none() {
+                let (mut client, mut server, mut events) = (0, 0, 0);
+                for event in self.events(&summary.id)? {
+                    events += 1;
+                    match event?.body {
+                        Body::Client(b) => client += b.len() as u64,
+                        Body::Server(b) => server += b.len() as u64,
+                        _ => {}
+                    }
+                }
+                summary.client_bytes = client;
+                summary.server_bytes = server;
+                summary.events = events;
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn events(
+        &self,
+        session: &SessionId,
+    ) -> Result<impl Iterator<Item = Result<Event, JournalError>> + '_, JournalError> {
+        let session = *session;
+        Ok(self
+            .raw_events(session, 0)?
+            .map(move |item| item.and_then(|(seq, plain)| decode_event(session, seq, &plain))))
+    }
+
+    /// Everything needed to verify `session` without this journal.
+    pub fn raw_session(&self, session: &SessionId) -> Result<RawSession, JournalError> {
+        let summary = self
+            .summary(session)?
+            .ok_or_else(|| JournalError::NoSuchSession(session.to_string()))?;
+        let mut events = Vec::new();
+        for item in self.raw_events(*session, 0)? {
+            let (seq, value) = item?;
+            events.push(RawEvent {
+                seq,
+                hash: self.hash(session, seq)?,
+                value,
+            });
+        }
+        let checkpoints = self
+            .checkpoints(session, 0)?
+            .into_iter()
+            .map(|(seq, checkpoint)| crate::ship::ShipCheckpoint { seq, checkpoint })
+            .collect();
+        Ok(RawSession {
+            summary,
+            events,
+            checkpoints,
+        })
+    }
+
+    /// Recomputes `session`'s chain from the stored events and checks every recorded hash and
+    /// checkpoint.
+    pub fn verify(&self, session: &SessionId) -> Result<Verification, JournalError> {
+        let checkpoints = self.checkpoints(session, 0)?;
+        let prefix = *session.as_bytes();
+        let iter = self.db.iterator_cf(
+            self.cf(CF_EVENTS)?,
+            IteratorMode::From(&prefix, IterDirection::Forward),
+        );
+        let events = iter
+            .take_while(|item| match item {
+                Ok((key, _)) => key.starts_with(&prefix),
+                Err(_) => true,
+            })
+            .map(|item| {
+                let (key, value) = item.map_err(|source| JournalError::Read { source })?;
+                let seq = key_seq(&key)?;
+                // A value that does not open is a changed event, not a read error.
+                let plain = self.unseal(CF_EVENTS, &key, &value).ok();
+                Ok((seq, plain, self.hash(session, seq)?))
+            });
+        verify_chain(session, events, checkpoints)
+    }
+}
+
+/// The first problem in a session's events, checked against their recorded hashes and
+/// checkpoints. `events` yields (seq, plain value or None when it would not unseal, recorded
+/// hash), in stored order.
+pub(crate) fn verify_chain(
+    session: &SessionId,
+    events: impl Iterator<Item = Result<(u64, Option<Vec<u8>>, Option<[u8; 32]>), JournalError>>,
+    mut checkpoints: BTreeMap<u64, Checkpoint>,
+) -> Result<Verification, JournalError> {
+    let mut out = Verification {
+        events: 0,
+        sealed_through: None,
+        public_key: checkpoints.values().next().map(|c| c.public_key.clone()),
+        problem: None,
+    };
+    let mut hash = genesis(session);
+    // Journals written before per-event hashes have none; once one is seen, all must be there.
+    let mut hashed = false;
+    for (expected, item) in (0u64..).zip(events) {
+        let (seq, value, recorded) = item?;
+        if seq != expected {
+            out.problem = Some((
+                expected,
+                format!("event {expected} is missing (dropped): the next stored event is {seq}"),
+            ));
+            return Ok(out);
+        }
+        let Some(value) = value else {
+            out.problem = Some((
+                seq,
+                format!("event {seq} does not decrypt: it was altered or moved"),
+            ));
+            return Ok(out);
+        };
+        hash = link(&hash, seq, &value);
+        out.events += 1;
+        hashed |= recorded.is_some();
+        match recorded {
+            Some(r) if r != hash => {
+                out.problem = Some((
+                    seq,
+                    format!(
+                        "event {seq} does not match its recorded hash: it was altered, replaced or moved"
+                    ),
+                ));
+                return Ok(out);
+            }
+            None if hashed => {
+                out.problem = Some((
+                    seq,
+                    format!("event {seq} has no recorded hash: it was inserted"),
+                ));
+                return Ok(out);
+            }
+            _ => {}
+        }
+        if let Some(c) = checkpoints.remove(&seq) {
+            if out.public_key.as_deref() != Some(c.public_key.as_slice()) {
+                out.problem = Some((seq, "a checkpoint is signed with another key".into()));
+                return Ok(out);
+            }
+            if !verify_checkpoint(session, seq, &hash, &c) {
+                let from = out.sealed_through.map(|s| s + 1).unwrap_or(0);
+                out.problem = Some((
+                    seq,
+                    format!(
+                        "the chain does not match the signed checkpoint at event {seq}: an event from {from} to {seq} was changed, inserted or reordered (with its hash rewritten), or the checkpoint was forged"
+                    ),
+                ));
+                return Ok(out);
+            }
+            out.sealed_through = Some(seq);
+        }
+    }
+    if let Some((&seq, _)) = checkpoints.iter().next() {
+        out.problem = Some((
+            seq,
+            format!(
+                "a checkpoint covers event {seq}, which is not in the journal (events were dropped)"
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// A session as recorded, in plain form: what an export bundle carries so that it can be
+/// verified offline.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawSession {
+    pub summary: SessionSummary,
+    /// Ascending seq.
+    pub events: Vec<RawEvent>,
+    pub checkpoints: Vec<crate::ship::ShipCheckpoint>,
+}
+
+/// One event's plain stored value (what the chain hashes) and its recorded chain hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawEvent {
+    pub seq: u64,
+    pub value: Vec<u8>,
+    pub hash: Option<[u8; 32]>,
+}
+
+impl RawSession {
+    /// The same checks as [`Reader::verify`], on this in-memory copy.
+    pub fn verify(&self) -> Verification {
+        let id = self.summary.id;
+        let checkpoints = self
+            .checkpoints
+            .iter()
+            .map(|c| (c.seq, c.checkpoint.clone()))
+            .collect();
+        let events = self
+            .events
+            .iter()
+            .map(|e| Ok((e.seq, Some(e.value.clone()), e.hash)));
+        verify_chain(&id, events, checkpoints).unwrap_or_else(|e| Verification {
+            events: 0,
+            sealed_through: None,
+            public_key: None,
+            problem: Some((0, e.to_string())),
+        })
+    }
+
+    /// The decoded events, in order.
+    pub fn events(&self) -> impl Iterator<Item = Result<Event, JournalError>> + '_ {
+        let id = self.summary.id;
+        self.events
+            .iter()
+            .map(move |e| decode_event(id, e.seq, &e.value))
+    }
+}
+
+/// How the agent opens its journal.
+#[derive(Clone, Debug, Default)]
+pub struct JournalOptions {
+    /// Ed25519 PKCS#8 key that signs checkpoints (created at first start, mode 600); None:
+    /// chains are kept but not signed.
+    pub signing_key: Option<PathBuf>,
+    /// 32-byte AES-256-GCM data key (created at first start, mode 600); None: values are
+    /// stored in the clear.
+    pub encryption_key: Option<PathBuf>,
+    /// Every write waits for the WAL's fsync, shared by concurrent writers (group commit).
+    pub power_loss_durable: bool,
+}
+
+/// The agent's handle on its journal. Cheap to clone.
+#[derive(Clone)]
+pub struct Journal {
+    pub(crate) core: Arc<Core>,
+    /// Signs the sessions' chain checkpoints (None: chains are kept but not signed).
+    signer: Option<Arc<Signer>>,
+    sync: bool,
+    /// Sessions sealed at open because a previous agent left them open.
+    recovered: Arc<Vec<SessionId>>,
+    pub(crate) last_compaction: Arc<std::sync::Mutex<u64>>,
+}
+
+impl Journal {
+    /// Opens (creating if needed) an unsigned, unsealed journal in `dir`.
+    pub fn open(dir: &Path) -> Result<Journal, JournalError> {
+        Journal::open_with(dir, &JournalOptions::default())
+    }
+
+    /// Opens (creating if needed) the journal in `dir`, then seals every session a previous
+    /// agent left open (killed mid-session) with an end event saying so.
+    pub fn open_with(dir: &Path, options: &JournalOptions) -> Result<Journal, JournalError> {
+        let signer = match &options.signing_key {
+            Some(path) => Some(Arc::new(
+                Signer::load_or_create(path).map_err(JournalError::Key)?,
+            )),
+            None => None,
+        };
+        let core = Core::open_write(dir, options.encryption_key.as_deref())?;
+        let mut journal = Journal {
+            core: Arc::new(core),
+            signer,
+            sync: options.power_loss_durable,
+            recovered: Arc::new(Vec::new()),
+            last_compaction: Arc::new(std::sync::Mutex::new(0)),
+        };
+        journal.recovered = Arc::new(journal.seal_interrupted()?);
+        Ok(journal)
+    }
+
+    /// Opens the journal in `dir`, signing checkpoints with the key in `key`.
+    pub fn open_signed(dir: &Path, key: &Path) -> Result<Journal, JournalError> {
+        Journal::open_with(
+            dir,
+            &JournalOptions {
+                signing_key: Some(key.to_path_buf()),
+                ..JournalOptions::default()
+            },
+        )
+    }
+
+    /// Makes every write wait for the WAL's fsync.
     pub fn power_loss_durable(mut self, on: bool) -> Journal {
         self.sync = on;
         self
     }
 
-    fn write_options(&self) -> rocksdb::WriteOptions {
+    /// The sessions this open found unsealed and sealed as interrupted.
+    pub fn recovered(&self) -> &[SessionId] {
+        &self.recovered
+    }
+
+    /// The raw Ed25519 public key that signs this journal's checkpoints.
+    pub fn public_key(&self) -> Option<Vec<u8>> {
+        self.signer.as_ref().map(|s| s.public_key())
+    }
+
+    pub(crate) fn write_options(&self) -> rocksdb::WriteOptions {
         let mut o = rocksdb::WriteOptions::default();
         o.set_sync(self.sync);
         o
     }
 
-    /// Opens the journal in `dir`, signing checkpoints with the key in `key` (created on first
-    /// use, mode 600).
-    pub fn open_signed(dir: &Path, key: &Path) -> Result<Journal, JournalError> {
-        let signer = Signer::load_or_create(key).map_err(JournalError::Key)?;
-        let mut journal = Journal::open(dir)?;
-        journal.signer = Some(Arc::new(signer));
-        Ok(journal)
+    fn seal_interrupted(&self) -> Result<Vec<SessionId>, JournalError> {
+        let mut sealed = Vec::new();
+        for summary in self.core.stored_summaries()? {
+            if summary.ended_ns.is_some() {
+                continue;
+            }
+            let id = summary.id;
+            let mut chain = ChainState::new(&id, now_ns());
+            let (mut client, mut server) = (0, 0);
+            for item in self.core.raw_events(id, 0)? {
+                let (seq, plain) = item?;
+                match decode_event(id, seq, &plain)?.body {
+                    Body::Client(b) => client += b.len() as u64,
+                    Body::Server(b) => server += b.len() as u64,
+                    _ => {}
+                }
+                chain.push(seq, &plain, false, 0);
+                chain.next_seq = seq + 1;
+            }
+            let recorder = SessionRecorder {
+                id,
+                journal: self.clone(),
+                summary: std::sync::Mutex::new(summary.clone()),
+                chain: std::sync::Mutex::new(chain),
+                statements: AtomicU64::new(summary.statements),
+                client_bytes: AtomicU64::new(client),
+                server_bytes: AtomicU64::new(server),
+            };
+            recorder.end(INTERRUPTED)?;
+            sealed.push(id);
+        }
+        Ok(sealed)
     }
 
     /// Starts recording a session: writes its start event and index entry.
@@ -231,11 +772,14 @@ impl Journal {
 
     /// Writes a request's current state (a new request, or a new state of an old one).
     pub fn put_request(&self, request: &AccessRequest) -> Result<(), JournalError> {
-        let value = encode(request, || format!("request {}", request.id))?;
-        self.db
+        let key = request_key(request);
+        let plain = encode(request, || format!("request {}", request.id))?;
+        let value = self.core.seal(CF_REQUESTS, &key, plain)?;
+        self.core
+            .db
             .put_cf_opt(
-                self.cf(CF_REQUESTS)?,
-                request_key(request),
+                self.core.cf(CF_REQUESTS)?,
+                key,
                 value,
                 &self.write_options(),
             )
@@ -247,11 +791,25 @@ impl Journal {
 
     /// Every request, oldest first, in its latest state.
     pub fn requests(&self) -> Result<Vec<AccessRequest>, JournalError> {
-        read_requests(&self.db)
+        read_requests(&self.core)
     }
 
-    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, JournalError> {
-        cf(&self.db, name)
+    /// Bytes the spool occupies now: table files plus memtables, over all families.
+    pub fn spool_bytes(&self) -> u64 {
+        let db = &self.core.db;
+        FAMILIES
+            .iter()
+            .filter_map(|name| db.cf_handle(name))
+            .map(|cf| {
+                [
+                    "rocksdb.total-sst-files-size",
+                    "rocksdb.cur-size-all-mem-tables",
+                ]
+                .iter()
+                .filter_map(|p| db.property_int_value_cf(cf, *p).ok().flatten())
+                .sum::<u64>()
+            })
+            .sum()
     }
 }
 
@@ -262,24 +820,18 @@ fn request_key(request: &AccessRequest) -> Vec<u8> {
     key
 }
 
-fn read_requests(db: &DB) -> Result<Vec<AccessRequest>, JournalError> {
-    let Some(family) = db.cf_handle(CF_REQUESTS) else {
+fn read_requests(core: &Core) -> Result<Vec<AccessRequest>, JournalError> {
+    let Some(family) = core.db.cf_handle(CF_REQUESTS) else {
         // A journal written before requests existed.
         return Ok(Vec::new());
     };
     let mut out = Vec::new();
-    for item in db.iterator_cf(family, IteratorMode::Start) {
+    for item in core.db.iterator_cf(family, IteratorMode::Start) {
         let (key, value) = item.map_err(|source| JournalError::Read { source })?;
-        out.push(decode(&value, || format!("request {}", hex(&key)))?);
+        let plain = core.unseal(CF_REQUESTS, &key, &value)?;
+        out.push(decode(&plain, || format!("request {}", hex(&key)))?);
     }
     Ok(out)
-}
-
-fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily, JournalError> {
-    db.cf_handle(name).ok_or_else(|| JournalError::Format {
-        what: format!("column family {name}"),
-        format: 0,
-    })
 }
 
 /// Records one session. Shared (behind an `Arc`) by the tasks that pump each direction.
@@ -384,14 +936,16 @@ impl SessionRecorder {
         self.commit(vec![body], with_summary)
     }
 
-    /// Numbers, links and writes `bodies` (and the summary, and a checkpoint when due) in one
-    /// batch, under the chain lock.
+    /// Numbers, links, seals and writes `bodies` with their chain hashes (and the summary, and
+    /// a checkpoint when due) in one batch, under the chain lock.
     fn commit(&self, bodies: Vec<Body>, with_summary: bool) -> Result<(), JournalError> {
         let ts_ns = now_ns();
-        let id = self.id();
+        let id = self.id;
+        let core = &self.journal.core;
         let mut chain = self.chain.lock().unwrap_or_else(|e| e.into_inner());
         let mut batch = WriteBatch::default();
-        let events = self.journal.cf(CF_EVENTS)?;
+        let events = core.cf(CF_EVENTS)?;
+        let hashes = core.cf(CF_HASHES)?;
         let mut ended = false;
         let mut last = 0;
         let mut due = false;
@@ -401,14 +955,16 @@ impl SessionRecorder {
             ended |= ending;
             let value = encode(&StoredEvent { ts_ns, body }, || format!("event {id}/{seq}"))?;
             due |= chain.push(seq, &value, ending, ts_ns);
-            batch.put_cf(events, event_key(&id, seq), value);
+            let key = event_key(&id, seq);
+            batch.put_cf(hashes, key, chain.hash);
+            batch.put_cf(events, key, core.seal(CF_EVENTS, &key, value)?);
             chain.next_seq += 1;
             last = seq;
         }
         if due && let Some(signer) = &self.journal.signer {
             let checkpoint = chain.checkpoint(signer, &id, last, ts_ns);
             batch.put_cf(
-                self.journal.cf(CF_CHECKPOINTS)?,
+                core.cf(CF_CHECKPOINTS)?,
                 event_key(&id, last),
                 encode(&checkpoint, || format!("checkpoint {id}/{last}"))?,
             );
@@ -422,14 +978,9 @@ impl SessionRecorder {
             s.client_bytes = self.client_bytes.load(Ordering::Relaxed);
             s.server_bytes = self.server_bytes.load(Ordering::Relaxed);
             s.events = chain.next_seq;
-            batch.put_cf(
-                self.journal.cf(CF_SESSIONS)?,
-                id.as_bytes(),
-                encode(&*s, || format!("session {id}"))?,
-            );
+            core.put_summary(&mut batch, &s)?;
         }
-        self.journal
-            .db
+        core.db
             .write_opt(batch, &self.journal.write_options())
             .map_err(|source| JournalError::Write {
                 session: id,
@@ -451,13 +1002,20 @@ pub struct Verification {
     pub problem: Option<(u64, String)>,
 }
 
-/// A read-only view of a journal directory; safe to open while the agent writes to it.
+/// A read-only view of a journal directory (an agent's journal or a collector's store); safe
+/// to open while its writer runs.
 pub struct Reader {
-    db: DB,
+    core: Core,
 }
 
 impl Reader {
+    /// Opens `dir`, finding its data key (if sealed) through the pointer its writer left.
     pub fn open(dir: &Path) -> Result<Reader, JournalError> {
+        Reader::open_with_key(dir, None)
+    }
+
+    /// Opens `dir` with the data key in `key` (or the one its pointer names).
+    pub fn open_with_key(dir: &Path, key: Option<&Path>) -> Result<Reader, JournalError> {
         if !dir.join("CURRENT").exists() {
             return Err(JournalError::Missing {
                 path: dir.to_path_buf(),
@@ -474,118 +1032,44 @@ impl Reader {
             .filter(|d| existing.iter().any(|name| name == d.name()));
         let db =
             DB::open_cf_descriptors_read_only(&options(), dir, families, false).map_err(open)?;
-        Ok(Reader { db })
+        let sealer = crate::seal::sealer_for(dir, key)?;
+        Ok(Reader {
+            core: Core { db, sealer },
+        })
     }
 
     /// Every request, oldest first, in its latest state.
     pub fn requests(&self) -> Result<Vec<AccessRequest>, JournalError> {
-        read_requests(&self.db)
+        read_requests(&self.core)
     }
 
-    /// Recomputes `session`'s hash chain from its stored events and checks every checkpoint's
-    /// chain and signature; reports the first event where anything disagrees (a changed,
-    /// missing, inserted or reordered event, a bad signature, or a second signing key).
+    /// Recomputes `session`'s hash chain from its stored events and checks every recorded hash
+    /// and checkpoint; reports the first event where anything disagrees: a changed, missing,
+    /// inserted or reordered event, a bad signature, or a second signing key.
     pub fn verify(&self, session: &SessionId) -> Result<Verification, JournalError> {
-        let prefix = *session.as_bytes();
-        let mut checkpoints: std::collections::BTreeMap<u64, Checkpoint> = Default::default();
-        if let Some(family) = self.db.cf_handle(CF_CHECKPOINTS) {
-            for item in self
-                .db
-                .iterator_cf(family, IteratorMode::From(&prefix, IterDirection::Forward))
-            {
-                let (key, value) = item.map_err(|source| JournalError::Read { source })?;
-                if !key.starts_with(&prefix) {
-                    break;
-                }
-                let seq = key_seq(&key)?;
-                checkpoints.insert(
-                    seq,
-                    decode(&value, || format!("checkpoint {session}/{seq}"))?,
-                );
-            }
+        if self.core.db.cf_handle(CF_CHECKPOINTS).is_none() {
+            return verify_chain(session, std::iter::empty(), BTreeMap::new());
         }
-        let mut out = Verification {
-            events: 0,
-            sealed_through: None,
-            public_key: checkpoints.values().next().map(|c| c.public_key.clone()),
-            problem: None,
-        };
-        let mut hash = genesis(session);
-        let events = self.db.iterator_cf(
-            cf(&self.db, CF_EVENTS)?,
-            IteratorMode::From(&prefix, IterDirection::Forward),
-        );
-        for (expected, item) in (0u64..).zip(events) {
-            let (key, value) = item.map_err(|source| JournalError::Read { source })?;
-            if !key.starts_with(&prefix) {
-                break;
-            }
-            let seq = key_seq(&key)?;
-            if seq != expected {
-                out.problem = Some((
-                    expected,
-                    format!("event {expected} is missing (the next stored event is {seq})"),
-                ));
-                return Ok(out);
-            }
-            hash = link(&hash, seq, &value);
-            out.events += 1;
-            if let Some(c) = checkpoints.remove(&seq) {
-                if out.public_key.as_deref() != Some(c.public_key.as_slice()) {
-                    out.problem = Some((seq, "a checkpoint is signed with another key".into()));
-                    return Ok(out);
-                }
-                if !verify_checkpoint(session, seq, &hash, &c) {
-                    let from = out.sealed_through.map(|s| s + 1).unwrap_or(0);
-                    out.problem = Some((
-                        seq,
-                        format!(
-                            "the chain does not match the signed checkpoint at event {seq}: an event from {from} to {seq} was changed, inserted or reordered, or the checkpoint was forged"
-                        ),
-                    ));
-                    return Ok(out);
-                }
-                out.sealed_through = Some(seq);
-            }
-        }
-        if let Some((&seq, _)) = checkpoints.iter().next() {
-            out.problem = Some((
-                seq,
-                format!(
-                    "a checkpoint covers event {seq}, which is not in the journal (events were dropped)"
-                ),
-            ));
-        }
-        Ok(out)
+        self.core.verify(session)
+    }
+
+    /// Everything needed to verify `session` offline (an export bundle).
+    pub fn raw_session(&self, session: &SessionId) -> Result<RawSession, JournalError> {
+        self.core.raw_session(session)
+    }
+
+    /// The collector's ingest verdict for `session` (None in an agent's journal).
+    pub fn integrity(
+        &self,
+        session: &SessionId,
+    ) -> Result<Option<crate::collector::Integrity>, JournalError> {
+        crate::collector::integrity(&self.core, session)
     }
 
     /// Every session's index entry, oldest first. For sessions that were never sealed, the
     /// byte and event counters are derived from the events (statements stay as last written).
     pub fn sessions(&self) -> Result<Vec<SessionSummary>, JournalError> {
-        let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(cf(&self.db, CF_SESSIONS)?, IteratorMode::Start)
-        {
-            let (key, value) = item.map_err(|source| JournalError::Read { source })?;
-            let mut summary: SessionSummary = decode(&value, || format!("session {}", hex(&key)))?;
-            if summary.ended_ns.is_none() {
-                let (mut client, mut server, mut events) = (0, 0, 0);
-                for event in self.events(&summary.id)? {
-                    events += 1;
-                    match event?.body {
-                        Body::Client(b) => client += b.len() as u64,
-                        Body::Server(b) => server += b.len() as u64,
-                        _ => {}
-                    }
-                }
-                summary.client_bytes = client;
-                summary.server_bytes = server;
-                summary.events = events;
-            }
-            out.push(summary);
-        }
-        Ok(out)
+        self.core.sessions()
     }
 
     /// Finds a session by its full id or a unique prefix of it.
@@ -618,40 +1102,8 @@ impl Reader {
         &self,
         session: &SessionId,
     ) -> Result<impl Iterator<Item = Result<Event, JournalError>> + '_, JournalError> {
-        let prefix = *session.as_bytes();
-        let session = *session;
-        let iter = self.db.iterator_cf(
-            cf(&self.db, CF_EVENTS)?,
-            IteratorMode::From(&prefix, IterDirection::Forward),
-        );
-        Ok(iter
-            .take_while(move |item| match item {
-                Ok((key, _)) => key.starts_with(&prefix),
-                Err(_) => true,
-            })
-            .map(move |item| {
-                let (key, value) = item.map_err(|source| JournalError::Read { source })?;
-                let seq = key
-                    .get(16..24)
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map(u64::from_be_bytes)
-                    .ok_or_else(|| JournalError::Format {
-                        what: format!("event key {}", hex(&key)),
-                        format: 0,
-                    })?;
-                let stored: StoredEvent = decode(&value, || format!("event {session}/{seq}"))?;
-                Ok(Event {
-                    session,
-                    seq,
-                    ts_ns: stored.ts_ns,
-                    body: stored.body,
-                })
-            }))
+        self.core.events(session)
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -764,8 +1216,12 @@ mod tests {
         assert_eq!(v.events, 2502);
         assert_eq!(v.sealed_through, Some(2501));
         let reader = Reader::open(&dir.path().join("j")).unwrap();
-        let family = reader.db.cf_handle(CF_CHECKPOINTS).unwrap();
-        let count = reader.db.iterator_cf(family, IteratorMode::Start).count();
+        let family = reader.core.db.cf_handle(CF_CHECKPOINTS).unwrap();
+        let count = reader
+            .core
+            .db
+            .iterator_cf(family, IteratorMode::Start)
+            .count();
         assert_eq!(count, 3, "at 999, 1999 and the end");
         // The key file is the owner's only.
         use std::os::unix::fs::PermissionsExt;
@@ -789,7 +1245,8 @@ mod tests {
             db.put_cf(cf, key, v).unwrap();
         });
         let v = verify(dir.path(), &id);
-        assert_eq!(v.problem.as_ref().map(|p| p.0), Some(11), "{v:?}");
+        assert_eq!(v.problem.as_ref().map(|p| p.0), Some(3), "{v:?}");
+        assert!(v.problem.unwrap().1.contains("altered"));
         assert_eq!(v.sealed_through, None);
 
         // Dropped: event 4 is deleted.
@@ -811,7 +1268,8 @@ mod tests {
             db.put_cf(cf, event_key(&id, 2), b).unwrap();
             db.put_cf(cf, event_key(&id, 5), a).unwrap();
         });
-        assert!(verify(dir.path(), &id).problem.is_some());
+        let v = verify(dir.path(), &id);
+        assert_eq!(v.problem.as_ref().map(|p| p.0), Some(2), "{v:?}");
 
         // Inserted at the end, after the last checkpoint: the end's checkpoint no longer
         // covers the last event, which is reported unsealed, and a re-signed checkpoint with
@@ -825,6 +1283,8 @@ mod tests {
         let v = verify(dir.path(), &id);
         assert_eq!(v.sealed_through, Some(4));
         assert_eq!(v.events, 6);
+        assert_eq!(v.problem.as_ref().map(|p| p.0), Some(5), "{v:?}");
+        assert!(v.problem.unwrap().1.contains("inserted"));
         let other = tempfile::tempdir().unwrap();
         let forger = Signer::load_or_create(&other.path().join("k")).unwrap();
         let (dir, id) = signed_session(3);
