@@ -191,18 +191,34 @@ enum Command {
         agent: AgentArgs,
     },
     /// Check recorded sessions against their hash chains and signed checkpoints; exits 1 and
-    /// names the event when anything was changed, dropped, inserted or reordered.
+    /// names the event when anything was changed, dropped, inserted or reordered. With
+    /// --bundle, checks an export's verification bundle offline (no journal needed) and, with
+    /// --export, that the export is exactly what the bundle's signed events say.
     Verify {
         /// Only this session (id or unique prefix).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "bundle")]
         session: Option<String>,
         #[command(flatten)]
         journal: JournalArgs,
+        /// A bundle written by `sluice export --bundle`: verify it instead of a journal.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// With --bundle: the export file to re-derive from the bundle and compare byte for byte.
+        #[arg(long, requires = "bundle")]
+        export: Option<PathBuf>,
+        /// With --bundle: the agent's Ed25519 public key (64 hex digits) every checkpoint must
+        /// be signed with.
+        #[arg(long, requires = "bundle")]
+        key: Option<String>,
     },
-    /// List recorded sessions: id, start, end, target, uid, comm, statements, bytes.
+    /// List recorded sessions: id, start, end, target, uid, comm, statements, bytes (and, in
+    /// a collector's store, the collector's integrity verdict). Filters combine (AND), e.g.
+    /// `sluice sessions --user app --statement people --since 7d`.
     Sessions {
         #[command(flatten)]
         journal: JournalArgs,
+        #[command(flatten)]
+        filter: read::FilterArgs,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -216,8 +232,18 @@ enum Command {
         /// Rows shown per result set; the rest are counted.
         #[arg(long, default_value_t = 1000)]
         max_rows: usize,
+        /// Replay with the recording's original timing: wait before each event as long as
+        /// passed before it in the recording (divided by --speed). One wait is capped at 5 s
+        /// divided by --speed, and the transcript says where a longer pause was shortened.
+        #[arg(long)]
+        timing: bool,
+        /// With --timing: this many times faster than recorded (e.g. 10, or 0.5 for slower).
+        #[arg(long, default_value_t = 1.0, requires = "timing", value_parser = parse_speed)]
+        speed: f64,
     },
-    /// Export recordings: one record per statement, row, tag, error and session start/end.
+    /// Export recordings: one record per statement, row, tag, error and session start/end,
+    /// each with its session, time, target, principal and user (values as recorded: masked).
+    /// Takes the same filters as `sluice sessions`.
     Export {
         #[arg(long, value_enum)]
         format: ExportFormat,
@@ -225,10 +251,17 @@ enum Command {
         #[arg(long)]
         session: Option<String>,
         /// Write here instead of standard output.
-        #[arg(long, short)]
+        #[arg(long, short, visible_alias = "out")]
         output: Option<PathBuf>,
+        /// Also write a verification bundle here (needs --out): the exported sessions' signed
+        /// events and checkpoints and the export's SHA-256, for `sluice verify --bundle FILE
+        /// --export EXPORT` anywhere, without the journal.
+        #[arg(long, requires = "output")]
+        bundle: Option<PathBuf>,
         #[command(flatten)]
         journal: JournalArgs,
+        #[command(flatten)]
+        filter: read::FilterArgs,
     },
 }
 
@@ -383,7 +416,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Verify { session, journal } => {
+        Command::Verify {
+            bundle: Some(bundle),
+            export,
+            key,
+            ..
+        } => {
+            let check = read::BundleCheck {
+                export: export.as_deref(),
+                key: key.as_deref().map(read::parse_key).transpose()?,
+            };
+            let bundle = read::Bundle::read(&bundle)?;
+            let mut out = std::io::stdout().lock();
+            let ok = read::verify_bundle(&bundle, &check, &mut out)?;
+            out.flush()?;
+            if !ok {
+                anyhow::bail!("the bundle or the export does not verify (see above)");
+            }
+            Ok(())
+        }
+        Command::Verify {
+            session, journal, ..
+        } => {
             let reader = open_reader(&journal)?;
             let mut out = std::io::stdout().lock();
             let ok = read::verify(&reader, session.as_deref(), &mut out)?;
@@ -393,10 +447,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Sessions { journal, json } => {
+        Command::Sessions {
+            journal,
+            filter,
+            json,
+        } => {
+            let filter = filter.parse()?;
             let reader = open_reader(&journal)?;
             let mut out = std::io::stdout().lock();
-            read::print_sessions(&reader, json, &mut out)?;
+            read::print_sessions(&reader, &filter, json, &mut out)?;
             out.flush()?;
             Ok(())
         }
@@ -404,10 +463,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             id,
             journal,
             max_rows,
+            timing,
+            speed,
         } => {
             let reader = open_reader(&journal)?;
             let mut out = std::io::stdout().lock();
-            read::replay(&reader, &id, &read::ReplayOptions { max_rows }, &mut out)?;
+            let options = read::ReplayOptions {
+                max_rows,
+                timing: timing.then_some(read::Timing { speed }),
+            };
+            read::replay(&reader, &id, &options, &mut out)?;
             out.flush()?;
             Ok(())
         }
@@ -415,13 +480,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             format,
             session,
             output,
+            bundle,
             journal,
+            filter,
         } => {
+            let filter = filter.parse()?;
             let reader = open_reader(&journal)?;
             let format = match format {
                 ExportFormat::Jsonl => read::Format::Jsonl,
                 ExportFormat::Csv => read::Format::Csv,
             };
+            if let (Some(bundle), Some(output)) = (&bundle, &output) {
+                let n = read::export_with_bundle(
+                    &reader,
+                    session.as_deref(),
+                    &filter,
+                    format,
+                    output,
+                    bundle,
+                )?;
+                eprintln!(
+                    "exported {n} sessions to {}; verification bundle {} (check with `sluice verify --bundle {} --export {}`)",
+                    output.display(),
+                    bundle.display(),
+                    bundle.display(),
+                    output.display()
+                );
+                return Ok(());
+            }
             let mut out: Box<dyn Write> = match &output {
                 Some(path) => Box::new(std::io::BufWriter::new(
                     std::fs::File::create(path)
@@ -429,7 +515,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 )),
                 None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
             };
-            read::export(&reader, session.as_deref(), format, &mut out)?;
+            read::export(&reader, session.as_deref(), &filter, format, &mut out)?;
             out.flush()?;
             Ok(())
         }
@@ -564,6 +650,16 @@ fn parse_duration(text: &str) -> Result<u64, String> {
         return Err(format!("{text:?}: give a unit, e.g. 30m or 2h"));
     }
     Ok(total)
+}
+
+/// A replay speed: a finite number above zero.
+fn parse_speed(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 => Ok(s),
+        _ => Err(format!(
+            "{text:?}: give a number above 0 (2 = twice as fast, 0.5 = half as fast)"
+        )),
+    }
 }
 
 fn open_reader(args: &JournalArgs) -> anyhow::Result<sluice_journal::Reader> {

@@ -1,15 +1,22 @@
-//! `sluice export --format jsonl|csv [--session ID]`: one record per session start and end,
-//! statement, returned row, command tag, error, notice and agent note, each carrying its
-//! session, time, target, client user and process, so a record stands on its own.
+//! `sluice export --format jsonl|csv [--session ID] [filters]`: one record per session start
+//! and end, statement, returned row, command tag, error, notice and agent note, each carrying
+//! its session, time, target, principal, client user and process, so a record stands on its
+//! own.
+//!
+//! A session's records are a function of its events alone ([`export_session`]): the same code
+//! writes an export from the journal and re-derives it from a verification bundle, which is
+//! how `sluice verify --bundle B --export F` proves F says what the signed events say. The
+//! fields every record carries are taken from the session's signed Start event, not from the
+//! (unsigned) session index.
 //!
 //! Streams: nothing but the current session's header is held in memory.
 
 use std::io::Write;
 
 use serde_json::{Value, json};
-use sluice_journal::{Body, Reader, SessionSummary};
+use sluice_journal::{Body, Event, JournalError, Reader, SessionId, SessionStart, SessionSummary};
 
-use super::{Decoder, ReadError, rfc3339};
+use super::{Decoder, Filter, ReadError, rfc3339, select};
 use crate::protocol::Item;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,52 +25,120 @@ pub enum Format {
     Csv,
 }
 
+impl Format {
+    pub fn word(self) -> &'static str {
+        match self {
+            Format::Jsonl => "jsonl",
+            Format::Csv => "csv",
+        }
+    }
+
+    pub fn from_word(word: &str) -> Option<Format> {
+        match word {
+            "jsonl" => Some(Format::Jsonl),
+            "csv" => Some(Format::Csv),
+            _ => None,
+        }
+    }
+}
+
 /// CSV columns, in order. Values that are lists (params, columns, row values) are JSON arrays.
-const CSV_COLUMNS: [&str; 16] = [
-    "session", "seq", "ts", "target", "user", "database", "uid", "pid", "comm", "kind", "sql",
-    "params", "columns", "values", "tag", "message",
+/// New columns go at the end, so scripts that read columns by position keep working.
+const CSV_COLUMNS: [&str; 17] = [
+    "session",
+    "seq",
+    "ts",
+    "target",
+    "user",
+    "database",
+    "uid",
+    "pid",
+    "comm",
+    "kind",
+    "sql",
+    "params",
+    "columns",
+    "values",
+    "tag",
+    "message",
+    "principal",
 ];
 
+/// Exports one session (id or prefix) or every session `filter` keeps; returns the ids
+/// exported, in order.
 pub fn export(
     reader: &Reader,
     session: Option<&str>,
+    filter: &Filter,
     format: Format,
     out: &mut dyn Write,
-) -> Result<(), ReadError> {
-    let sessions = match session {
-        Some(id) => vec![reader.find(id)?],
-        None => reader.sessions()?,
-    };
+) -> Result<Vec<SessionId>, ReadError> {
+    let sessions = selected(reader, session, filter)?;
+    write_header(format, out)?;
+    for s in &sessions {
+        export_session(&s.id, &s.start, reader.events(&s.id)?, format, out)?;
+    }
+    Ok(sessions.into_iter().map(|s| s.id).collect())
+}
+
+/// The sessions an export covers: the one named (if it passes the filter), else all the
+/// filter keeps.
+pub(crate) fn selected(
+    reader: &Reader,
+    session: Option<&str>,
+    filter: &Filter,
+) -> Result<Vec<SessionSummary>, ReadError> {
+    let wanted = session.map(|id| reader.find(id)).transpose()?.map(|s| s.id);
+    Ok(select(reader, filter)?
+        .into_iter()
+        .map(|s| s.summary)
+        .filter(|s| wanted.is_none_or(|w| w == s.id))
+        .collect())
+}
+
+/// What an export starts with (the CSV header line; nothing for JSONL).
+pub fn write_header(format: Format, out: &mut dyn Write) -> Result<(), ReadError> {
     if format == Format::Csv {
         writeln!(out, "{}", CSV_COLUMNS.join(","))?;
-    }
-    for summary in &sessions {
-        export_session(reader, summary, format, out)?;
     }
     Ok(())
 }
 
-fn export_session(
-    reader: &Reader,
-    s: &SessionSummary,
+/// The fields every record of a session carries.
+fn base_fields(id: &SessionId, start: &SessionStart) -> Value {
+    json!({
+        "session": id.to_string(),
+        "target": start.target,
+        "user": start.param("user"),
+        "database": start.param("database"),
+        "uid": start.process.as_ref().map(|p| p.uid),
+        "pid": start.process.as_ref().map(|p| p.pid),
+        "comm": start.process.as_ref().map(|p| p.comm.clone()),
+        "principal": start.principal.as_ref().map(|p| p.name.clone()),
+        "groups": start.principal.as_ref().map(|p| p.groups.clone()),
+    })
+}
+
+/// The records of one session, from its events in order (a journal's or a bundle's). `start`
+/// is used until the session's own Start event (its first) replaces it.
+pub fn export_session(
+    id: &SessionId,
+    start: &SessionStart,
+    events: impl Iterator<Item = Result<Event, JournalError>>,
     format: Format,
     out: &mut dyn Write,
 ) -> Result<(), ReadError> {
-    let base = json!({
-        "session": s.id.to_string(),
-        "target": s.start.target,
-        "user": s.start.param("user"),
-        "database": s.start.param("database"),
-        "uid": s.start.process.as_ref().map(|p| p.uid),
-        "pid": s.start.process.as_ref().map(|p| p.pid),
-        "comm": s.start.process.as_ref().map(|p| p.comm.clone()),
-        "principal": s.start.principal.as_ref().map(|p| p.name.clone()),
-        "groups": s.start.principal.as_ref().map(|p| p.groups.clone()),
-    });
-    let mut decoder = Decoder::for_protocol(&s.start.protocol);
+    let mut base = base_fields(id, start);
+    let mut decoder = Decoder::for_protocol(&start.protocol);
     let mut columns: Vec<String> = Vec::new();
-    for event in reader.events(&s.id)? {
+    for event in events {
         let event = event?;
+        if let Body::Start(signed) = &event.body
+            && event.seq == 0
+        {
+            base = base_fields(id, signed);
+            decoder = Decoder::for_protocol(&signed.protocol);
+        }
         let mut records: Vec<Value> = Vec::new();
         match &event.body {
             Body::Start(start) => records.push(json!({

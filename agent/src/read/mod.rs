@@ -1,11 +1,19 @@
-//! Reading the journal back: `sluice sessions`, `sluice replay`, `sluice export`, and the
-//! listings of requests and grants.
+//! Reading the journal back: `sluice sessions` (with filters), `sluice replay` (optionally
+//! with the recorded timing), `sluice export` (with a verification bundle), `sluice verify`
+//! (of a journal, or offline of a bundle and its export), and the listings of requests and
+//! grants.
 //!
 //! Everything here works on a [`sluice_journal::Reader`] (read-only, safe while the agent runs)
-//! and turns recorded wire bytes into the protocol-independent [`Item`] vocabulary with the
-//! protocol's own decoder. Output goes to any `io::Write`, so tests and the CLI share it.
+//! over an agent's journal or a collector's store (same format; the store adds the
+//! collector's integrity verdicts), and turns recorded wire bytes into the
+//! protocol-independent [`Item`] vocabulary with the protocol's own decoder. Output goes to
+//! any `io::Write`, so tests and the CLI share it.
 
+mod bundle;
 mod export;
+mod filter;
+#[cfg(test)]
+pub(crate) mod fixture;
 mod replay;
 mod requests;
 mod verify;
@@ -14,8 +22,10 @@ use std::io::Write;
 
 use sluice_journal::{Body, Event, Reader, SessionSummary};
 
-pub use export::{Format, export};
-pub use replay::{ReplayOptions, replay};
+pub use bundle::{Bundle, BundleCheck, BundleError, export_with_bundle, parse_key, verify_bundle};
+pub use export::{Format, export, export_session};
+pub use filter::{DecisionKind, Filter, FilterArgs, FilterError, parse_time};
+pub use replay::{MAX_GAP, ReplayOptions, Timing, replay, replay_with};
 pub use requests::print_requests;
 pub use verify::verify;
 
@@ -30,6 +40,10 @@ pub enum ReadError {
     Output(#[from] std::io::Error),
     #[error("cannot encode output")]
     Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Filter(#[from] FilterError),
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
 }
 
 /// Decodes one session's recorded bytes into items, whatever its protocol.
@@ -91,28 +105,94 @@ pub fn sessions(reader: &Reader) -> Result<Vec<SessionSummary>, ReadError> {
     Ok(out)
 }
 
-/// `sluice sessions`: a table, or JSON with `json`.
-pub fn print_sessions(reader: &Reader, json: bool, out: &mut dyn Write) -> Result<(), ReadError> {
-    let list = sessions(reader)?;
+/// A session a filter kept, with what the collector said of it (None in an agent's journal).
+pub struct Selected {
+    pub summary: SessionSummary,
+    pub integrity: Option<IntegrityView>,
+}
+
+/// The collector's ingest verdict for one session, for listings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IntegrityView {
+    /// The agent that shipped the session.
+    pub agent: String,
+    /// `verified`, `unsealed (...)` or `FLAGGED: <first problem>`.
+    pub verdict: String,
+    pub problems: Vec<String>,
+}
+
+/// The collector's verdict for a session, when the journal is a collector's store.
+fn integrity(
+    reader: &Reader,
+    id: &sluice_journal::SessionId,
+) -> Result<Option<IntegrityView>, ReadError> {
+    Ok(reader.integrity(id)?.map(|i| IntegrityView {
+        verdict: i.verdict(),
+        agent: i.agent,
+        problems: i.problems,
+    }))
+}
+
+/// The sessions `filter` keeps, oldest first: cheap filters on the summaries, then the event
+/// filters (`--statement`, `--decision`) on what is left.
+pub fn select(reader: &Reader, filter: &Filter) -> Result<Vec<Selected>, ReadError> {
+    let mut out = Vec::new();
+    for summary in sessions(reader)? {
+        let integrity = integrity(reader, &summary.id)?;
+        let agent = integrity.as_ref().map(|i| i.agent.as_str());
+        if !filter.summary_matches(&summary, agent) {
+            continue;
+        }
+        if filter.needs_events() && !filter.events_match(&summary, reader.events(&summary.id)?)? {
+            continue;
+        }
+        out.push(Selected { summary, integrity });
+    }
+    Ok(out)
+}
+
+/// `sluice sessions`: a table, or JSON with `json`, of the sessions `filter` keeps.
+pub fn print_sessions(
+    reader: &Reader,
+    filter: &Filter,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), ReadError> {
+    let list = select(reader, filter)?;
     if json {
-        let rows: Vec<serde_json::Value> = list.iter().map(session_json).collect();
+        let rows: Vec<serde_json::Value> = list
+            .iter()
+            .map(|s| {
+                let mut v = session_json(&s.summary);
+                if let (Some(obj), Some(i)) = (v.as_object_mut(), &s.integrity) {
+                    obj.insert("agent".into(), i.agent.clone().into());
+                    obj.insert("integrity".into(), i.verdict.clone().into());
+                    obj.insert("integrity_problems".into(), i.problems.clone().into());
+                }
+                v
+            })
+            .collect();
         serde_json::to_writer_pretty(&mut *out, &rows)?;
         writeln!(out)?;
         return Ok(());
     }
-    writeln!(
-        out,
+    let collector = list.iter().any(|s| s.integrity.is_some());
+    let mut header = format!(
         "{:<36}  {:<30}  {:<30}  {:<12}  {:<20}  {:>6}  {:<15}  {:>10}  {:>12}",
         "SESSION", "START", "END", "TARGET", "PRINCIPAL", "UID", "COMM", "STATEMENTS", "BYTES"
-    )?;
-    for s in &list {
+    );
+    if collector {
+        header.push_str("  INTEGRITY");
+    }
+    writeln!(out, "{}", header.trim_end())?;
+    for selected in &list {
+        let s = &selected.summary;
         let (uid, comm) = match &s.start.process {
             Some(p) => (p.uid.to_string(), p.comm.clone()),
             None => ("-".into(), "-".into()),
         };
         let end = s.ended_ns.map(rfc3339).unwrap_or_else(|| "(open)".into());
-        writeln!(
-            out,
+        let mut line = format!(
             "{:<36}  {:<30}  {:<30}  {:<12}  {:<20}  {:>6}  {:<15}  {:>10}  {:>12}",
             s.id,
             rfc3339(s.started_ns),
@@ -127,7 +207,18 @@ pub fn print_sessions(reader: &Reader, json: bool, out: &mut dyn Write) -> Resul
             comm,
             s.statements,
             s.client_bytes + s.server_bytes
-        )?;
+        );
+        if collector {
+            line.push_str("  ");
+            line.push_str(
+                selected
+                    .integrity
+                    .as_ref()
+                    .map(|i| i.verdict.as_str())
+                    .unwrap_or("-"),
+            );
+        }
+        writeln!(out, "{line}")?;
     }
     Ok(())
 }

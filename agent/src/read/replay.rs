@@ -11,8 +11,14 @@
 //! ```
 //! Result rows are buffered per result set (to align the table) up to `max_rows`; the rest is
 //! counted, not printed, so memory stays bounded on huge results.
+//!
+//! With [`Timing`], replay waits before each recorded event for the time that passed before it
+//! in the recording, divided by `speed`; one wait is capped at [`MAX_GAP`] / `speed`, and a
+//! capped wait is said so in the transcript. Waiting goes through a caller's function, so tests
+//! run without sleeping.
 
 use std::io::Write;
+use std::time::Duration;
 
 use sluice_journal::{Body, NoteLevel, Reader};
 
@@ -22,11 +28,39 @@ use crate::protocol::Item;
 pub struct ReplayOptions {
     /// Rows shown per result set; the rest are counted.
     pub max_rows: usize,
+    /// Replay with the recording's timing; None: as fast as it prints.
+    pub timing: Option<Timing>,
 }
 
 impl Default for ReplayOptions {
     fn default() -> Self {
-        ReplayOptions { max_rows: 1000 }
+        ReplayOptions {
+            max_rows: 1000,
+            timing: None,
+        }
+    }
+}
+
+/// The longest recorded pause replayed as it was (before dividing by the speed).
+pub const MAX_GAP: Duration = Duration::from_secs(5);
+
+/// Replay at the recorded pace, `speed` times faster.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Timing {
+    pub speed: f64,
+}
+
+impl Timing {
+    /// The wait for a recorded gap of `gap_ns`, and whether it was capped.
+    pub fn wait(&self, gap_ns: u64) -> (Duration, bool) {
+        let gap = Duration::from_nanos(gap_ns);
+        let capped = gap > MAX_GAP;
+        let speed = if self.speed.is_finite() && self.speed > 0.0 {
+            self.speed
+        } else {
+            1.0
+        };
+        (gap.min(MAX_GAP).div_f64(speed), capped)
     }
 }
 
@@ -45,6 +79,17 @@ pub fn replay(
     id: &str,
     options: &ReplayOptions,
     out: &mut dyn Write,
+) -> Result<(), ReadError> {
+    replay_with(reader, id, options, out, &mut std::thread::sleep)
+}
+
+/// [`replay`], waiting (with [`Timing`]) through `sleep`.
+pub fn replay_with(
+    reader: &Reader,
+    id: &str,
+    options: &ReplayOptions,
+    out: &mut dyn Write,
+    sleep: &mut dyn FnMut(Duration),
 ) -> Result<(), ReadError> {
     let summary = reader.find(id)?;
     let s = &summary.start;
@@ -82,8 +127,28 @@ pub fn replay(
 
     let mut decoder = Decoder::for_protocol(&s.protocol);
     let mut table: Option<Table> = None;
+    let mut last_ts: Option<u64> = None;
     for event in reader.events(&summary.id)? {
         let event = event?;
+        if let Some(timing) = &options.timing {
+            let gap = last_ts.map_or(0, |t| event.ts_ns.saturating_sub(t));
+            if gap > 0 {
+                let (wait, capped) = timing.wait(gap);
+                if capped {
+                    flush(&mut table, out)?;
+                    writeln!(
+                        out,
+                        "{:15}  ~ sluice: {:.1} s passed here in the recording (replay waits {:.2} s)",
+                        "",
+                        Duration::from_nanos(gap).as_secs_f64(),
+                        wait.as_secs_f64()
+                    )?;
+                }
+                out.flush()?;
+                sleep(wait);
+            }
+            last_ts = Some(event.ts_ns);
+        }
         match &event.body {
             Body::Note { level, text } => {
                 let mark = match level {
@@ -266,4 +331,45 @@ fn flush(table: &mut Option<Table>, out: &mut dyn Write) -> Result<(), ReadError
         if t.total == 1 { "" } else { "s" }
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::read::fixture::Fixture;
+
+    #[test]
+    fn timing_divides_gaps_by_the_speed_and_caps_long_pauses() {
+        let t = Timing { speed: 100.0 };
+        assert_eq!(t.wait(2_000_000_000), (Duration::from_millis(20), false));
+        assert_eq!(t.wait(60_000_000_000), (Duration::from_millis(50), true));
+        let slow = Timing { speed: 0.5 };
+        assert_eq!(slow.wait(1_000_000_000), (Duration::from_secs(2), false));
+        assert_eq!(slow.wait(6_000_000_000), (Duration::from_secs(10), true));
+    }
+
+    #[test]
+    fn replay_with_timing_waits_between_events_and_shows_the_same_transcript() {
+        let f = Fixture::new();
+        let id = f.sessions[0].to_string();
+        let mut plain = Vec::new();
+        replay(&f.reader(), &id, &ReplayOptions::default(), &mut plain).unwrap();
+        let mut timed = Vec::new();
+        let mut waits = Vec::new();
+        let options = ReplayOptions {
+            timing: Some(Timing { speed: 100.0 }),
+            ..ReplayOptions::default()
+        };
+        replay_with(&f.reader(), &id, &options, &mut timed, &mut |d| {
+            waits.push(d)
+        })
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(plain).unwrap(),
+            String::from_utf8(timed).unwrap()
+        );
+        assert!(!waits.is_empty());
+        assert!(waits.iter().all(|w| *w <= MAX_GAP / 100), "{waits:?}");
+    }
 }

@@ -1,6 +1,9 @@
 //! `sluice verify`: checks recorded sessions against their hash chains and signed checkpoints
 //! (see `sluice_journal::chain`), and says per session whether it is intact, where it is not,
-//! and which of its events no checkpoint covers yet.
+//! and which of its events no checkpoint covers yet. In a collector's store it also prints
+//! what the collector flagged at ingest (gaps, bad or foreign signatures, conflicting
+//! duplicates), which fails the verification too. Offline checks of an export bundle are in
+//! `bundle.rs`.
 
 use std::io::Write;
 
@@ -58,6 +61,18 @@ pub fn verify(
                     out,
                     "{}  ok: {} events, all signed (key {key})",
                     s.id, v.events
+                )?;
+            }
+        }
+        if let Some(i) = reader.integrity(&s.id)?
+            && !i.problems.is_empty()
+        {
+            all_ok = false;
+            for p in &i.problems {
+                writeln!(
+                    out,
+                    "{}  FLAGGED by the collector (agent {}): {p}",
+                    s.id, i.agent
                 )?;
             }
         }
