@@ -43,6 +43,69 @@ pub struct Config {
     /// The identity provider whose tokens identify people (`auth = "sluice"` targets).
     #[serde(default)]
     pub oidc: Option<OidcSection>,
+    /// Ship the journal to a collector (none: nothing ships and the spool only grows).
+    #[serde(default)]
+    pub shipper: Option<ShipperConfig>,
+}
+
+/// `[shipper]`: where and how the journal is shipped. The collector's address and certificate
+/// fingerprint come from the file `sluice enroll` writes (`enrollment_file`), unless given
+/// here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShipperConfig {
+    /// The collector, `host:port` (default: the enrollment file's).
+    #[serde(default)]
+    pub collector: Option<String>,
+    /// SHA-256 of the collector's certificate, hex (default: the enrollment file's).
+    #[serde(default)]
+    pub collector_fingerprint: Option<String>,
+    /// What `sluice enroll` wrote (default: `collector.toml` next to `agent.signing_key`).
+    #[serde(default)]
+    pub enrollment_file: Option<PathBuf>,
+    /// Most events per shipment.
+    #[serde(default = "default_batch_events")]
+    pub max_batch_events: usize,
+    /// Most bytes of events per shipment (a single larger event still ships alone).
+    #[serde(default = "default_batch_bytes")]
+    pub max_batch_bytes: usize,
+    /// How often to look for new events when everything is shipped, in milliseconds.
+    #[serde(default = "default_ship_interval")]
+    pub interval_ms: u64,
+    /// Time allowed for one shipment (connect, TLS, upload, the collector's synced write).
+    #[serde(default = "default_ship_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_batch_events() -> usize {
+    5000
+}
+fn default_batch_bytes() -> usize {
+    4 << 20
+}
+fn default_ship_interval() -> u64 {
+    200
+}
+fn default_ship_timeout() -> u64 {
+    30
+}
+
+impl ShipperConfig {
+    /// Where `sluice enroll` writes, and the shipper reads, the collector's address and pin.
+    pub fn enrollment_path(&self, agent: &AgentConfig) -> PathBuf {
+        self.enrollment_file
+            .clone()
+            .unwrap_or_else(|| default_enrollment_path(agent))
+    }
+}
+
+/// `collector.toml` next to the signing key.
+pub fn default_enrollment_path(agent: &AgentConfig) -> PathBuf {
+    agent
+        .signing_key
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("collector.toml")
 }
 
 /// `[oidc]`: the issuer whose ID tokens sluice accepts as passwords and from `sluice login`
@@ -240,6 +303,10 @@ pub struct AgentConfig {
     /// minutes are refreshed when a refresh token exists).
     #[serde(default = "default_login_refresh")]
     pub login_refresh_secs: u64,
+    /// Serve Prometheus metrics (spool size, shipping backlog and lag) over plain HTTP here,
+    /// e.g. "127.0.0.1:9187" (default: no endpoint).
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

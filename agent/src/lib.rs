@@ -9,6 +9,7 @@
 //! - [`identity`]: OIDC token validation, the device flow of `sluice login`, login bindings.
 //! - [`protocol`]: one module per wire protocol (codec, no I/O) and the shared vocabulary.
 //! - [`read`]: reading the journal back: `sessions`, `replay`, `export`.
+//! - [`ship`]: the shipper (journal -> collector, mutual TLS), `sluice enroll`, metrics.
 //! - [`tls`]: rustls configs for both legs, and the stream type the proxy relays over.
 //! - [`mask`]: the masking engine (rules, detectors, strategies, the DataRow/COPY rewriters),
 //!   which the PostgreSQL relay runs on every result.
@@ -24,6 +25,7 @@ pub mod policy;
 pub mod protocol;
 pub mod proxy;
 pub mod read;
+pub mod ship;
 pub mod tls;
 
 /// An error and its causes on one line, `outer: cause: cause`, for logs and client messages.

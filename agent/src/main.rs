@@ -190,6 +190,24 @@ enum Command {
         #[command(flatten)]
         agent: AgentArgs,
     },
+    /// Enroll this agent at a collector with a one-time token from `sluice-collector token`
+    /// (as root): proves possession of the journal signing key and pins the collector's
+    /// certificate, writing both to `collector.toml` next to the key. Then add a `[shipper]`
+    /// section to the config and restart the agent.
+    Enroll {
+        /// The collector, HOST:PORT.
+        #[arg(long)]
+        collector: String,
+        /// The token, `<secret>.<fingerprint>`, as `sluice-collector token` printed it.
+        #[arg(long, env = "SLUICE_ENROLL_TOKEN")]
+        token: String,
+        /// Refuse unless the token enrolls this agent name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Agent config (its `signing_key`, and `[shipper] enrollment_file` if set).
+        #[arg(long, short, env = "SLUICE_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
     /// Check recorded sessions against their hash chains and signed checkpoints; exits 1 and
     /// names the event when anything was changed, dropped, inserted or reordered. With
     /// --bundle, checks an export's verification bundle offline (no journal needed) and, with
@@ -349,6 +367,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Login { agent } => login(&agent),
+        Command::Enroll {
+            collector,
+            token,
+            name,
+            config,
+        } => enroll(&config, &collector, &token, name.as_deref()),
         Command::Logout { agent } => {
             let r = control(&agent, ControlRequest::Logout)?;
             if let Some(p) = r.principal {
@@ -588,6 +612,38 @@ fn login(agent: &AgentArgs) -> anyhow::Result<()> {
     )?;
     print!("logged in: ");
     print_identity(&r);
+    Ok(())
+}
+
+/// `sluice enroll`: see `ship::enroll`.
+fn enroll(config: &Path, collector: &str, token: &str, name: Option<&str>) -> anyhow::Result<()> {
+    let loaded = Config::load(config)?;
+    let file = match &loaded.shipper {
+        Some(s) => s.enrollment_path(&loaded.agent),
+        None => config::default_enrollment_path(&loaded.agent),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let done = runtime.block_on(sluice::ship::enroll(
+        &loaded.agent,
+        &file,
+        collector,
+        token,
+        name,
+    ))?;
+    println!(
+        "enrolled as agent {:?} at {collector} (collector certificate {}; this agent's key {})",
+        done.agent, done.fingerprint, done.public_key
+    );
+    println!("wrote {}", done.file.display());
+    if loaded.shipper.is_none() {
+        println!(
+            "next: add a `[shipper]` section to {} and restart the agent to start shipping",
+            config.display()
+        );
+    }
     Ok(())
 }
 

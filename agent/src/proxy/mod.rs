@@ -243,6 +243,33 @@ pub async fn run(
             stop_tx.subscribe(),
         ))
     });
+    let ship_metrics = Arc::new(crate::ship::ShipMetrics::default());
+    let ship_task = match &config.shipper {
+        Some(s) => Some(tokio::spawn(crate::ship::run(
+            shared.journal.clone(),
+            s.clone(),
+            config.agent.clone(),
+            ship_metrics.clone(),
+            stop_tx.subscribe(),
+        ))),
+        None => {
+            info!("no [shipper] section: the journal stays on this host (nothing is shipped)");
+            None
+        }
+    };
+    let metrics_task = match config.agent.metrics_listen {
+        Some(addr) => {
+            let listener = bind(addr).await?;
+            info!(%addr, "metrics at http://{addr}/metrics");
+            Some(tokio::spawn(crate::ship::serve_metrics(
+                listener,
+                ship_metrics.clone(),
+                shared.journal.clone(),
+                stop_tx.subscribe(),
+            )))
+        }
+        None => None,
+    };
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let limit = Arc::new(Semaphore::new(shared.config.max_connections.max(1)));
 
@@ -278,6 +305,9 @@ pub async fn run(
     let _ = control_task.await;
     let _ = refresh_task.await;
     if let Some(t) = reload_task {
+        let _ = t.await;
+    }
+    for t in [ship_task, metrics_task].into_iter().flatten() {
         let _ = t.await;
     }
     let _ = std::fs::remove_file(&shared.config.control_socket);
