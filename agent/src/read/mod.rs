@@ -249,3 +249,104 @@ fn session_json(s: &SessionSummary) -> serde_json::Value {
         "events": s.events,
     })
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use fixture::Fixture;
+    use sluice_journal::{Journal, Store};
+
+    /// The fixture's sessions shipped to a collector store as agent `bastion-1`, enrolled
+    /// with `key` (the agent's own key unless given another).
+    fn store(f: &Fixture, key: Option<Vec<u8>>) -> Reader {
+        let journal = Journal::open_signed(
+            &f.dir.path().join("journal"),
+            &f.dir.path().join("signing.key"),
+        )
+        .unwrap();
+        let batch = journal.next_batch(10_000, 1 << 24).unwrap().unwrap();
+        let key = key.unwrap_or_else(|| journal.public_key().unwrap());
+        let dir = f.dir.path().join("store");
+        let store = Store::open(&dir, None).unwrap();
+        store.ingest("bastion-1", &key, &batch).unwrap();
+        drop(store);
+        Reader::open(&dir).unwrap()
+    }
+
+    fn text(run: impl FnOnce(&mut Vec<u8>)) -> String {
+        let mut out = Vec::new();
+        run(&mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn the_read_commands_work_on_a_collector_store_and_show_its_verdict() {
+        let f = Fixture::new();
+        let reader = store(&f, None);
+        let all = Filter::default();
+        let table = text(|o| print_sessions(&reader, &all, false, o).unwrap());
+        assert!(
+            table.lines().next().unwrap().ends_with("INTEGRITY"),
+            "{table}"
+        );
+        assert_eq!(table.matches("  verified").count(), 2, "{table}");
+        let json = text(|o| print_sessions(&reader, &all, true, o).unwrap());
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v[0]["agent"], "bastion-1");
+        assert_eq!(v[0]["integrity"], "verified");
+        // --host matches the agent's name in a collector's store.
+        let host = Filter {
+            host: Some("bastion-1".into()),
+            ..Filter::default()
+        };
+        assert_eq!(select(&reader, &host).unwrap().len(), 2);
+        let grace = Filter {
+            principal: Some("grace".into()),
+            statement: Some("orders".into()),
+            ..Filter::default()
+        };
+        let found = select(&reader, &grace).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].summary.id, f.sessions[1]);
+        let verified = text(|o| assert!(verify(&reader, None, o).unwrap()));
+        assert_eq!(verified.matches("all signed").count(), 2, "{verified}");
+        let replayed = text(|o| {
+            replay(
+                &reader,
+                &f.sessions[0].to_string(),
+                &ReplayOptions::default(),
+                o,
+            )
+            .unwrap()
+        });
+        assert!(
+            replayed.contains("> select id, name from people"),
+            "{replayed}"
+        );
+        // An export with its bundle from the collector verifies offline.
+        let (export, bundle) = (f.dir.path().join("e.csv"), f.dir.path().join("b.jsonl"));
+        export_with_bundle(&reader, None, &grace, Format::Csv, &export, &bundle).unwrap();
+        let check = BundleCheck {
+            export: Some(&export),
+            key: None,
+        };
+        let out = text(|o| {
+            assert!(verify_bundle(&Bundle::read(&bundle).unwrap(), &check, o).unwrap());
+        });
+        assert!(out.contains("1 sessions"), "{out}");
+    }
+
+    #[test]
+    fn what_the_collector_flagged_is_listed_and_fails_verify() {
+        let f = Fixture::new();
+        let reader = store(&f, Some(vec![9; 32]));
+        let table = text(|o| print_sessions(&reader, &Filter::default(), false, o).unwrap());
+        assert_eq!(table.matches("  FLAGGED: ").count(), 2, "{table}");
+        let out = text(|o| assert!(!verify(&reader, None, o).unwrap()));
+        assert!(
+            out.contains("FLAGGED by the collector (agent bastion-1): "),
+            "{out}"
+        );
+    }
+}
