@@ -139,6 +139,17 @@ pub enum Durability {
     PowerLoss,
 }
 
+/// What new sessions get when the journal's spool is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpoolFull {
+    /// Refused with an error that says why (fail closed).
+    #[default]
+    Refuse,
+    /// Admitted and recorded beyond the limit, with a warning (fail open).
+    Admit,
+}
+
 /// How a target's clients authenticate.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -286,6 +297,19 @@ pub struct AgentConfig {
     /// at first start).
     #[serde(default = "default_signing_key")]
     pub signing_key: PathBuf,
+    /// The AES-256 key that seals the journal's recorded values at rest (32 bytes, mode 600;
+    /// created at first start). Reading the journal needs it: the journal directory names it.
+    #[serde(default = "default_encryption_key")]
+    pub encryption_key: PathBuf,
+    /// The most the journal may occupy on disk, in bytes (0: no limit). When it is reached,
+    /// `spool_full` decides what new sessions get; nothing recorded is ever dropped.
+    #[serde(default = "default_spool_max")]
+    pub spool_max_bytes: u64,
+    /// "refuse" (default: fail closed): new sessions get a clear error while the spool is
+    /// full. "admit" (fail open): they are admitted and recorded beyond the limit, with a
+    /// warning in the log.
+    #[serde(default)]
+    pub spool_full: SpoolFull,
     /// Seconds between checks of `policy_dir` for changed files (0: reload on SIGHUP only).
     #[serde(default = "default_policy_poll")]
     pub policy_poll_secs: u64,
@@ -465,6 +489,12 @@ fn default_control_socket() -> PathBuf {
 }
 fn default_signing_key() -> PathBuf {
     PathBuf::from("/var/lib/sluice/signing.key")
+}
+fn default_encryption_key() -> PathBuf {
+    PathBuf::from("/var/lib/sluice/journal.key")
+}
+fn default_spool_max() -> u64 {
+    10 << 30
 }
 fn default_login_refresh() -> u64 {
     60

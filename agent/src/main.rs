@@ -83,6 +83,30 @@ enum RequestCommand {
 }
 
 #[derive(Subcommand)]
+enum JournalCommand {
+    /// Measure the journal: events per second from concurrent sessions recording result
+    /// chunks (hash chain, checkpoints, encryption, WAL), and bytes per row on disk. Writes a
+    /// throwaway journal in a temporary directory.
+    Bench {
+        /// Concurrent sessions.
+        #[arg(long, default_value_t = 8)]
+        writers: usize,
+        /// Events (result chunks) per session.
+        #[arg(long, default_value_t = 20_000)]
+        events: u64,
+        /// DataRows per chunk.
+        #[arg(long, default_value_t = 10)]
+        rows: u64,
+        /// Every write waits for the WAL's fsync (durability = "power-loss").
+        #[arg(long)]
+        power_loss: bool,
+        /// Store values in the clear (no data key) to see what encryption costs.
+        #[arg(long)]
+        no_encryption: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum PolicyCommand {
     /// Validate a policy directory (sluice.cedarschema + *.cedar) and print the errors or "ok".
     Check {
@@ -128,6 +152,11 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+    /// Journal tools: `sluice journal bench` measures the recording path.
+    Journal {
+        #[command(subcommand)]
+        command: JournalCommand,
     },
     /// List requests for approval (held statements, access requests): pending ones, or --all.
     Requests {
@@ -403,6 +432,48 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     req.id, req.approvers, req.id
                 );
             }
+            Ok(())
+        }
+        Command::Journal {
+            command:
+                JournalCommand::Bench {
+                    writers,
+                    events,
+                    rows,
+                    power_loss,
+                    no_encryption,
+                },
+        } => {
+            let dir = tempfile_dir()?;
+            let options = sluice_journal::JournalOptions {
+                signing_key: Some(dir.join("signing.key")),
+                encryption_key: (!no_encryption).then(|| dir.join("data.key")),
+                power_loss_durable: power_loss,
+            };
+            let r =
+                sluice_journal::bench::bench(&dir.join("journal"), &options, writers, events, rows);
+            let _ = std::fs::remove_dir_all(&dir);
+            let r = r?;
+            println!(
+                "journal ({}{}): {} sessions, {} events in {:.2} s: {:.0} events/s, {:.1} MB/s of rows; {:.1} bytes per row on disk ({:.1} on the wire)",
+                if power_loss {
+                    "power-loss durable"
+                } else {
+                    "crash durable"
+                },
+                if no_encryption {
+                    ", unencrypted"
+                } else {
+                    ", encrypted"
+                },
+                r.writers,
+                r.events,
+                r.seconds,
+                r.events_per_second(),
+                r.wire_mb_per_second(),
+                r.disk_bytes_per_row(),
+                r.wire_bytes_per_row()
+            );
             Ok(())
         }
         Command::Policy {
@@ -765,4 +836,15 @@ mod tests {
         assert!(parse_duration("m").is_err());
         assert!(parse_duration("5w").is_err());
     }
+}
+
+/// A new private directory under the system's temporary directory.
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "sluice-journal-bench-{}-{}",
+        std::process::id(),
+        sluice_journal::now_ns()
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
 }

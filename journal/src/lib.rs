@@ -31,6 +31,7 @@
 //! corrupt value (decoding errors are returned, naming the key).
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod chain;
 mod collector;
 mod keyfile;

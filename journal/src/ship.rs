@@ -240,16 +240,20 @@ impl Journal {
         Ok(deleted)
     }
 
-    /// Compacts the spool now, so that its size on disk reflects deleted sessions.
+    /// Flushes and compacts the spool now, so that its size on disk reflects what it holds.
     pub fn compact(&self) -> Result<(), JournalError> {
         let core = &self.core;
         for family in [
             crate::store::CF_EVENTS,
             crate::store::CF_HASHES,
             crate::store::CF_CHECKPOINTS,
+            crate::store::CF_SESSIONS,
         ] {
+            let cf = core.cf(family)?;
             core.db
-                .compact_range_cf(core.cf(family)?, None::<&[u8]>, None::<&[u8]>);
+                .flush_cf(cf)
+                .map_err(|source| JournalError::Read { source })?;
+            core.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
         }
         Ok(())
     }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub mod collector;
 pub mod oidc;
 
 /// The uid/gid intercepted clients run as in tests (`nobody`), so the recorded uid is not root's.
@@ -541,11 +542,13 @@ impl Agent {
         // Clients running as other uids reach the control socket inside (but list nothing).
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))?;
         let socket = dir.path().join("agent.sock");
-        let signing_key = dir.path().join("signing.key");
         let journal = options
             .journal_dir
             .clone()
             .unwrap_or_else(|| dir.path().join("journal"));
+        // The keys live beside the journal, so an agent restarted on it keeps them.
+        let signing_key = journal.with_extension("signing.key");
+        let encryption_key = journal.with_extension("data.key");
         let proxy_port = free_port();
         let pin = options.pin_dir.clone().unwrap_or_else(|| {
             format!(
@@ -554,12 +557,13 @@ impl Agent {
             )
         });
         let mut text = format!(
-            "[agent]\nproxy_listen = \"127.0.0.1:{proxy_port}\"\njournal_dir = \"{}\"\nbpf_pin_dir = \"{pin}\"\nexempt_own_cgroup = {}\nmax_message_bytes = {}\ncontrol_socket = \"{}\"\nsigning_key = \"{}\"\n{}",
+            "[agent]\nproxy_listen = \"127.0.0.1:{proxy_port}\"\njournal_dir = \"{}\"\nbpf_pin_dir = \"{pin}\"\nexempt_own_cgroup = {}\nmax_message_bytes = {}\ncontrol_socket = \"{}\"\nsigning_key = \"{}\"\nencryption_key = \"{}\"\n{}",
             journal.display(),
             options.exempt_own_cgroup,
             options.max_message_bytes,
             socket.display(),
             signing_key.display(),
+            encryption_key.display(),
             options.agent_config,
         );
         if let Some(cg) = &options.cgroup {

@@ -4,6 +4,7 @@
 //! plus pgbouncer (session pooling) as a reference proxy when it is installed, and through a
 //! second agent that decides every statement with the example policies (`policies/`), and
 //! through a third with TLS toward the client and an OIDC token as the password. Then
+//! the journal micro-benchmark (events/s, bytes per row, crash and power-loss durable), and
 //! the policy micro-benchmark: facts + Cedar per statement, cached and uncached. Prints TPS,
 //! ratios and microseconds; never asserts on them.
 
@@ -195,7 +196,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     large_result(&pg, &bin, &cgroup, args.rows)?;
     drop(agent);
     println!();
+    run_journal(&bin)?;
+    println!();
     run_policy()
+}
+
+/// `sluice journal bench`: events per second and bytes per row of the recording path, crash
+/// durable (encrypted, then in the clear) and power-loss durable.
+fn run_journal(bin: &std::path::Path) -> anyhow::Result<()> {
+    eprintln!("bench: journal micro-benchmark");
+    for extra in [
+        &[][..],
+        &["--no-encryption"][..],
+        &["--power-loss", "--events", "2000"][..],
+    ] {
+        let out = Command::new(bin)
+            .args(["journal", "bench"])
+            .args(extra)
+            .output()
+            .with_context(|| format!("cannot run {}", bin.display()))?;
+        if !out.status.success() {
+            bail!(
+                "sluice journal bench failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+    Ok(())
 }
 
 /// One large result (`rows` rows, about 130 bytes each) read with psql, direct, through

@@ -23,7 +23,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use sluice_journal::{Journal, ProcessInfo};
+use sluice_journal::{Journal, JournalOptions, ProcessInfo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, broadcast, mpsc};
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -97,6 +97,35 @@ impl Shared {
     fn target(&self, id: u32) -> Option<&Target> {
         self.targets.iter().find(|t| t.id == id)
     }
+
+    /// Whether a new session may start, given the journal's spool limit: Err carries the
+    /// sentence the client gets when the spool is full and the agent fails closed.
+    pub fn admit_session(&self) -> Result<(), String> {
+        let max = self.config.spool_max_bytes;
+        if max == 0 {
+            return Ok(());
+        }
+        let used = self.journal.spool_bytes();
+        if used < max {
+            return Ok(());
+        }
+        let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+        match self.config.spool_full {
+            crate::config::SpoolFull::Admit => {
+                warn!(
+                    used_mib = mib(used),
+                    max_mib = mib(max),
+                    "journal spool is full; admitting the session anyway (spool_full = \"admit\")"
+                );
+                Ok(())
+            }
+            crate::config::SpoolFull::Refuse => Err(format!(
+                "sluice: new sessions are refused because this host's recording spool is full ({:.1} of {:.1} MiB): recordings are kept until the collector acknowledges them; ask the administrator to check the shipper and the collector",
+                mib(used),
+                mib(max)
+            )),
+        }
+    }
 }
 
 /// Where an accepted connection came in.
@@ -126,8 +155,17 @@ pub async fn run(
         addr: config.agent.proxy_listen,
         source,
     })?;
-    let journal = Journal::open_signed(&config.agent.journal_dir, &config.agent.signing_key)?
-        .power_loss_durable(config.agent.durability == crate::config::Durability::PowerLoss);
+    let journal = Journal::open_with(
+        &config.agent.journal_dir,
+        &JournalOptions {
+            signing_key: Some(config.agent.signing_key.clone()),
+            encryption_key: Some(config.agent.encryption_key.clone()),
+            power_loss_durable: config.agent.durability == crate::config::Durability::PowerLoss,
+        },
+    )?;
+    for id in journal.recovered() {
+        warn!(session = %id, "the previous agent left this session open: sealed as interrupted");
+    }
     let access = Arc::new(Access::open(journal.clone())?);
     let identity = Arc::new(match &config.oidc {
         Some(o) => {

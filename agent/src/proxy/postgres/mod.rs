@@ -255,6 +255,13 @@ pub(crate) async fn serve(
         (Some(p), true) => tag_application_name(&params, &p.name),
         _ => params.clone(),
     };
+    if let Err(refusal) = shared.admit_session() {
+        warn!("journal spool full: session refused");
+        let _ = client
+            .write_all(&error_response(Severity::Fatal, "53100", &refusal))
+            .await;
+        return;
+    }
     let recorder = match start(shared, &routed, params, principal.clone()) {
         Ok(r) => r,
         Err(e) => {
