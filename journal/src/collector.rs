@@ -636,6 +636,77 @@ mod tests {
     }
 
     #[test]
+    fn tampering_with_the_collectors_store_is_named_at_the_first_bad_event() {
+        use crate::store::{CF_EVENTS, event_key};
+        // Each case: a fresh store holding one verified session of 12 events, then a change
+        // made by someone with the store's files and its data key.
+        let cases: [(&str, u64, fn(&Core, &SessionId)); 4] = [
+            ("altered", 4, |core, id| {
+                let key = event_key(id, 4);
+                let stored = core
+                    .db
+                    .get_cf(core.cf(CF_EVENTS).unwrap(), key)
+                    .unwrap()
+                    .unwrap();
+                let mut plain = core.unseal(CF_EVENTS, &key, &stored).unwrap();
+                let last = plain.len() - 2;
+                plain[last] ^= 1;
+                let sealed = core.seal(CF_EVENTS, &key, plain).unwrap();
+                core.db
+                    .put_cf(core.cf(CF_EVENTS).unwrap(), key, sealed)
+                    .unwrap();
+            }),
+            ("dropped", 6, |core, id| {
+                core.db
+                    .delete_cf(core.cf(CF_EVENTS).unwrap(), event_key(id, 6))
+                    .unwrap();
+            }),
+            ("reordered", 3, |core, id| {
+                let cf = core.cf(CF_EVENTS).unwrap();
+                let (k3, k7) = (event_key(id, 3), event_key(id, 7));
+                let a = core
+                    .unseal(CF_EVENTS, &k3, &core.db.get_cf(cf, k3).unwrap().unwrap())
+                    .unwrap();
+                let b = core
+                    .unseal(CF_EVENTS, &k7, &core.db.get_cf(cf, k7).unwrap().unwrap())
+                    .unwrap();
+                core.db
+                    .put_cf(cf, k3, core.seal(CF_EVENTS, &k3, b).unwrap())
+                    .unwrap();
+                core.db
+                    .put_cf(cf, k7, core.seal(CF_EVENTS, &k7, a).unwrap())
+                    .unwrap();
+            }),
+            ("inserted", 12, |core, id| {
+                let cf = core.cf(CF_EVENTS).unwrap();
+                let (k1, k12) = (event_key(id, 1), event_key(id, 12));
+                let v = core
+                    .unseal(CF_EVENTS, &k1, &core.db.get_cf(cf, k1).unwrap().unwrap())
+                    .unwrap();
+                core.db
+                    .put_cf(cf, k12, core.seal(CF_EVENTS, &k12, v).unwrap())
+                    .unwrap();
+            }),
+        ];
+        for (what, bad, tamper) in cases {
+            let f = fixture();
+            let id = record(&f.journal, 5);
+            ship_all(&f, 100);
+            assert_eq!(
+                Reader::open(&f.store_dir)
+                    .unwrap()
+                    .verify(&id)
+                    .unwrap()
+                    .problem,
+                None
+            );
+            tamper(&f.store.core, &id);
+            let v = Reader::open(&f.store_dir).unwrap().verify(&id).unwrap();
+            assert_eq!(v.problem.as_ref().map(|p| p.0), Some(bad), "{what}: {v:?}");
+        }
+    }
+
+    #[test]
     fn retention_purges_old_sessions_only() {
         let f = fixture();
         let old = record(&f.journal, 1);
