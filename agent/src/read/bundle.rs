@@ -81,6 +81,23 @@ pub fn export_with_bundle(
     export: &Path,
     bundle: &Path,
 ) -> Result<usize, ReadError> {
+    // The session lines go to a side file first: the header, which comes first, needs the
+    // export's digest.
+    let partial = bundle.with_extension("partial");
+    let result = write_both(reader, session, filter, format, export, bundle, &partial);
+    let _ = std::fs::remove_file(&partial);
+    result
+}
+
+fn write_both(
+    reader: &Reader,
+    session: Option<&str>,
+    filter: &Filter,
+    format: Format,
+    export: &Path,
+    bundle: &Path,
+    partial: &Path,
+) -> Result<usize, ReadError> {
     let write_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| BundleError::Write { path, source }
@@ -91,10 +108,7 @@ pub fn export_with_bundle(
         digest: Context::new(&SHA256),
         bytes: 0,
     };
-    // The session lines go to a side file first: the header, which comes first, needs the
-    // export's digest.
-    let partial = bundle.with_extension("partial");
-    let mut body = BufWriter::new(File::create(&partial).map_err(write_err(&partial))?);
+    let mut body = BufWriter::new(File::create(partial).map_err(write_err(partial))?);
     let mut events = 0u64;
     write_header(format, &mut out)?;
     for s in &sessions {
@@ -110,7 +124,7 @@ pub fn export_with_bundle(
         write_session(&raw, &mut body)?;
     }
     out.inner.flush().map_err(write_err(export))?;
-    body.flush().map_err(write_err(&partial))?;
+    body.flush().map_err(write_err(partial))?;
     drop(body);
     let header = json!({
         "type": "header",
@@ -131,10 +145,9 @@ pub fn export_with_bundle(
     let mut file = BufWriter::new(File::create(bundle).map_err(write_err(bundle))?);
     serde_json::to_writer(&mut file, &header)?;
     writeln!(file)?;
-    let mut side = File::open(&partial).map_err(write_err(&partial))?;
+    let mut side = File::open(partial).map_err(write_err(partial))?;
     std::io::copy(&mut side, &mut file).map_err(write_err(bundle))?;
     file.flush().map_err(write_err(bundle))?;
-    let _ = std::fs::remove_file(&partial);
     Ok(sessions.len())
 }
 

@@ -131,21 +131,14 @@ pub fn replay_with(
     for event in reader.events(&summary.id)? {
         let event = event?;
         if let Some(timing) = &options.timing {
-            let gap = last_ts.map_or(0, |t| event.ts_ns.saturating_sub(t));
-            if gap > 0 {
-                let (wait, capped) = timing.wait(gap);
-                if capped {
-                    flush(&mut table, out)?;
-                    writeln!(
-                        out,
-                        "{:15}  ~ sluice: {:.1} s passed here in the recording (replay waits {:.2} s)",
-                        "",
-                        Duration::from_nanos(gap).as_secs_f64(),
-                        wait.as_secs_f64()
-                    )?;
-                }
-                out.flush()?;
-                sleep(wait);
+            if let Some(last) = last_ts {
+                pace(
+                    timing,
+                    event.ts_ns.saturating_sub(last),
+                    &mut table,
+                    out,
+                    sleep,
+                )?;
             }
             last_ts = Some(event.ts_ns);
         }
@@ -278,6 +271,34 @@ pub fn replay_with(
     Ok(())
 }
 
+/// Waits for a recorded gap (scaled and capped), saying so when it was capped; what was
+/// printed so far is flushed first, so the reader sees it before the pause.
+fn pace(
+    timing: &Timing,
+    gap_ns: u64,
+    table: &mut Option<Table>,
+    out: &mut dyn Write,
+    sleep: &mut dyn FnMut(Duration),
+) -> Result<(), ReadError> {
+    if gap_ns == 0 {
+        return Ok(());
+    }
+    let (wait, capped) = timing.wait(gap_ns);
+    if capped {
+        flush(table, out)?;
+        writeln!(
+            out,
+            "{:15}  ~ sluice: {:.1} s passed here in the recording (replay waits {:.2} s)",
+            "",
+            Duration::from_nanos(gap_ns).as_secs_f64(),
+            wait.as_secs_f64()
+        )?;
+    }
+    out.flush()?;
+    sleep(wait);
+    Ok(())
+}
+
 /// Time of day with microseconds, UTC.
 fn clock(ns: u64) -> String {
     let full = rfc3339(ns);
@@ -347,6 +368,31 @@ mod tests {
         let slow = Timing { speed: 0.5 };
         assert_eq!(slow.wait(1_000_000_000), (Duration::from_secs(2), false));
         assert_eq!(slow.wait(6_000_000_000), (Duration::from_secs(10), true));
+    }
+
+    #[test]
+    fn a_capped_pause_is_said_in_the_transcript() {
+        let mut out = Vec::new();
+        let mut waits = Vec::new();
+        let t = Timing { speed: 100.0 };
+        pace(&t, 60_000_000_000, &mut None, &mut out, &mut |d| {
+            waits.push(d)
+        })
+        .unwrap();
+        pace(&t, 1_000_000_000, &mut None, &mut out, &mut |d| {
+            waits.push(d)
+        })
+        .unwrap();
+        pace(&t, 0, &mut None, &mut out, &mut |d| waits.push(d)).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text.trim(),
+            "~ sluice: 60.0 s passed here in the recording (replay waits 0.05 s)"
+        );
+        assert_eq!(
+            waits,
+            vec![Duration::from_millis(50), Duration::from_millis(10)]
+        );
     }
 
     #[test]
