@@ -95,6 +95,9 @@ enum Command {
         /// Seconds between retention runs.
         #[arg(long, default_value_t = 3600, hide = true)]
         retention_interval_secs: u64,
+        /// Retention in seconds instead of days (for tests).
+        #[arg(long, hide = true, conflicts_with = "retention_days")]
+        retention_secs: Option<u64>,
     },
 }
 
@@ -301,10 +304,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             retention_days,
             retention_interval_secs,
+            retention_secs,
         } => serve::run(
             &Layout::new(&dir),
             listen,
-            retention_days,
+            retention_secs.or(retention_days.map(|d| d.saturating_mul(86_400))),
             retention_interval_secs,
         ),
     }

@@ -52,7 +52,7 @@ impl Sink for StoreSink {
 pub fn run(
     layout: &Layout,
     listen: Option<std::net::SocketAddr>,
-    retention_days: Option<u64>,
+    retention_secs: Option<u64>,
     retention_every_secs: u64,
 ) -> anyhow::Result<()> {
     init_logging();
@@ -85,16 +85,19 @@ pub fn run(
             tls: tokio_rustls::TlsAcceptor::from(tls),
             max_connections: 256,
         });
-        let retention = retention_days.map(|days| {
+        let retention = retention_secs.map(|secs| {
             tokio::spawn(retention_loop(
                 store.clone(),
                 registry.clone(),
-                days,
+                secs,
                 Duration::from_secs(retention_every_secs.max(1)),
             ))
         });
-        match retention_days {
-            Some(days) => info!(days, "retention: recordings older than this are purged"),
+        match retention_secs {
+            Some(secs) => info!(
+                days = secs as f64 / 86_400.0,
+                "retention: recordings older than this are purged"
+            ),
             None => warn!("no --retention-days: recordings are kept until deleted by hand"),
         }
         info!(%listen, %fingerprint, store = %layout.store().display(), "sluice-collector ready");
@@ -108,12 +111,12 @@ pub fn run(
     })
 }
 
-async fn retention_loop(store: Arc<Store>, registry: Arc<Registry>, days: u64, every: Duration) {
+async fn retention_loop(store: Arc<Store>, registry: Arc<Registry>, secs: u64, every: Duration) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
         let (store, registry) = (store.clone(), registry.clone());
-        let run = tokio::task::spawn_blocking(move || purge(&store, &registry, days)).await;
+        let run = tokio::task::spawn_blocking(move || purge(&store, &registry, secs)).await;
         match run {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -124,9 +127,9 @@ async fn retention_loop(store: Arc<Store>, registry: Arc<Registry>, days: u64, e
     }
 }
 
-fn purge(store: &Store, registry: &Registry, days: u64) -> anyhow::Result<()> {
+fn purge(store: &Store, registry: &Registry, secs: u64) -> anyhow::Result<()> {
     let now = sluice_journal::now_ns();
-    let cutoff = now.saturating_sub(days.saturating_mul(86_400_000_000_000));
+    let cutoff = now.saturating_sub(secs.saturating_mul(1_000_000_000));
     let purged = store.purge_before(cutoff)?;
     if purged.is_empty() {
         info!(cutoff = %format_ns(cutoff), "retention: nothing to purge");
@@ -138,7 +141,12 @@ fn purge(store: &Store, registry: &Registry, days: u64) -> anyhow::Result<()> {
         kind: "purge".into(),
         agent: None,
         detail: format!(
-            "retention ({days} days): {} sessions that ended before {} purged",
+            "retention ({}): {} sessions that ended before {} purged",
+            if secs % 86_400 == 0 {
+                format!("{} days", secs / 86_400)
+            } else {
+                format!("{secs} s")
+            },
             ids.len(),
             format_ns(cutoff)
         ),
