@@ -722,6 +722,30 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_shipper_section_loads_when_uncommented() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/sluice.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let (head, shipper) = text.split_once("# [shipper]").unwrap();
+        let head = head.replace("# metrics_listen = ", "metrics_listen = ");
+        let mut full = format!("{head}[shipper]");
+        for line in shipper.lines() {
+            full.push_str(line.strip_prefix("# ").unwrap_or(line));
+            full.push('\n');
+        }
+        let config: Config = toml::from_str(&full).unwrap();
+        let s = config.shipper.unwrap();
+        assert_eq!(s.collector.as_deref(), Some("collector.example.com:7443"));
+        assert_eq!(s.max_batch_events, default_batch_events());
+        assert_eq!(s.max_batch_bytes, default_batch_bytes());
+        assert_eq!(s.interval_ms, default_ship_interval());
+        assert_eq!(s.timeout_secs, default_ship_timeout());
+        assert_eq!(
+            config.agent.metrics_listen,
+            Some("127.0.0.1:9187".parse().unwrap())
+        );
+    }
+
+    #[test]
     fn matches_parse_exact_v6_and_any() {
         assert_eq!(
             parse_match("127.0.0.1:5432").unwrap(),
