@@ -8,7 +8,8 @@
 //! {"type":"header","format":"sluice-bundle","version":1,"export":{"file":..,"format":"csv",
 //!   "sha256":..,"bytes":..},"filters":{..},"session":..,"sessions":N,"events":M,"created":..}
 //! {"type":"session","session":ID,"summary":{..},"checkpoints":[{"seq":..,"chain":HEX,
-//!   "public_key":HEX,"signature":HEX,"ts_ns":..}]}
+//!   "public_key":HEX,"signature":HEX,"ts_ns":..}],"collector":null|{"agent":..,
+//!   "verdict":..,"problems":[..]}}
 //! {"type":"event","session":ID,"seq":0,"hash":HEX,"value":BASE64}     one line per event
 //! ...
 //! ```
@@ -19,6 +20,9 @@
 //! those events produce through the code that wrote it ([`export_session`]). What it cannot
 //! prove on its own: that no whole session was left out of both files (the session list is not
 //! signed by anyone); compare the session count with the collector's search if that matters.
+//! A session the collector flagged at ingest carries the collector's problems and fails
+//! verification; that note is not signed either, so it protects against honest mistakes only
+//! (`--key` is what pins the agent).
 //!
 //! Bundles are built and checked one session at a time: memory is bounded by the largest
 //! session, not by the export.
@@ -34,7 +38,7 @@ use ring::digest::{Context, SHA256};
 use serde_json::{Value, json};
 use sluice_journal::chain::Checkpoint;
 use sluice_journal::{
-    Body, RawEvent, RawSession, Reader, SessionId, SessionSummary, ShipCheckpoint,
+    Body, Integrity, RawEvent, RawSession, Reader, SessionId, SessionSummary, ShipCheckpoint,
 };
 
 use super::export::{export_session, selected, write_header};
@@ -121,7 +125,8 @@ fn write_both(
             &mut out,
         )?;
         events += raw.events.len() as u64;
-        write_session(&raw, &mut body)?;
+        let flagged = reader.integrity(&s.id)?;
+        write_session(&raw, flagged.as_ref(), &mut body)?;
     }
     out.inner.flush().map_err(write_err(export))?;
     body.flush().map_err(write_err(partial))?;
@@ -171,7 +176,11 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-fn write_session(raw: &RawSession, out: &mut dyn Write) -> Result<(), ReadError> {
+fn write_session(
+    raw: &RawSession,
+    collector: Option<&Integrity>,
+    out: &mut dyn Write,
+) -> Result<(), ReadError> {
     let id = raw.summary.id.to_string();
     let checkpoints: Vec<Value> = raw
         .checkpoints
@@ -191,6 +200,11 @@ fn write_session(raw: &RawSession, out: &mut dyn Write) -> Result<(), ReadError>
         "session": id,
         "summary": raw.summary,
         "checkpoints": checkpoints,
+        "collector": collector.map(|i| json!({
+            "agent": i.agent,
+            "verdict": i.verdict(),
+            "problems": i.problems,
+        })),
     });
     serde_json::to_writer(&mut *out, &line)?;
     writeln!(out)?;
@@ -223,6 +237,10 @@ pub struct BundleSession {
     /// The first structural problem of its event lines (seq and what is wrong), found before
     /// the chain is checked: a repeated or out-of-order seq.
     pub order_problem: Option<(u64, String)>,
+    /// The agent that shipped it, when exported from a collector.
+    pub agent: Option<String>,
+    /// What the collector flagged at ingest (not signed: an honest exporter's note).
+    pub flagged: Vec<String>,
 }
 
 impl Bundle {
@@ -272,10 +290,18 @@ impl Bundle {
                     if index.insert(id, sessions.len()).is_some() {
                         return Err(bad(line, format!("session {id} is listed twice")));
                     }
+                    let flagged = v["collector"]["problems"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|p| p.as_str().map(str::to_string))
+                        .collect();
                     sessions.push(BundleSession {
                         raw,
                         lines: Vec::new(),
                         order_problem: None,
+                        agent: v["collector"]["agent"].as_str().map(str::to_string),
+                        flagged,
                     });
                 }
                 ("event", Some(_)) => {
@@ -435,6 +461,14 @@ pub fn verify_bundle(
                 "session {id}: ok, {} events, all signed",
                 s.raw.events.len()
             )?,
+        }
+        for p in &s.flagged {
+            all_ok = false;
+            writeln!(
+                out,
+                "session {id}: FLAGGED by the collector (agent {}): {p}",
+                s.agent.as_deref().unwrap_or("-")
+            )?;
         }
     }
     match &key {

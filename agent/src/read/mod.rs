@@ -348,5 +348,23 @@ mod tests {
             out.contains("FLAGGED by the collector (agent bastion-1): "),
             "{out}"
         );
+        // A bundle exported from there carries the collector's verdict, and fails on it.
+        let (export, bundle) = (f.dir.path().join("e.csv"), f.dir.path().join("b.jsonl"));
+        let all = Filter::default();
+        export_with_bundle(&reader, None, &all, Format::Csv, &export, &bundle).unwrap();
+        let check = BundleCheck {
+            export: Some(&export),
+            key: None,
+        };
+        let out = text(|o| {
+            assert!(!verify_bundle(&Bundle::read(&bundle).unwrap(), &check, o).unwrap());
+        });
+        assert!(
+            out.contains(&format!(
+                "session {}: FLAGGED by the collector (agent bastion-1): ",
+                f.sessions[0]
+            )),
+            "{out}"
+        );
     }
 }
