@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::Value;
+use sluice_tests::collector::Collector;
 use sluice_tests::{
     Agent, AgentOptions, CLIENT_UID, Cgroup, Postgres, pg_target, require_root, run_bounded,
     sluice_bin,
@@ -30,6 +31,10 @@ struct Setup {
 }
 
 fn setup(name: &str) -> Setup {
+    setup_with(name, "")
+}
+
+fn setup_with(name: &str, more_config: &str) -> Setup {
     let pg = Postgres::start().unwrap();
     pg.sql(
         "create table people (id int primary key, name text);
@@ -46,7 +51,7 @@ fn setup(name: &str) -> Setup {
     let admin = Cgroup { path: admin_path };
     let policies = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies");
     let extra_config = format!(
-        "[[identity]]\ncgroup = \"{}\"\nprincipal = \"admin\"\ngroups = [\"admins\"]\n\n[[identity]]\nuid = {CLIENT_UID}\nprincipal = \"dev\"\ngroups = [\"developers\"]\n",
+        "[[identity]]\ncgroup = \"{}\"\nprincipal = \"admin\"\ngroups = [\"admins\"]\n\n[[identity]]\nuid = {CLIENT_UID}\nprincipal = \"dev\"\ngroups = [\"developers\"]\n{more_config}",
         admin.path.display()
     );
     let agent = Agent::start(AgentOptions {
@@ -371,4 +376,130 @@ fn compliance_finds_replays_exports_and_verifies_sessions_and_names_every_tamper
     write_lines(&bundle, &pristine_bundle);
     write_lines(&export, &pristine_csv);
     assert!(verify_offline(work.path(), &bundle, &export).0);
+}
+
+#[test]
+fn the_same_walk_through_works_on_the_collectors_store_with_the_agents_key() {
+    if !require_root("the_same_walk_through_works_on_the_collectors_store_with_the_agents_key") {
+        return;
+    }
+    let mut collector = Collector::init().unwrap();
+    collector.start().unwrap();
+    let s = setup_with("compliance-collector", "\n[shipper]\ninterval_ms = 100\n");
+    let token = collector.token("bastion-7", "10m").unwrap();
+    let enrolled = run_bounded(
+        Command::new(sluice_bin())
+            .args([
+                "enroll",
+                "--collector",
+                &collector.addr(),
+                "--token",
+                &token,
+                "--config",
+            ])
+            .arg(&s.agent.config),
+        LIMIT,
+    )
+    .unwrap();
+    assert!(
+        enrolled.status.success(),
+        "{}{}",
+        enrolled.stdout,
+        enrolled.stderr
+    );
+    s.psql(&s.cgroup, "alice", &["select name from people order by id"]);
+    s.psql(&s.admin, "bob", &["select total from orders order by id"]);
+
+    // Shipped and sealed at the collector (the agent's spool empties).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stored = loop {
+        let stored = collector.sessions().unwrap();
+        if stored.len() == 2 && stored.iter().all(|x| x["integrity"] == "verified") {
+            break stored;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not shipped in 30 s: {stored:#?}\n{}\n{}",
+            s.agent.log(),
+            collector.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        stored.iter().all(|x| x["agent"] == "bastion-7"),
+        "{stored:#?}"
+    );
+    let read = |args: &[&str]| {
+        let out = collector.read(args).unwrap();
+        assert!(out.status.success(), "sluice {args:?}: {}", out.stderr);
+        out.stdout
+    };
+    let table = read(&["sessions"]);
+    assert!(
+        table.lines().next().unwrap().ends_with("INTEGRITY"),
+        "{table}"
+    );
+    assert_eq!(table.matches("  verified").count(), 2, "{table}");
+    let found = read(&[
+        "sessions",
+        "--json",
+        "--host",
+        "bastion-7",
+        "--user",
+        "alice",
+        "--statement",
+        "people",
+    ]);
+    let found: Value = serde_json::from_str(&found).unwrap();
+    assert_eq!(found.as_array().unwrap().len(), 1, "{found:#}");
+    let id = found[0]["id"].as_str().unwrap().to_string();
+    assert!(read(&["verify"]).contains("all signed"));
+    let replay = read(&["replay", &id, "--timing", "--speed", "100"]);
+    assert!(replay.contains("edsger"), "{replay}");
+
+    // Export from the store with a bundle; verify offline, pinned to the enrolled key.
+    let work = tempfile::tempdir().unwrap();
+    let export = work.path().join("alice.jsonl");
+    let bundle = work.path().join("alice.bundle.jsonl");
+    read(&[
+        "export",
+        "--format",
+        "jsonl",
+        "--session",
+        &id,
+        "--out",
+        export.to_str().unwrap(),
+        "--bundle",
+        bundle.to_str().unwrap(),
+    ]);
+    let agents = collector.admin(&["agents", "--json"]).unwrap();
+    let agents: Value = serde_json::from_str(&agents.stdout).unwrap();
+    let key = agents[0]["public_key"].as_str().unwrap().to_string();
+    let verify = |key: &str| {
+        let out = Command::new(sluice_bin())
+            .current_dir(work.path())
+            .env_clear()
+            .args(["verify", "--bundle"])
+            .arg(&bundle)
+            .arg("--export")
+            .arg(&export)
+            .args(["--key", key])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, out) = verify(&key);
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("signed by key {key}")), "{out}");
+    let (ok, out) = verify(&"00".repeat(32));
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "session {id} event 0: signed with key {key}, not the key given with --key"
+        )),
+        "{out}"
+    );
 }
