@@ -101,6 +101,8 @@ pub enum ControlRequest {
     },
     /// `sluice logout`: forget the caller's binding.
     Logout,
+    /// `sluice status`: spool and shipping metrics (Prometheus text).
+    Status,
 }
 
 /// The agent's answer.
@@ -137,6 +139,10 @@ pub struct ControlContext {
     pub identity: Arc<crate::identity::Identity>,
     /// `[oidc]` issuer and client id, for `sluice login`.
     pub oidc: Option<(String, String)>,
+    /// Spool and shipping metrics, for `sluice status`.
+    pub ship: Arc<crate::ship::ShipMetrics>,
+    /// The journal (its size on disk, for `sluice status`).
+    pub journal: sluice_journal::Journal,
 }
 
 /// Creates the socket (replacing a stale one), world-connectable.
@@ -359,6 +365,15 @@ fn handle(
         }
         // Handled before a caller is resolved (it needs a blocking check).
         ControlRequest::Login { .. } => return refuse("login is handled elsewhere".into()),
+        ControlRequest::Status => {
+            // A RocksDB property read; the backlog and lag are the shipper's (refreshed each
+            // second while it runs).
+            ctx.ship.spool_bytes.store(
+                ctx.journal.spool_bytes(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            return done(Vec::new(), Some(ctx.ship.render()));
+        }
         ControlRequest::Reload => {
             return match &ctx.policy {
                 None => refuse("the agent runs without policies (no agent.policy_dir)".into()),

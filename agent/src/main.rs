@@ -219,6 +219,12 @@ enum Command {
         #[command(flatten)]
         agent: AgentArgs,
     },
+    /// The agent's spool and shipping metrics: spool size, events not yet acknowledged by the
+    /// collector, the age of the oldest one, events shipped, failed shipments.
+    Status {
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
     /// Enroll this agent at a collector with a one-time token from `sluice-collector token`
     /// (as root): proves possession of the journal signing key and pins the collector's
     /// certificate, writing both to `collector.toml` next to the key. Then add a `[shipper]`
@@ -396,6 +402,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Login { agent } => login(&agent),
+        Command::Status { agent } => {
+            let r = control(&agent, ControlRequest::Status)?;
+            print!("{}", r.message.unwrap_or_default());
+            Ok(())
+        }
         Command::Enroll {
             collector,
             token,

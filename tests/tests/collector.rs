@@ -495,12 +495,22 @@ fn sessions_past_the_retention_are_purged_and_the_purge_is_audited() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let audit = c.admin(&["audit", "--json"]).unwrap().stdout;
-    let purge = audit
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .find(|r| r["kind"] == "purge")
-        .unwrap_or_else(|| panic!("no purge in the audit log:\n{audit}"));
+    // The purge is audited right after it (bounded wait: the listing may come in between).
+    let purge = loop {
+        let audit = c.admin(&["audit", "--json"]).unwrap().stdout;
+        let found = audit
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|r| r["kind"] == "purge");
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no purge in the audit log:\n{audit}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(
         purge["sessions"]
             .as_array()
@@ -527,6 +537,10 @@ struct Setup {
 }
 
 fn setup(name: &str) -> Setup {
+    setup_with(name, "")
+}
+
+fn setup_with(name: &str, agent_config: &str) -> Setup {
     let pg = Postgres::start().unwrap();
     let cgroup = Cgroup::create(name).unwrap();
     let mut collector = Collector::init().unwrap();
@@ -535,6 +549,7 @@ fn setup(name: &str) -> Setup {
         cgroup: Some(cgroup.path.clone()),
         targets: vec![pg_target("app-db", &format!("127.0.0.1:{}", pg.port))],
         extra_config: "[shipper]\ninterval_ms = 100\n".into(),
+        agent_config: agent_config.into(),
         ..AgentOptions::default()
     })
     .unwrap();
@@ -599,7 +614,11 @@ fn an_enrolled_agent_ships_every_statement_and_its_spool_deletes_what_the_collec
     ) {
         return;
     }
-    let s = setup("ship");
+    let metrics_port = sluice_tests::free_port();
+    let s = setup_with(
+        "ship",
+        &format!("metrics_listen = \"127.0.0.1:{metrics_port}\"\n"),
+    );
     let statements = [
         "create table shipped (id int, name text)",
         "insert into shipped values (1, 'ada'), (2, 'grace')",
@@ -632,13 +651,45 @@ fn an_enrolled_agent_ships_every_statement_and_its_spool_deletes_what_the_collec
     }
     assert!(replay.stdout.contains("grace"), "{}", replay.stdout);
 
-    // The metrics say it: shipped events, nothing waiting.
+    // The metrics say it: shipped events, nothing waiting, no error; `sluice status` too.
     assert!(s.agent.sessions().unwrap().is_empty());
+    let metrics = get_metrics(metrics_port);
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in:\n{metrics}"))
+    };
+    assert!(value("sluice_shipped_events_total") >= session["events"].as_u64().unwrap());
+    assert_eq!(value("sluice_ship_backlog_events"), 0, "{metrics}");
+    assert_eq!(value("sluice_ship_errors_total"), 0, "{metrics}");
+    assert!(value("sluice_spool_bytes") > 0, "{metrics}");
+    let status = s.agent.control(None, &["status"]).unwrap();
+    assert!(status.status.success(), "{}", status.stderr);
+    assert!(
+        status.stdout.contains("sluice_shipped_events_total "),
+        "{}",
+        status.stdout
+    );
     assert!(
         s.agent.log().contains("shipping the journal"),
         "{}",
         s.agent.log()
     );
+}
+
+/// `GET /metrics` on the agent's metrics endpoint (plain HTTP).
+fn get_metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
 }
 
 #[test]
@@ -683,6 +734,18 @@ fn stopping_the_collector_under_load_loses_and_duplicates_nothing() {
     let before_outage = s.collector.sessions().unwrap().len();
     s.collector.stop();
     std::thread::sleep(Duration::from_secs(5));
+    // Meanwhile the agent says what waits and for how long.
+    let status = s.agent.control(None, &["status"]).unwrap().stdout;
+    let value = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in:\n{status}"))
+    };
+    assert!(value("sluice_ship_errors_total") > 0, "{status}");
+    assert!(value("sluice_ship_backlog_events") > 0, "{status}");
+    assert!(value("sluice_ship_lag_seconds") >= 3, "{status}");
     s.collector.start().unwrap();
 
     let out = bench.join().unwrap().unwrap();

@@ -252,6 +252,7 @@ pub async fn run(
         pg_catalogs: Arc::default(),
     });
     let (stop_tx, _) = broadcast::channel::<()>(1);
+    let ship_metrics = Arc::new(crate::ship::ShipMetrics::default());
     let control_listener = control::bind(&shared.config.control_socket)?;
     info!(socket = %shared.config.control_socket.display(), "control socket ready");
     let control_task = tokio::spawn(control::serve(
@@ -266,6 +267,8 @@ pub async fn run(
                 .oidc
                 .as_ref()
                 .map(|o| (o.validation.issuer.clone(), o.client_id().to_string())),
+            ship: ship_metrics.clone(),
+            journal: shared.journal.clone(),
         }),
         stop_tx.subscribe(),
     ));
@@ -281,7 +284,6 @@ pub async fn run(
             stop_tx.subscribe(),
         ))
     });
-    let ship_metrics = Arc::new(crate::ship::ShipMetrics::default());
     let ship_task = match &config.shipper {
         Some(s) => Some(tokio::spawn(crate::ship::run(
             shared.journal.clone(),
