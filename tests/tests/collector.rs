@@ -806,3 +806,40 @@ fn the_collector_binary_explains_itself() {
         assert!(out.stdout.contains(word), "{word}: {}", out.stdout);
     }
 }
+
+/// Shipper throughput to a local collector: the shipper's own sequence (next_batch, POST over
+/// mutual TLS, acknowledge) over a journal of 20 000 statements (40 000 events). Prints
+/// events/s; run with `--ignored --nocapture` (numbers from a release build mean more).
+#[test]
+#[ignore]
+fn shipper_throughput_to_a_local_collector() {
+    let c = serving();
+    let agent = FakeAgent::new();
+    let token = c.token("bench", "10m").unwrap();
+    assert_eq!(agent.enroll(&c, &token).status, 200);
+    let statements: Vec<String> = (0..200)
+        .map(|i| format!("select {i}, 'some text'"))
+        .collect();
+    let sql: Vec<&str> = statements.iter().map(String::as_str).collect();
+    for _ in 0..100 {
+        agent.record(&sql);
+    }
+    let started = Instant::now();
+    let (mut events, mut bytes, mut shipments) = (0usize, 0usize, 0usize);
+    while let Some(batch) = agent.journal.next_batch(5000, 4 << 20).unwrap() {
+        events += batch.event_count();
+        bytes += batch.encode().unwrap().len();
+        shipments += 1;
+        let r = report(&agent.ingest(&c, &batch));
+        agent.journal.acknowledge(&r).unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "shipped {events} events ({} MiB) in {shipments} shipments in {secs:.2} s: {:.0} events/s, {:.1} MiB/s",
+        bytes >> 20,
+        events as f64 / secs,
+        bytes as f64 / secs / f64::from(1u32 << 20)
+    );
+    assert!(agent.journal.next_batch(5000, 4 << 20).unwrap().is_none());
+    assert!(verify(&c, None).status.success());
+}
