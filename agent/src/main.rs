@@ -832,6 +832,17 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
+/// A new private directory under the system's temporary directory.
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "sluice-journal-bench-{}-{}",
+        std::process::id(),
+        sluice_journal::now_ns()
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_duration;
@@ -847,15 +858,4 @@ mod tests {
         assert!(parse_duration("m").is_err());
         assert!(parse_duration("5w").is_err());
     }
-}
-
-/// A new private directory under the system's temporary directory.
-fn tempfile_dir() -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!(
-        "sluice-journal-bench-{}-{}",
-        std::process::id(),
-        sluice_journal::now_ns()
-    ));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    Ok(dir)
 }

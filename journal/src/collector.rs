@@ -640,7 +640,8 @@ mod tests {
         use crate::store::{CF_EVENTS, event_key};
         // Each case: a fresh store holding one verified session of 12 events, then a change
         // made by someone with the store's files and its data key.
-        let cases: [(&str, u64, fn(&Core, &SessionId)); 4] = [
+        type Tamper = fn(&Core, &SessionId);
+        let cases: [(&str, u64, Tamper); 4] = [
             ("altered", 4, |core, id| {
                 let key = event_key(id, 4);
                 let stored = core

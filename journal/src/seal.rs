@@ -3,9 +3,13 @@
 //! at first start).
 //!
 //! ```text
-//! sealed value = SEALED (0xE1) ++ nonce (12 B, random) ++ AES-256-GCM(plain value, aad)
+//! sealed value = SEALED (0xE1) ++ nonce (12 B, random) ++ AES-256-GCM(inner, aad)
+//! inner        = 0x00 ++ plain value
+//!              | 0x01 ++ plain length (u32 LE) ++ LZ4 block(plain value)
 //! aad          = "sluice-seal-v1" ++ family name ++ 0x00 ++ key of the value
 //! ```
+//! A sealed value does not compress, so RocksDB's own compression is lost; values are
+//! LZ4-compressed before sealing when that makes them smaller (and `compress` is on).
 //! The plain value is what the hash chain covers (FORMAT ++ postcard), so verification and
 //! shipping work on plaintext and a collector can re-seal with its own key. The AAD binds a
 //! value to its place: a sealed value moved to another key does not open. Checkpoints, chain
@@ -27,12 +31,20 @@ pub const SEALED: u8 = 0xE1;
 /// The file in a journal directory that names its data key.
 pub const KEY_POINTER: &str = "SEALED-WITH";
 const AAD_DOMAIN: &[u8] = b"sluice-seal-v1";
+const RAW: u8 = 0;
+const LZ4: u8 = 1;
+/// Values shorter than this are not worth compressing.
+const COMPRESS_FROM: usize = 128;
+/// The largest plain value a compressed one may claim (a recorded chunk is at most a few
+/// protocol messages of at most `max_message_bytes`).
+const MAX_PLAIN: usize = 1 << 30;
 
 /// The data key.
 pub struct Sealer {
     key: LessSafeKey,
     fingerprint: String,
     rng: SystemRandom,
+    compress: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +109,14 @@ impl Sealer {
             key: LessSafeKey::new(key),
             fingerprint: crate::hex(&digest.as_ref()[..8]),
             rng: SystemRandom::new(),
+            compress: true,
         })
+    }
+
+    /// Turns compression before sealing on or off (on by default).
+    pub fn compressing(mut self, on: bool) -> Sealer {
+        self.compress = on;
+        self
     }
 
     pub fn fingerprint(&self) -> &str {
@@ -108,19 +127,33 @@ impl Sealer {
     pub fn seal(&self, family: &str, key: &[u8], plain: &[u8]) -> Option<Vec<u8>> {
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).ok()?;
-        let mut out = Vec::with_capacity(1 + NONCE_LEN + plain.len() + 16);
-        out.push(SEALED);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(plain);
-        let mut body = out.split_off(1 + NONCE_LEN);
+        let mut inner = Vec::with_capacity(plain.len() + 16 + 5);
+        let compressed = match self.compress && plain.len() >= COMPRESS_FROM {
+            true => Some(lz4_flex::block::compress(plain)).filter(|c| c.len() + 4 < plain.len()),
+            false => None,
+        };
+        match compressed {
+            Some(c) => {
+                inner.push(LZ4);
+                inner.extend_from_slice(&u32::try_from(plain.len()).ok()?.to_le_bytes());
+                inner.extend_from_slice(&c);
+            }
+            None => {
+                inner.push(RAW);
+                inner.extend_from_slice(plain);
+            }
+        }
         self.key
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(aad(family, key)),
-                &mut body,
+                &mut inner,
             )
             .ok()?;
-        out.extend_from_slice(&body);
+        let mut out = Vec::with_capacity(1 + NONCE_LEN + inner.len());
+        out.push(SEALED);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&inner);
         Some(out)
     }
 
@@ -133,13 +166,29 @@ impl Sealer {
         let (nonce, body) = rest.split_at(NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
         let mut body = body.to_vec();
-        let plain_len = self
+        let inner_len = self
             .key
             .open_in_place(nonce, Aad::from(aad(family, key)), &mut body)
             .ok()?
             .len();
-        body.truncate(plain_len);
-        Some(body)
+        body.truncate(inner_len);
+        match body.split_first()? {
+            (&RAW, _) => {
+                body.remove(0);
+                Some(body)
+            }
+            (&LZ4, rest) => {
+                let (len, compressed) = rest.split_first_chunk::<4>()?;
+                let len = usize::try_from(u32::from_le_bytes(*len)).ok()?;
+                if len > MAX_PLAIN {
+                    return None;
+                }
+                let mut plain = vec![0u8; len];
+                let n = lz4_flex::block::decompress_into(compressed, &mut plain).ok()?;
+                (n == len).then_some(plain)
+            }
+            _ => None,
+        }
     }
 }
 
@@ -228,6 +277,19 @@ mod tests {
         assert_eq!(sealed[0], SEALED);
         assert!(!sealed.windows(5).any(|w| w == b"hello"));
         assert_eq!(s.open("events", b"key1", &sealed).unwrap(), b"\x01hello");
+        // A long value is compressed before sealing, and opens to the same bytes.
+        let long: Vec<u8> = (0..4000u32)
+            .flat_map(|i| format!("row {} ", i % 50).into_bytes())
+            .collect();
+        let sealed_long = s.seal("events", b"k", &long).unwrap();
+        assert!(sealed_long.len() < long.len() / 2, "{}", sealed_long.len());
+        assert_eq!(s.open("events", b"k", &sealed_long).unwrap(), long);
+        let plain_sealer = Sealer::load(&dir.path().join("k"))
+            .unwrap()
+            .compressing(false);
+        let uncompressed = plain_sealer.seal("events", b"k", &long).unwrap();
+        assert!(uncompressed.len() > long.len());
+        assert_eq!(s.open("events", b"k", &uncompressed).unwrap(), long);
         assert!(s.open("events", b"key2", &sealed).is_none(), "moved");
         assert!(
             s.open("sessions", b"key1", &sealed).is_none(),

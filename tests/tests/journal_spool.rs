@@ -2,6 +2,8 @@
 //! and the session is sealed as interrupted at restart; the journal is encrypted at rest; a full
 //! spool refuses new sessions with a clear error (or admits them when configured to fail open).
 
+#![allow(clippy::unwrap_used)]
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
