@@ -218,13 +218,26 @@ pub fn parse_response_head(head: &[u8]) -> Result<Head, HttpError> {
     Ok(h)
 }
 
-/// Reads one message: `None` when the peer closed before sending a byte.
-async fn read_message<R: AsyncRead + Unpin>(
+/// A head read, its body not yet: what [`read_body`] needs to finish the message.
+#[derive(Debug)]
+pub struct PendingBody {
+    declared: u64,
+    /// Body bytes that arrived with the head.
+    early: Vec<u8>,
+}
+
+impl PendingBody {
+    /// The declared body length.
+    pub fn declared(&self) -> u64 {
+        self.declared
+    }
+}
+
+/// Reads one head: `None` when the peer closed before sending a byte.
+async fn read_head<R: AsyncRead + Unpin>(
     r: &mut R,
-    max_body: usize,
     parse: fn(&[u8]) -> Result<Head, HttpError>,
-) -> Result<Option<(Head, Vec<u8>)>, HttpError> {
-    let max_body = max_body.min(MAX_BODY);
+) -> Result<Option<(Head, PendingBody)>, HttpError> {
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     let head_len = loop {
@@ -241,30 +254,59 @@ async fn read_message<R: AsyncRead + Unpin>(
         buf.extend_from_slice(&chunk[..n]);
     };
     let head = parse(&buf[..head_len])?;
-    let declared = head.content_length;
-    let len = usize::try_from(declared)
-        .ok()
-        .filter(|n| *n <= max_body)
-        .ok_or(HttpError::BodyTooLarge {
-            declared,
-            max: max_body,
-        })?;
-    let mut body = buf.split_off(head_len);
-    if body.len() > len {
+    let early = buf.split_off(head_len);
+    if early.len() as u64 > head.content_length {
         return Err(malformed(
             "more bytes than Content-Length (pipelining is not supported)",
         ));
     }
-    let have = body.len();
-    body.resize(len, 0);
-    r.read_exact(&mut body[have..]).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            HttpError::Truncated("before the whole body arrived")
-        } else {
-            HttpError::Io(e)
-        }
-    })?;
-    Ok(Some((head, body)))
+    let declared = head.content_length;
+    Ok(Some((head, PendingBody { declared, early })))
+}
+
+/// Reads the body of a head read before, refusing more than `max_body` (at most [`MAX_BODY`])
+/// from the declared length alone. Memory grows with the bytes that arrive, never ahead of
+/// them, so a peer that declares much and sends little holds little.
+pub async fn read_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    pending: PendingBody,
+    max_body: usize,
+) -> Result<Vec<u8>, HttpError> {
+    let max = max_body.min(MAX_BODY);
+    let declared = pending.declared;
+    let len = usize::try_from(declared)
+        .ok()
+        .filter(|n| *n <= max)
+        .ok_or(HttpError::BodyTooLarge { declared, max })?;
+    let mut body = pending.early;
+    body.reserve(len.saturating_sub(body.len()).min(1 << 20));
+    let missing = (len - body.len()) as u64;
+    let got = r.take(missing).read_to_end(&mut body).await?;
+    if (got as u64) < missing {
+        return Err(HttpError::Truncated("before the whole body arrived"));
+    }
+    Ok(body)
+}
+
+/// Reads a request's head (`None`: the client closed without sending anything); its body
+/// follows with [`read_body`], once the caller knows how much it accepts from this client.
+pub async fn read_request_head<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<(Request, PendingBody)>, HttpError> {
+    Ok(read_head(r, parse_request_head)
+        .await?
+        .map(|(head, pending)| {
+            let [method, path, _] = head.start;
+            (
+                Request {
+                    method,
+                    path,
+                    headers: head.headers,
+                    body: Vec::new(),
+                },
+                pending,
+            )
+        }))
 }
 
 /// Reads one request (`None`: the client closed without sending anything).
@@ -272,17 +314,11 @@ pub async fn read_request<R: AsyncRead + Unpin>(
     r: &mut R,
     max_body: usize,
 ) -> Result<Option<Request>, HttpError> {
-    Ok(read_message(r, max_body, parse_request_head)
-        .await?
-        .map(|(head, body)| {
-            let [method, path, _] = head.start;
-            Request {
-                method,
-                path,
-                headers: head.headers,
-                body,
-            }
-        }))
+    let Some((mut request, pending)) = read_request_head(r).await? else {
+        return Ok(None);
+    };
+    request.body = read_body(r, pending, max_body).await?;
+    Ok(Some(request))
 }
 
 /// Reads one response.
@@ -290,9 +326,10 @@ pub async fn read_response<R: AsyncRead + Unpin>(
     r: &mut R,
     max_body: usize,
 ) -> Result<Response, HttpError> {
-    let (head, body) = read_message(r, max_body, parse_response_head)
+    let (head, pending) = read_head(r, parse_response_head)
         .await?
         .ok_or(HttpError::Truncated("before sending a response"))?;
+    let body = read_body(r, pending, max_body).await?;
     let status = head.start[1]
         .parse()
         .map_err(|_| malformed("bad status code"))?;

@@ -142,7 +142,7 @@ fn purge(store: &Store, registry: &Registry, secs: u64) -> anyhow::Result<()> {
         agent: None,
         detail: format!(
             "retention ({}): {} sessions that ended before {} purged",
-            if secs % 86_400 == 0 {
+            if secs.is_multiple_of(86_400) {
                 format!("{} days", secs / 86_400)
             } else {
                 format!("{secs} s")

@@ -9,6 +9,11 @@
 //!   not decode, 413 for one over 64 MiB.
 //! - `GET /v1/health`: the certificate's fingerprint.
 //!
+//! The head is read first and the body only when the request may have one: an enrollment
+//! (64 KiB at most) or an ingest whose key is already known to be an active agent's. So a
+//! client nobody enrolled cannot make the collector hold more than 64 KiB, and memory grows
+//! with the bytes that arrive, never with what a head declares.
+//!
 //! Registry and store calls block (file locks, RocksDB's synced writes) and run on
 //! `spawn_blocking`. Shutdown follows mini-redis: stop accepting, let the connections in
 //! flight finish (bounded), so an acknowledged shipment is always a stored one.
@@ -17,6 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio_rustls::TlsAcceptor;
@@ -25,7 +31,7 @@ use tracing::{debug, info, warn};
 use crate::api::{EnrollRequest, EnrollResponse};
 use crate::http::{self, Request, Response};
 use crate::pki::{self, hex};
-use crate::registry::{Registry, RegistryError, format_ns};
+use crate::registry::{AgentRecord, Registry, RegistryError, format_ns};
 
 /// Where shipments go (the collector's store; a seam for tests).
 pub trait Sink: Send + Sync + 'static {
@@ -127,41 +133,81 @@ async fn connection(stream: TcpStream, peer: SocketAddr, server: &Server) {
         .peer_certificates()
         .and_then(|c| c.first())
         .and_then(pki::ed25519_key);
-    let response = match tokio::time::timeout(
-        REQUEST_TIMEOUT,
-        http::read_request(&mut tls, http::MAX_BODY),
-    )
-    .await
-    {
-        Err(_) => Response::error(408, "the request did not arrive within 120 s"),
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => {
-            info!(%peer, error = %e, "bad request");
-            Response::error(e.status(), &e.to_string())
-        }
-        Ok(Ok(Some(request))) => route(request, key, peer, server).await,
-    };
+    let response =
+        match tokio::time::timeout(REQUEST_TIMEOUT, respond(&mut tls, key, peer, server)).await {
+            Err(_) => Response::error(408, "the request did not arrive within 120 s"),
+            Ok(None) => return,
+            Ok(Some(r)) => r,
+        };
     if let Err(e) = http::write_response(&mut tls, &response).await {
         debug!(%peer, error = %e, "cannot send the response");
     }
+    // A refused request's body may still be on its way: read it into nothing (bounded), so
+    // the client gets the answer rather than a reset.
+    if response.status >= 400 {
+        let mut sink = tokio::io::sink();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::io::copy(&mut (&mut tls).take(http::MAX_BODY as u64), &mut sink),
+        )
+        .await;
+    }
     let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
 }
+
+/// Reads the head, decides, and reads the body only for a request that may send one: an
+/// enrollment (small) or an ingest from an enrolled, active agent (up to 64 MiB). So nobody
+/// else makes the collector hold more than a small body.
+async fn respond<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    key: Option<[u8; 32]>,
+    peer: SocketAddr,
+    server: &Server,
+) -> Option<Response> {
+    let (mut req, pending) = match http::read_request_head(stream).await {
+        Ok(Some(x)) => x,
+        Ok(None) => return None,
+        Err(e) => {
+            info!(%peer, error = %e, "bad request");
+            return Some(Response::error(e.status(), &e.to_string()));
+        }
+    };
+    let limit = match (req.method.as_str(), req.path.as_str()) {
+        ("POST", crate::api::ENROLL_PATH) => ENROLL_MAX_BODY,
+        ("POST", crate::api::INGEST_PATH) => match authorize(key, peer, server).await {
+            Ok(_) => http::MAX_BODY,
+            Err(refusal) => return Some(refusal),
+        },
+        ("GET", crate::api::HEALTH_PATH) => 0,
+        (_, crate::api::ENROLL_PATH | crate::api::INGEST_PATH | crate::api::HEALTH_PATH) => {
+            return Some(Response::error(405, "method not allowed"));
+        }
+        (_, path) => return Some(Response::error(404, &format!("no such endpoint {path:?}"))),
+    };
+    req.body = match http::read_body(stream, pending, limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            info!(%peer, error = %e, "bad request");
+            return Some(Response::error(e.status(), &e.to_string()));
+        }
+    };
+    Some(route(req, key, peer, server).await)
+}
+
+/// Largest enrollment request.
+const ENROLL_MAX_BODY: usize = 64 * 1024;
 
 async fn route(req: Request, key: Option<[u8; 32]>, peer: SocketAddr, server: &Server) -> Response {
     match (req.method.as_str(), req.path.as_str()) {
         ("POST", crate::api::ENROLL_PATH) => enroll(req, peer, server).await,
         ("POST", crate::api::INGEST_PATH) => ingest(req, key, peer, server).await,
-        ("GET", crate::api::HEALTH_PATH) => Response::new(
+        _ => Response::new(
             200,
             "application/json",
             serde_json::json!({ "ok": true, "fingerprint": server.fingerprint })
                 .to_string()
                 .into_bytes(),
         ),
-        (_, crate::api::ENROLL_PATH | crate::api::INGEST_PATH | crate::api::HEALTH_PATH) => {
-            Response::error(405, "method not allowed")
-        }
-        (_, path) => Response::error(404, &format!("no such endpoint {path:?}")),
     }
 }
 
@@ -228,45 +274,61 @@ async fn enroll(req: Request, peer: SocketAddr, server: &Server) -> Response {
     }
 }
 
-async fn ingest(
-    req: Request,
+/// The enrolled, active agent behind the client certificate's key, or the refusal.
+async fn authorize(
     key: Option<[u8; 32]>,
     peer: SocketAddr,
     server: &Server,
-) -> Response {
+) -> Result<AgentRecord, Response> {
     let Some(key) = key else {
-        return Response::error(
+        return Err(Response::error(
             401,
             "no client certificate: only enrolled agents may ingest (run `sluice enroll` on the agent)",
-        );
+        ));
     };
     let registry = server.registry.clone();
-    let agent = match blocking(move || registry.agent_by_key(&key)).await {
-        Err(r) => return r,
-        Ok(Err(e)) => return Response::error(500, &crate::error_chain(&e)),
-        Ok(Ok(a)) => a,
+    let agent = match blocking(move || registry.agent_by_key(&key)).await? {
+        Err(e) => return Err(Response::error(500, &crate::error_chain(&e))),
+        Ok(a) => a,
     };
     let Some(agent) = agent else {
         info!(%peer, key = %hex(&key), "ingest refused: key not enrolled");
-        return Response::error(
+        return Err(Response::error(
             403,
             &format!(
                 "the key {} is not enrolled at this collector: enroll the agent with `sluice enroll --token ...`",
                 hex(&key)
             ),
-        );
+        ));
     };
     if let Some(revoked) = agent.revoked_ns {
         info!(%peer, agent = %agent.name, "ingest refused: agent revoked");
-        return Response::error(
+        return Err(Response::error(
             403,
             &format!(
                 "agent {:?} was revoked at {}: enroll it again with a new token",
                 agent.name,
                 format_ns(revoked)
             ),
-        );
+        ));
     }
+    Ok(agent)
+}
+
+async fn ingest(
+    req: Request,
+    key: Option<[u8; 32]>,
+    peer: SocketAddr,
+    server: &Server,
+) -> Response {
+    // Checked again once the body is in: a revocation meanwhile counts.
+    let agent = match authorize(key, peer, server).await {
+        Ok(a) => a,
+        Err(refusal) => return refusal,
+    };
+    let Some(key) = key else {
+        return Response::error(401, "no client certificate");
+    };
     let sink = server.sink.clone();
     let name = agent.name.clone();
     let bytes = req.body.len();

@@ -412,7 +412,8 @@ fn replayed_altered_and_foreign_signed_batches_are_absorbed_or_flagged_never_sto
 }
 
 #[test]
-fn a_body_that_is_not_a_shipment_is_refused_with_400_and_an_oversized_one_with_413() {
+fn a_body_that_is_not_a_shipment_is_400_and_oversized_or_unauthorised_bodies_are_refused_before_they_are_read()
+ {
     let c = serving();
     let agent = FakeAgent::new();
     let token = c.token("db1", "10m").unwrap();
@@ -430,10 +431,40 @@ fn a_body_that_is_not_a_shipment_is_refused_with_400_and_an_oversized_one_with_4
     );
     assert_eq!(r.status, 400, "{}", r.error_message());
 
-    // Declared larger than 64 MiB: refused from the head alone.
-    let config = pki::client_config(pin, Some(agent.identity())).unwrap();
+    // Refused from the head alone, before any body byte is sent: declared larger than 64 MiB
+    // by an agent; a large enrollment; a large ingest from a key nobody enrolled.
+    let head =
+        |path: &str, len: usize| format!("POST {path} HTTP/1.1\r\ncontent-length: {len}\r\n\r\n");
+    let r = raw(
+        &c,
+        Some(agent.identity()),
+        &head(api::INGEST_PATH, 67_108_865),
+    );
+    assert_eq!(r.status, 413, "{}", r.error_message());
+    let r = raw(&c, None, &head(api::ENROLL_PATH, 100_000));
+    assert_eq!(r.status, 413, "{}", r.error_message());
+    let stranger = FakeAgent::new();
+    let r = raw(
+        &c,
+        Some(stranger.identity()),
+        &head(api::INGEST_PATH, 60_000_000),
+    );
+    assert_eq!(r.status, 403, "{}", r.error_message());
+    let r = raw(&c, None, &head(api::INGEST_PATH, 60_000_000));
+    assert_eq!(r.status, 401, "{}", r.error_message());
+}
+
+/// Sends `head` alone (no body) over TLS and reads the answer.
+fn raw(
+    c: &Collector,
+    identity: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
+    head: &str,
+) -> Response {
+    let pin = pki::parse_fingerprint(&c.fingerprint().unwrap()).unwrap();
+    let config = pki::client_config(pin, identity).unwrap();
     let addr = c.addr();
-    let r = tokio::runtime::Builder::new_current_thread()
+    let head = head.as_bytes().to_vec();
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap()
@@ -444,12 +475,15 @@ fn a_body_that_is_not_a_shipment_is_refused_with_400_and_an_oversized_one_with_4
                 .connect(pki::server_name(), tcp)
                 .await
                 .unwrap();
-            tls.write_all(b"POST /v1/ingest HTTP/1.1\r\ncontent-length: 67108865\r\n\r\n")
-                .await
-                .unwrap();
-            http::read_response(&mut tls, 1 << 20).await.unwrap()
-        });
-    assert_eq!(r.status, 413, "{}", r.error_message());
+            tls.write_all(&head).await.unwrap();
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                http::read_response(&mut tls, 1 << 20),
+            )
+            .await
+            .unwrap()
+            .unwrap()
+        })
 }
 
 // ---------------------------------------------------------------------------------------------
