@@ -246,7 +246,11 @@ impl Registry {
         let mut raw = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
             .map_err(|_| RegistryError::Random)?;
-        let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+        // Prefixed so that it never starts with '-' (a command line would take it for a flag).
+        let secret = format!(
+            "sl{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+        );
         let expires_ns = now_ns.saturating_add(ttl_secs.saturating_mul(1_000_000_000));
         let _lock = self.lock(true)?;
         let mut state = self.load()?;
@@ -438,6 +442,17 @@ mod tests {
             sig.as_ref(),
             now,
         )
+    }
+
+    #[test]
+    fn a_token_never_starts_like_a_command_line_flag() {
+        let dir = tempfile::tempdir().expect("dir");
+        let r = Registry::open(dir.path());
+        for _ in 0..200 {
+            let secret = r.issue_token("db1", 60, 0).expect("token");
+            assert!(secret.starts_with("sl"), "{secret}");
+            assert!(!secret.contains('.'), "{secret}");
+        }
     }
 
     #[test]
