@@ -366,8 +366,8 @@ fn handle(
         // Handled before a caller is resolved (it needs a blocking check).
         ControlRequest::Login { .. } => return refuse("login is handled elsewhere".into()),
         ControlRequest::Status => {
-            // A RocksDB property read; the backlog and lag are the shipper's (refreshed each
-            // second while it runs).
+            // A RocksDB property read; the backlog and lag are at most 2 s old
+            // (`ship::refresh_metrics`).
             ctx.ship.spool_bytes.store(
                 ctx.journal.spool_bytes(),
                 std::sync::atomic::Ordering::Relaxed,

@@ -92,6 +92,15 @@ pub enum ShipError {
     EnrollRefused(String),
     #[error("a shipping task failed")]
     Join(#[from] tokio::task::JoinError),
+    #[error(
+        "the collector stored none of the {events} events shipped (session {session} stays at event {next_seq}): {problems}"
+    )]
+    NoProgress {
+        events: usize,
+        session: String,
+        next_seq: u64,
+        problems: String,
+    },
 }
 
 /// What `sluice enroll` writes next to the signing key (mode 600), and the shipper reads.
@@ -408,13 +417,7 @@ pub async fn run(
     let timeout = Duration::from_secs(shipper.timeout_secs.max(1));
     let mut failures: u32 = 0;
     let mut last_error: Option<String> = None;
-    let mut last_refresh = std::time::Instant::now() - Duration::from_secs(10);
     loop {
-        if last_refresh.elapsed() >= Duration::from_secs(1) {
-            let (j, m) = (journal.clone(), metrics.clone());
-            let _ = tokio::task::spawn_blocking(move || m.refresh(&j)).await;
-            last_refresh = std::time::Instant::now();
-        }
         let outcome = tokio::select! {
             _ = stop.recv() => break,
             r = ship_once(&journal, &shipper, &destination, &connector, timeout, &metrics) => r,
@@ -511,10 +514,38 @@ async fn ship_once(
         });
     }
     let report = IngestReport::decode(&response.body).map_err(ShipError::Report)?;
+    // Each session's first shipped seq; an acknowledgement that moves none of them is a
+    // failure (retried with backoff), not a reason to resend at full speed.
+    let firsts: Vec<(sluice_journal::SessionId, u64)> = batch
+        .sessions
+        .iter()
+        .filter_map(|s| s.events.first().map(|e| (s.summary.id, e.seq)))
+        .collect();
+    let stalled = !firsts.is_empty()
+        && firsts.iter().all(|(id, first)| {
+            report
+                .sessions
+                .iter()
+                .find(|a| a.session == *id)
+                .is_none_or(|a| a.next_seq <= *first)
+        });
     for ack in &report.sessions {
         if !ack.problems.is_empty() {
             warn!(session = %ack.session, problems = ?ack.problems, "the collector flagged this session");
         }
+    }
+    if stalled {
+        let (id, first) = firsts[0];
+        let ack = report.sessions.iter().find(|a| a.session == id);
+        return Err(ShipError::NoProgress {
+            events,
+            session: id.to_string(),
+            next_seq: ack.map(|a| a.next_seq).unwrap_or(first),
+            problems: ack
+                .map(|a| a.problems.join("; "))
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| "no reason given".into()),
+        });
     }
     let j = journal.clone();
     let deleted = tokio::task::spawn_blocking(move || j.acknowledge(&report)).await??;
@@ -524,6 +555,26 @@ async fn ship_once(
     debug!(events, sessions_deleted = deleted, "shipment acknowledged");
     // A batch of only sealed, empty sessions still made progress (they were deleted).
     Ok(events.max(deleted))
+}
+
+/// Refreshes the spool size, backlog and lag every `every` until `stop` (shipping or not, and
+/// through the shipper's backoff waits), so `sluice status` and `/metrics` are current.
+pub async fn refresh_metrics(
+    journal: Journal,
+    metrics: Arc<ShipMetrics>,
+    every: Duration,
+    mut stop: broadcast::Receiver<()>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.recv() => return,
+            _ = tick.tick() => {}
+        }
+        let (j, m) = (journal.clone(), metrics.clone());
+        let _ = tokio::task::spawn_blocking(move || m.refresh(&j)).await;
+    }
 }
 
 /// Serves `GET /metrics` (Prometheus text) on `listener` until `stop`.

@@ -297,6 +297,12 @@ pub async fn run(
             None
         }
     };
+    let refresh_metrics_task = tokio::spawn(crate::ship::refresh_metrics(
+        shared.journal.clone(),
+        ship_metrics.clone(),
+        Duration::from_secs(2),
+        stop_tx.subscribe(),
+    ));
     let metrics_task = match config.agent.metrics_listen {
         Some(addr) => {
             let listener = bind(addr).await?;
@@ -347,6 +353,7 @@ pub async fn run(
     if let Some(t) = reload_task {
         let _ = t.await;
     }
+    let _ = refresh_metrics_task.await;
     for t in [ship_task, metrics_task].into_iter().flatten() {
         let _ = t.await;
     }
