@@ -84,6 +84,7 @@ pub fn run(
             fingerprint: fingerprint.clone(),
             tls: tokio_rustls::TlsAcceptor::from(tls),
             max_connections: 256,
+            enrollments: Default::default(),
         });
         let retention = retention_secs.map(|secs| {
             tokio::spawn(retention_loop(

@@ -9,6 +9,10 @@
 //!   not decode, 413 for one over 64 MiB.
 //! - `GET /v1/health`: the certificate's fingerprint.
 //!
+//! Anyone can reach the first and last, so they are cheap: a head must arrive within 10 s, an
+//! enrollment body is at most 64 KiB and must arrive within 10 s, and at most 20 enrollment
+//! attempts a second are served (429 beyond). Only an enrolled agent's shipment gets 120 s.
+//!
 //! The head is read first and the body only when the request may have one: an enrollment
 //! (64 KiB at most) or an ingest whose key is already known to be an active agent's. So a
 //! client nobody enrolled cannot make the collector hold more than 64 KiB, and memory grows
@@ -58,10 +62,38 @@ pub struct Server {
     pub tls: TlsAcceptor,
     /// Concurrent connections.
     pub max_connections: usize,
+    /// Bounds enrollment attempts.
+    pub enrollments: EnrollLimiter,
 }
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// For a request's head, and for the small bodies anyone may send (enrollment).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// For an enrolled agent's shipment (up to 64 MiB).
+const BODY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Enrollment attempts admitted per second, all clients together: enough for a fleet being
+/// enrolled, and a bound on what unauthenticated clients can make the collector do (each
+/// attempt takes a file lock and writes an audit line).
+const ENROLLMENTS_PER_SECOND: u32 = 20;
+
+/// A fixed-window counter of enrollment attempts.
+#[derive(Debug, Default)]
+pub struct EnrollLimiter {
+    window: std::sync::Mutex<(u64, u32)>,
+}
+
+impl EnrollLimiter {
+    fn admit(&self) -> bool {
+        let second = sluice_journal::now_ns() / 1_000_000_000;
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        if w.0 != second {
+            *w = (second, 0);
+        }
+        w.1 += 1;
+        w.1 <= ENROLLMENTS_PER_SECOND
+    }
+}
 
 /// Serves `listener` until `shutdown` resolves, then lets the connections in flight finish
 /// (at most 30 s).
@@ -133,12 +165,9 @@ async fn connection(stream: TcpStream, peer: SocketAddr, server: &Server) {
         .peer_certificates()
         .and_then(|c| c.first())
         .and_then(pki::ed25519_key);
-    let response =
-        match tokio::time::timeout(REQUEST_TIMEOUT, respond(&mut tls, key, peer, server)).await {
-            Err(_) => Response::error(408, "the request did not arrive within 120 s"),
-            Ok(None) => return,
-            Ok(Some(r)) => r,
-        };
+    let Some(response) = respond(&mut tls, key, peer, server).await else {
+        return;
+    };
     if let Err(e) = http::write_response(&mut tls, &response).await {
         debug!(%peer, error = %e, "cannot send the response");
     }
@@ -164,33 +193,58 @@ async fn respond<S: tokio::io::AsyncRead + Unpin>(
     peer: SocketAddr,
     server: &Server,
 ) -> Option<Response> {
-    let (mut req, pending) = match http::read_request_head(stream).await {
-        Ok(Some(x)) => x,
-        Ok(None) => return None,
-        Err(e) => {
-            info!(%peer, error = %e, "bad request");
-            return Some(Response::error(e.status(), &e.to_string()));
+    let (mut req, pending) =
+        match tokio::time::timeout(HEAD_TIMEOUT, http::read_request_head(stream)).await {
+            Err(_) => {
+                return Some(Response::error(
+                    408,
+                    "the request head did not arrive within 10 s",
+                ));
+            }
+            Ok(Ok(Some(x))) => x,
+            Ok(Ok(None)) => return None,
+            Ok(Err(e)) => {
+                info!(%peer, error = %e, "bad request");
+                return Some(Response::error(e.status(), &e.to_string()));
+            }
+        };
+    let (limit, within) = match (req.method.as_str(), req.path.as_str()) {
+        ("POST", crate::api::ENROLL_PATH) => {
+            if !server.enrollments.admit() {
+                return Some(Response::error(
+                    429,
+                    "too many enrollment attempts right now: retry in a few seconds",
+                ));
+            }
+            (ENROLL_MAX_BODY, HEAD_TIMEOUT)
         }
-    };
-    let limit = match (req.method.as_str(), req.path.as_str()) {
-        ("POST", crate::api::ENROLL_PATH) => ENROLL_MAX_BODY,
         ("POST", crate::api::INGEST_PATH) => match authorize(key, peer, server).await {
-            Ok(_) => http::MAX_BODY,
+            Ok(_) => (http::MAX_BODY, BODY_TIMEOUT),
             Err(refusal) => return Some(refusal),
         },
-        ("GET", crate::api::HEALTH_PATH) => 0,
+        ("GET", crate::api::HEALTH_PATH) => (0, HEAD_TIMEOUT),
         (_, crate::api::ENROLL_PATH | crate::api::INGEST_PATH | crate::api::HEALTH_PATH) => {
             return Some(Response::error(405, "method not allowed"));
         }
         (_, path) => return Some(Response::error(404, &format!("no such endpoint {path:?}"))),
     };
-    req.body = match http::read_body(stream, pending, limit).await {
-        Ok(b) => b,
-        Err(e) => {
+    req.body = match tokio::time::timeout(within, http::read_body(stream, pending, limit)).await {
+        Err(_) => {
+            return Some(Response::error(
+                408,
+                &format!(
+                    "the request body did not arrive within {} s",
+                    within.as_secs()
+                ),
+            ));
+        }
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
             info!(%peer, error = %e, "bad request");
             return Some(Response::error(e.status(), &e.to_string()));
         }
     };
+    // No timeout from here on: an ingest that is being written finishes and is answered.
     Some(route(req, key, peer, server).await)
 }
 
@@ -346,5 +400,23 @@ async fn ingest(
             warn!(%peer, agent = %agent.name, error = %e, "shipment not stored");
             Response::error(500, &e.to_string())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enrollment_attempts_beyond_the_rate_are_refused_until_the_next_second() {
+        let limiter = EnrollLimiter::default();
+        // Start at the beginning of a second so the window does not roll over mid-test.
+        while sluice_journal::now_ns() % 1_000_000_000 > 500_000_000 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let admitted = (0..ENROLLMENTS_PER_SECOND + 5)
+            .filter(|_| limiter.admit())
+            .count();
+        assert_eq!(admitted, ENROLLMENTS_PER_SECOND as usize);
     }
 }
