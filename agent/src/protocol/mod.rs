@@ -5,6 +5,7 @@
 //! (later) policy and masking consume without knowing which protocol produced them. A protocol
 //! module must never panic on input bytes: malformed input is an error value, or an
 //! [`Item::Error`] with code `"sluice"` when transcribing.
+pub mod mysql;
 pub mod postgres;
 
 use serde::Serialize;

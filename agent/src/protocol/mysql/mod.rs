@@ -1,0 +1,14 @@
+//! MySQL / MariaDB client/server protocol (protocol 4.1, handshake v10): a pure codec (no I/O,
+//! no tokio, no clocks).
+//!
+//! Layers, one file each:
+//! - [`packet`]: framing (3-byte little-endian length + sequence id), reassembly of payloads of
+//!   16 MiB and more, sequence-id checks, and the primitives every payload decoder shares
+//!   (length-encoded integers and strings, a bounds-checked reader, the decode error).
+//!
+//! Invariants: every function here is total over arbitrary bytes (errors, never panics); memory
+//! is bounded by the caller's maximum packet size; decoders borrow from the input where they
+//! can.
+pub mod packet;
+
+pub use packet::{DecodeError, Decoder, Packet, PacketError, packet_len, packets, whole_packets};
