@@ -5,10 +5,17 @@
 //! - [`packet`]: framing (3-byte little-endian length + sequence id), reassembly of payloads of
 //!   16 MiB and more, sequence-id checks, and the primitives every payload decoder shares
 //!   (length-encoded integers and strings, a bounds-checked reader, the decode error).
+//! - [`handshake`]: the connection phase (Initial Handshake v10, SSLRequest,
+//!   HandshakeResponse41, AuthSwitchRequest, AuthMoreData) and the OK / ERR / EOF packets.
+//! - [`auth`]: the auth plugins' scrambles and states (`mysql_native_password`,
+//!   `caching_sha2_password`, `mysql_clear_password`).
 //!
 //! Invariants: every function here is total over arbitrary bytes (errors, never panics); memory
 //! is bounded by the caller's maximum packet size; decoders borrow from the input where they
 //! can.
+pub mod auth;
+pub mod handshake;
 pub mod packet;
 
+pub use handshake::{Capabilities, ErrPacket, Handshake, HandshakeResponse, OkPacket};
 pub use packet::{DecodeError, Decoder, Packet, PacketError, packet_len, packets, whole_packets};
