@@ -828,6 +828,141 @@ fn stopping_the_collector_under_load_loses_and_duplicates_nothing() {
     );
 }
 
+/// A psycopg client that runs two statements, prints their results (flushed), then holds the
+/// session open.
+const HOLD: &str = r#"
+import sys, time, psycopg
+conn = psycopg.connect(sys.argv[1], autocommit=True, connect_timeout=15)
+print(conn.execute("select 'before the crash'").fetchone()[0], flush=True)
+print(conn.execute("select string_agg(g::text, ',') from generate_series(1, 5) g").fetchone()[0], flush=True)
+time.sleep(60)
+"#;
+
+#[test]
+fn a_session_interrupted_by_kill_9_reaches_the_collector_whole_and_sealed_as_interrupted() {
+    if !require_root(
+        "a_session_interrupted_by_kill_9_reaches_the_collector_whole_and_sealed_as_interrupted",
+    ) {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    let pg = Postgres::start().unwrap();
+    let cgroup = Cgroup::create("collector-kill").unwrap();
+    let mut collector = Collector::init().unwrap();
+    collector.start().unwrap();
+    let keep = tempfile::tempdir().unwrap();
+    let journal = keep.path().join("journal");
+    let pin = format!(
+        "/sys/fs/bpf/sluice-test-collector-kill-{}",
+        std::process::id()
+    );
+    let options = || AgentOptions {
+        cgroup: Some(cgroup.path.clone()),
+        targets: vec![pg_target("app-db", &format!("127.0.0.1:{}", pg.port))],
+        journal_dir: Some(journal.clone()),
+        pin_dir: Some(pin.clone()),
+        extra_config: "[shipper]\ninterval_ms = 100\n".into(),
+        ..AgentOptions::default()
+    };
+    let mut first = Agent::start(options()).unwrap();
+    let token = collector.token("crashy", "10m").unwrap();
+    let out = run_bounded(
+        Command::new(sluice_bin())
+            .args([
+                "enroll",
+                "--collector",
+                &collector.addr(),
+                "--token",
+                &token,
+                "--config",
+            ])
+            .arg(&first.config),
+        LIMIT,
+    )
+    .unwrap();
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        pg.port
+    );
+    let mut held = cgroup
+        .command(Some(CLIENT_UID), "/usr/bin/python3")
+        .args(["-c", HOLD, &conninfo])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = held.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut received = Vec::new();
+    let deadline = Instant::now() + LIMIT;
+    while received.len() < 2 && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            received.push(line);
+        }
+    }
+    assert_eq!(received.len(), 2, "{received:?}\n{}", first.log());
+    // The open session ships while it runs (bounded wait), then the agent is killed.
+    let deadline = Instant::now() + LIMIT;
+    while collector.sessions().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "{}", first.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pid = first.pid().unwrap();
+    Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    first.stop();
+    let _ = held.kill();
+    let _ = held.wait();
+
+    // The next agent seals the session as interrupted and ships the rest.
+    let second = Agent::start(options()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stored = loop {
+        let stored = collector.sessions().unwrap();
+        let done = second.sessions().unwrap().is_empty()
+            && stored.len() == 1
+            && !stored[0]["end"].is_null();
+        if done {
+            break stored;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{stored:?}\n{}\n{}",
+            second.log(),
+            collector.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let session = &stored[0];
+    assert!(
+        session["end_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("interrupted"),
+        "{session}"
+    );
+    assert_eq!(session["integrity"], "verified", "{session}");
+    // (The seal at restart does not recount `statements`; the replay below shows both.)
+    let id = session["id"].as_str().unwrap();
+    let replay = collector.read(&["replay", id]).unwrap();
+    for seen in ["before the crash", "1,2,3,4,5", "generate_series"] {
+        assert!(replay.stdout.contains(seen), "{seen}:\n{}", replay.stdout);
+    }
+    assert!(collector.read(&["verify"]).unwrap().status.success());
+}
+
 #[test]
 fn the_collector_binary_explains_itself() {
     let out = run_bounded(
