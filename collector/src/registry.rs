@@ -295,10 +295,16 @@ impl Registry {
         let (index, name) = match outcome {
             Ok(x) => x,
             Err(e) => {
+                let named = match &e {
+                    EnrollError::UsedToken { agent, .. }
+                    | EnrollError::ExpiredToken { agent, .. } => Some(agent.clone()),
+                    EnrollError::WrongAgent { token_agent, .. } => Some(token_agent.clone()),
+                    _ => agent.map(str::to_string),
+                };
                 self.append_audit(&AuditRecord {
                     ts_ns: now_ns,
                     kind: "enroll-refused".into(),
-                    agent: agent.map(str::to_string),
+                    agent: named,
                     detail: e.to_string(),
                     sessions: Vec::new(),
                 })?;

@@ -16,7 +16,7 @@ use sluice_collector::registry::{AuditRecord, Registry, format_ns};
 use sluice_collector::server::{IngestError, Server, Sink};
 use sluice_collector::{pki, server};
 use sluice_journal::{ShipBatch, Store};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::Layout;
 
@@ -36,7 +36,7 @@ impl Sink for StoreSink {
                 warn!(agent, session = %ack.session, problems = ?ack.problems, "session stored FLAGGED");
             }
         }
-        info!(
+        debug!(
             agent,
             sessions = batch.sessions.len(),
             events = batch.event_count(),
