@@ -9,13 +9,17 @@
 //!   HandshakeResponse41, AuthSwitchRequest, AuthMoreData) and the OK / ERR / EOF packets.
 //! - [`auth`]: the auth plugins' scrambles and states (`mysql_native_password`,
 //!   `caching_sha2_password`, `mysql_clear_password`).
+//! - [`command`]: client commands, column definitions, text and binary rows and values, and
+//!   the [`ResponseMachine`] that knows what each server packet of the command phase is.
 //!
 //! Invariants: every function here is total over arbitrary bytes (errors, never panics); memory
 //! is bounded by the caller's maximum packet size; decoders borrow from the input where they
 //! can.
 pub mod auth;
+pub mod command;
 pub mod handshake;
 pub mod packet;
 
+pub use command::{ColumnDef, Command, Event, ResponseMachine, Value, decode_command};
 pub use handshake::{Capabilities, ErrPacket, Handshake, HandshakeResponse, OkPacket};
 pub use packet::{DecodeError, Decoder, Packet, PacketError, packet_len, packets, whole_packets};
