@@ -701,6 +701,11 @@ impl ResponseMachine {
         self.state == State::Idle && self.pending.is_empty()
     }
 
+    /// True when the next server packet answers a COM_STMT_PREPARE.
+    pub fn awaiting_prepare(&self) -> bool {
+        self.state == State::Start(Expect::Prepare)
+    }
+
     /// The column definitions of the current (or last) result set or prepared statement.
     pub fn columns(&self) -> &[ColumnDef] {
         &self.columns

@@ -11,6 +11,9 @@
 //!   `caching_sha2_password`, `mysql_clear_password`).
 //! - [`command`]: client commands, column definitions, text and binary rows and values, and
 //!   the [`ResponseMachine`] that knows what each server packet of the command phase is.
+//! - [`transcript`]: stateful decoding of a recorded session into shared [`Item`]s.
+//!
+//! [`Item`]: crate::protocol::Item
 //!
 //! Invariants: every function here is total over arbitrary bytes (errors, never panics); memory
 //! is bounded by the caller's maximum packet size; decoders borrow from the input where they
@@ -19,7 +22,9 @@ pub mod auth;
 pub mod command;
 pub mod handshake;
 pub mod packet;
+pub mod transcript;
 
 pub use command::{ColumnDef, Command, Event, ResponseMachine, Value, decode_command};
 pub use handshake::{Capabilities, ErrPacket, Handshake, HandshakeResponse, OkPacket};
 pub use packet::{DecodeError, Decoder, Packet, PacketError, packet_len, packets, whole_packets};
+pub use transcript::Transcriber;
