@@ -198,7 +198,19 @@ impl Store {
                 state.broken = true;
             }
             if !state.broken {
-                state.tip = link(&state.tip, seq, &event.value);
+                let computed = link(&state.tip, seq, &event.value);
+                // The chain goes on from the hash the agent recorded (its checkpoints sign that
+                // chain); a value that does not match it is flagged here, and named by
+                // `sluice verify` on the store, which finds the stored hash disagreeing.
+                state.tip = match event.hash {
+                    Some(recorded) if recorded != computed => {
+                        state.problems.push(format!(
+                            "event {seq} does not match the hash its agent recorded: it was altered after it was recorded"
+                        ));
+                        recorded
+                    }
+                    _ => computed,
+                };
                 fresh.insert(seq, state.tip);
                 write.put_cf(core.cf(CF_HASHES)?, key, state.tip);
             }
@@ -501,14 +513,34 @@ mod tests {
         let last = v.len() - 2;
         v[last] ^= 1;
         let report = f.store.ingest("bastion-1", &f.key, &batch).unwrap();
+        let problems = &report.sessions[0].problems;
+        assert_eq!(problems.len(), 1, "{report:?}");
         assert!(
-            report.sessions[0].problems[0].contains("does not verify"),
+            problems[0].contains("event 2 does not match the hash"),
             "{report:?}"
         );
         let reader = Reader::open(&f.store_dir).unwrap();
         let integrity = reader.integrity(&id).unwrap().unwrap();
         assert!(integrity.verdict().starts_with("FLAGGED"), "{integrity:?}");
-        assert!(reader.verify(&id).unwrap().problem.is_some());
+        let v = reader.verify(&id).unwrap();
+        assert_eq!(v.problem.map(|p| p.0), Some(2), "named exactly");
+
+        // Altered in a batch without recorded hashes (as an agent from before them sends):
+        // the checkpoint that covers it does not verify.
+        let f = fixture();
+        record(&f.journal, 3);
+        let mut batch = f.journal.next_batch(100, 1 << 20).unwrap().unwrap();
+        for event in &mut batch.sessions[0].events {
+            event.hash = None;
+        }
+        let event = &mut batch.sessions[0].events[2];
+        let last = event.value.len() - 2;
+        event.value[last] ^= 1;
+        let report = f.store.ingest("bastion-1", &f.key, &batch).unwrap();
+        assert!(
+            report.sessions[0].problems[0].contains("does not verify"),
+            "{report:?}"
+        );
 
         // Signed with another key than the enrolled one.
         let f = fixture();

@@ -41,11 +41,14 @@ pub struct ShipSession {
     pub checkpoints: Vec<ShipCheckpoint>,
 }
 
-/// An event's plain stored value: exactly the bytes its chain hash covers.
+/// An event's plain stored value (exactly the bytes its chain hash covers) and the chain hash
+/// the agent recorded for it, so the collector can name an event that changed on the way.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShipEvent {
     pub seq: u64,
     pub value: Vec<u8>,
+    /// None for events recorded before per-event hashes existed.
+    pub hash: Option<[u8; 32]>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,7 +168,8 @@ impl Journal {
                 }
                 events_left -= 1;
                 bytes_left = bytes_left.saturating_sub(value.len());
-                events.push(ShipEvent { seq, value });
+                let hash = core.hash(&id, seq)?;
+                events.push(ShipEvent { seq, value, hash });
             }
             // The summary after the events: if the session ended meanwhile, the next batch
             // carries the sealed summary.

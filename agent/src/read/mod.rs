@@ -79,7 +79,7 @@ pub(crate) fn rfc3339(ns: u64) -> String {
     }
 }
 
-/// Statements recorded in a session (for sessions that were never sealed).
+/// Statements recorded in a session (for sessions the proxy never sealed).
 fn count_statements(reader: &Reader, summary: &SessionSummary) -> Result<u64, ReadError> {
     let mut decoder = Decoder::for_protocol(&summary.start.protocol);
     let mut n = 0;
@@ -99,7 +99,12 @@ fn count_statements(reader: &Reader, summary: &SessionSummary) -> Result<u64, Re
 /// Every session, oldest first, with counters filled in for open ones.
 pub fn sessions(reader: &Reader) -> Result<Vec<SessionSummary>, ReadError> {
     let mut out = reader.sessions()?;
-    for s in out.iter_mut().filter(|s| s.ended_ns.is_none()) {
+    // Unsealed sessions, and those sealed at the agent's restart, have no statement count
+    // from the proxy: count what was recorded.
+    let uncounted = |s: &SessionSummary| {
+        s.ended_ns.is_none() || s.end_reason.as_deref() == Some(sluice_journal::INTERRUPTED)
+    };
+    for s in out.iter_mut().filter(|s| uncounted(s)) {
         s.statements = count_statements(reader, s)?;
     }
     Ok(out)
