@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 pub mod collector;
+pub mod mariadb;
 pub mod oidc;
 
 /// The uid/gid intercepted clients run as in tests (`nobody`), so the recorded uid is not root's.

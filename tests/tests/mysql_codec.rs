@@ -1,0 +1,514 @@
+//! The MySQL codec against a real MariaDB and real clients: exchanges are captured by a tiny
+//! recording TCP relay (std threads, no sluice in the path), then every packet must frame with
+//! consistent sequence ids, and the `Transcriber` must yield the statements, columns and rows
+//! the client printed: the `mariadb` CLI (text protocol, a multi-statement, an error, a blob
+//! over 16 MiB in both directions) and mysql-connector-python's prepared cursor (binary
+//! protocol).
+//!
+//! `SLUICE_WRITE_MYSQL_CAPTURES=<dir>` writes the small sessions there in the relay format of
+//! `agent/testdata/mysql` (direction byte, big-endian u32 length, bytes), which is how those
+//! files were made.
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sluice::protocol::Item;
+use sluice::protocol::mysql::{Decoder, Transcriber, packets, whole_packets};
+use sluice_tests::mariadb::{self, MariaDb, require_mariadb};
+
+const MAX: usize = 1 << 30;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Client,
+    Server,
+}
+
+type Session = Vec<(Dir, Vec<u8>)>;
+
+/// A relay that records every read of each direction, in order, per accepted connection.
+struct Relay {
+    port: u16,
+    sessions: Arc<Mutex<Vec<Arc<Mutex<Session>>>>>,
+    pumps_done: Arc<AtomicUsize>,
+}
+
+impl Relay {
+    fn start(target: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let port = listener.local_addr().expect("relay addr").port();
+        let sessions: Arc<Mutex<Vec<Arc<Mutex<Session>>>>> = Arc::default();
+        let pumps_done = Arc::new(AtomicUsize::new(0));
+        let (s, d) = (sessions.clone(), pumps_done.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(client) = conn else { continue };
+                let server = TcpStream::connect(target).expect("relay connects to the server");
+                let log: Arc<Mutex<Session>> = Arc::default();
+                s.lock().expect("sessions").push(log.clone());
+                for (from, to, dir) in [
+                    (client.try_clone(), server.try_clone(), Dir::Client),
+                    (server.try_clone(), client.try_clone(), Dir::Server),
+                ] {
+                    let (Ok(from), Ok(to)) = (from, to) else {
+                        continue;
+                    };
+                    let (log, done) = (log.clone(), d.clone());
+                    std::thread::spawn(move || {
+                        pump(from, to, dir, &log);
+                        done.fetch_add(1, Ordering::SeqCst);
+                    });
+                }
+            }
+        });
+        Relay {
+            port,
+            sessions,
+            pumps_done,
+        }
+    }
+
+    /// The recorded sessions, once every connection has closed (bounded wait).
+    fn finish(&self) -> Vec<Session> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let n = self.sessions.lock().expect("sessions").len();
+            if self.pumps_done.load(Ordering::SeqCst) >= 2 * n {
+                break;
+            }
+            assert!(Instant::now() < deadline, "relay sessions did not close");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.sessions
+            .lock()
+            .expect("sessions")
+            .iter()
+            .map(|s| s.lock().expect("session").clone())
+            .collect()
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, dir: Dir, log: &Mutex<Session>) {
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        // Record before forwarding, so the log's order is causal.
+        log.lock().expect("log").push((dir, buf[..n].to_vec()));
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+fn stream(session: &Session, dir: Dir) -> Vec<u8> {
+    session
+        .iter()
+        .filter(|(d, _)| *d == dir)
+        .flat_map(|(_, b)| b.iter().copied())
+        .collect()
+}
+
+/// Every byte of both directions frames into whole packets, with the sequence ids a server and
+/// client must use (commands start at 0, replies continue the count). Returns the number of
+/// (client, server) packets and the largest payload seen.
+fn check_framing(session: &Session) -> (usize, usize, usize) {
+    let (mut client, mut server) = (Vec::new(), Vec::new());
+    let mut cdec = Decoder::unchecked(MAX);
+    let mut sdec = Decoder::new(MAX);
+    let (mut nc, mut ns, mut largest) = (0, 0, 0);
+    for (dir, bytes) in session {
+        let (buf, dec, other) = match dir {
+            Dir::Client => (&mut client, &mut cdec, &mut sdec),
+            Dir::Server => (&mut server, &mut sdec, &mut cdec),
+        };
+        buf.extend_from_slice(bytes);
+        loop {
+            // A client's new command restarts the count at 0.
+            if *dir == Dir::Client && buf.get(3) == Some(&0) {
+                dec.expect(Some(0));
+            }
+            let expected = dec.expected();
+            let (n, seq, last, len) = match dec.decode(buf) {
+                Ok(Some((n, p))) => (n, p.seq, p.last_seq, p.payload.len()),
+                Ok(None) => break,
+                Err(e) => panic!("{dir:?} packet: {e}"),
+            };
+            assert!(seq == 0 || Some(seq) == expected || expected.is_none());
+            buf.drain(..n);
+            largest = largest.max(len);
+            match dir {
+                Dir::Client => nc += 1,
+                Dir::Server => ns += 1,
+            }
+            other.expect(Some(last.wrapping_add(1)));
+        }
+    }
+    assert!(client.is_empty(), "client bytes left over");
+    assert!(server.is_empty(), "server bytes left over");
+    // The one-shot helpers agree.
+    for dir in [Dir::Client, Dir::Server] {
+        let s = stream(session, dir);
+        assert_eq!(whole_packets(&s, MAX), Ok(s.len()));
+        assert!(packets(&s, MAX).all(|p| p.is_ok()));
+    }
+    (nc, ns, largest)
+}
+
+/// The items of a session, fed as a proxy would journal it: whole packets per chunk, in order.
+fn transcribe(session: &Session) -> Vec<Item> {
+    let mut t = Transcriber::new();
+    let (mut client, mut server) = (Vec::new(), Vec::new());
+    let mut items = Vec::new();
+    for (dir, bytes) in session {
+        let buf = match dir {
+            Dir::Client => &mut client,
+            Dir::Server => &mut server,
+        };
+        buf.extend_from_slice(bytes);
+        let n = whole_packets(buf, MAX).expect("frames");
+        if n == 0 {
+            continue;
+        }
+        let chunk: Vec<u8> = buf.drain(..n).collect();
+        items.extend(match dir {
+            Dir::Client => t.client(&chunk),
+            Dir::Server => t.server(&chunk),
+        });
+    }
+    for i in &items {
+        if let Item::Error { code, message } = i {
+            assert_ne!(code, "sluice", "the transcriber failed: {message}");
+        }
+    }
+    items
+}
+
+fn maybe_write_capture(name: &str, session: &Session) {
+    let Some(dir) = std::env::var_os("SLUICE_WRITE_MYSQL_CAPTURES") else {
+        return;
+    };
+    let mut out = Vec::new();
+    for (d, bytes) in session {
+        out.push(if *d == Dir::Client { b'C' } else { b'S' });
+        out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        out.extend_from_slice(bytes);
+    }
+    let path = PathBuf::from(dir).join(format!("{name}.session"));
+    std::fs::write(&path, out).expect("write capture");
+    eprintln!("wrote {}", path.display());
+}
+
+/// Runs the `mariadb` CLI through `port` with `sql` on stdin; returns its stdout.
+fn mariadb_cli(port: u16, sql: &[u8]) -> String {
+    let mut child = Command::new("mariadb")
+        .args(MariaDb::client_args(port))
+        .arg("--force")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run mariadb");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let sql = sql.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&sql);
+    });
+    let out = child.wait_with_output().expect("mariadb output");
+    let _ = writer.join();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn statements(items: &[Item]) -> Vec<&str> {
+    items
+        .iter()
+        .filter_map(|i| match i {
+            Item::Statement { sql, .. } => Some(sql.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn complete_tags(items: &[Item]) -> Vec<&str> {
+    items
+        .iter()
+        .filter_map(|i| match i {
+            Item::Complete { tag } => Some(tag.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Rows as the CLI's batch mode prints them (tab-separated, NULL as "NULL").
+fn rows_as_printed(items: &[Item]) -> Vec<String> {
+    items
+        .iter()
+        .filter_map(|i| match i {
+            Item::Row(values) => Some(
+                values
+                    .iter()
+                    .map(|v| v.clone().unwrap_or_else(|| "NULL".into()))
+                    .collect::<Vec<_>>()
+                    .join("\t"),
+            ),
+            Item::Columns(names) => Some(names.join("\t")),
+            _ => None,
+        })
+        .collect()
+}
+
+const SCRIPT: &str = "\
+create table t (id int primary key, name varchar(20), price decimal(6,2), born date);
+insert into t values (1,'ann',1.50,'2001-02-03'),(2,'bob',NULL,NULL),(3,'cy',3.00,'1999-12-31');
+select id, name, price, born from t order by id;
+select * from nope;
+delimiter //
+select 1 as a; select 2 as b; update t set name = 'x' where id = 3 //
+delimiter ;
+use shop;
+select count(*) as n from t;
+";
+
+#[test]
+fn the_mariadb_cli_session_frames_and_transcribes_to_what_the_client_printed() {
+    if !require_mariadb("the_mariadb_cli_session_frames_and_transcribes") {
+        return;
+    }
+    let db = MariaDb::start().expect("start mariadb");
+    let relay = Relay::start(db.addr());
+    let printed = mariadb_cli(relay.port, SCRIPT.as_bytes());
+    let sessions = relay.finish();
+    assert_eq!(sessions.len(), 1);
+    let session = &sessions[0];
+    maybe_write_capture("cli_text", session);
+
+    let (nc, ns, _) = check_framing(session);
+    assert!(nc >= 10 && ns >= 20, "{nc} client, {ns} server packets");
+
+    let items = transcribe(session);
+    let sql = statements(&items);
+    for want in [
+        "create table t (id int primary key, name varchar(20), price decimal(6,2), born date)",
+        "select id, name, price, born from t order by id",
+        "select * from nope",
+        "select 1 as a; select 2 as b; update t set name = 'x' where id = 3",
+        "USE `shop`",
+        "select count(*) as n from t",
+    ] {
+        assert!(sql.contains(&want), "{want:?} not in {sql:#?}");
+    }
+    // Every line the client printed (headers and rows) is a Columns or Row item, in order.
+    let transcribed = rows_as_printed(&items);
+    let printed: Vec<&str> = printed.lines().collect();
+    let mut at = 0;
+    for line in &printed {
+        let found = transcribed[at..].iter().position(|t| t == line);
+        assert!(
+            found.is_some(),
+            "printed {line:?} not transcribed in order: {transcribed:#?}"
+        );
+        at += found.unwrap_or(0) + 1;
+    }
+    assert!(printed.contains(&"1\tann\t1.50\t2001-02-03"));
+    assert!(printed.contains(&"2\tbob\tNULL\tNULL"));
+
+    let tags = complete_tags(&items);
+    assert!(tags.contains(&"OK 3 rows affected"), "{tags:?}");
+    assert!(tags.contains(&"SELECT 3 rows"), "{tags:?}");
+    // The multi-statement: two result sets, then the update's OK, from one COM_QUERY.
+    let multi = tags
+        .windows(3)
+        .any(|w| w == ["SELECT 1 row", "SELECT 1 row", "OK 1 row affected"]);
+    assert!(multi, "{tags:?}");
+    assert!(items.contains(&Item::Error {
+        code: "42S02".into(),
+        message: "Table 'shop.nope' doesn't exist".into()
+    }));
+}
+
+#[test]
+fn a_blob_over_16_mib_crosses_as_split_packets_both_ways() {
+    if !require_mariadb("a_blob_over_16_mib_crosses_as_split_packets_both_ways") {
+        return;
+    }
+    const LEN: usize = 17 << 20;
+    let db = MariaDb::start().expect("start mariadb");
+    let relay = Relay::start(db.addr());
+    let mut sql = b"create table big (id int, b longblob);\ninsert into big values (1, '".to_vec();
+    sql.extend(std::iter::repeat_n(b'x', LEN));
+    sql.extend_from_slice(b"');\nselect id, length(b) as len from big;\nselect b from big;\n");
+    let printed = mariadb_cli(relay.port, &sql);
+    let sessions = relay.finish();
+    assert!(
+        printed.contains(&format!("1\t{LEN}")),
+        "{}",
+        &printed[..printed.len().min(200)]
+    );
+
+    let session = &sessions[0];
+    let (_, _, largest) = check_framing(session);
+    assert!(largest > 0xFF_FFFF, "largest payload {largest}");
+    // The client's insert itself was split: its stream holds a 0xFFFFFF chunk header.
+    let client = stream(session, Dir::Client);
+    assert!(client.windows(3).any(|w| w == [0xFF, 0xFF, 0xFF]));
+
+    let items = transcribe(session);
+    let insert = statements(&items)
+        .into_iter()
+        .find(|s| s.starts_with("insert into big"))
+        .expect("the insert");
+    assert_eq!(insert.len(), "insert into big values (1, '')".len() + LEN);
+    let blob = items.iter().find_map(|i| match i {
+        Item::Row(v) if v.len() == 1 && v[0].as_ref().is_some_and(|s| s.len() == LEN) => Some(()),
+        _ => None,
+    });
+    assert!(blob.is_some(), "no 17 MiB row transcribed");
+}
+
+/// mysql-connector-python (pure Python) in a venv under the target dir, created on first use.
+fn connector_python() -> Option<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let venv = target.join("mysql-venv");
+    let python = venv.join("bin/python");
+    let works = |p: &PathBuf| {
+        Command::new(p)
+            .args(["-c", "import mysql.connector"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if works(&python) {
+        return Some(python);
+    }
+    let made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+        && Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "mysql-connector-python==26.10.0"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+    (made && works(&python)).then_some(python)
+}
+
+const PREPARED_PY: &str = r#"
+import sys, json, datetime, decimal
+import mysql.connector
+c = mysql.connector.connect(host="127.0.0.1", port=int(sys.argv[1]), user=sys.argv[2],
+                            password=sys.argv[3], database=sys.argv[4], use_pure=True)
+cur = c.cursor()
+cur.execute("create table p (id int primary key, name varchar(20), score double, "
+            "born datetime, big bigint unsigned, note text)")
+c.commit()
+ins = c.cursor(prepared=True)
+ins.execute("insert into p values (?, ?, ?, ?, ?, ?)",
+            (1, "ann", 1.5, datetime.datetime(2001, 2, 3, 4, 5, 6), 18446744073709551615, None))
+ins.execute("insert into p values (?, ?, ?, ?, ?, ?)",
+            (2, "bob", -2.25, datetime.datetime(1999, 12, 31, 23, 59, 59), 7, "hi"))
+c.commit()
+sel = c.cursor(prepared=True)
+sel.execute("select id, name, score, born, big, note from p where id >= ? order by id", (1,))
+def s(v):
+    if v is None: return None
+    if isinstance(v, (bytes, bytearray)): return v.decode()
+    return str(v)
+for row in sel.fetchall():
+    print(json.dumps([s(v) for v in row]))
+c.close()
+"#;
+
+#[test]
+fn prepared_statements_travel_in_the_binary_protocol_and_transcribe() {
+    if !require_mariadb("prepared_statements_travel_in_the_binary_protocol") {
+        return;
+    }
+    let Some(python) = connector_python() else {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("mysql-connector-python could not be installed into a venv and CI=true");
+        }
+        eprintln!(
+            "\n*** SKIPPED the binary-protocol half of the MySQL codec tests: \
+             mysql-connector-python could not be installed (pip, network?). ***\n"
+        );
+        return;
+    };
+    let db = MariaDb::start().expect("start mariadb");
+    let relay = Relay::start(db.addr());
+    let out = Command::new(python)
+        .args(["-c", PREPARED_PY])
+        .arg(relay.port.to_string())
+        .args([mariadb::USER, mariadb::PASSWORD, mariadb::DATABASE])
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sessions = relay.finish();
+    let session = &sessions[0];
+    maybe_write_capture("connector_python_prepared", session);
+    check_framing(session);
+    let items = transcribe(session);
+
+    let executions: Vec<(&str, &Vec<Option<String>>)> = items
+        .iter()
+        .filter_map(|i| match i {
+            Item::Statement { sql, params } if !params.is_empty() => Some((sql.as_str(), params)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(executions.len(), 3, "{items:#?}");
+    assert_eq!(executions[0].0, "insert into p values (?, ?, ?, ?, ?, ?)");
+    assert_eq!(
+        executions[0].1,
+        &vec![
+            Some("1".to_string()),
+            Some("ann".into()),
+            Some("1.5".into()),
+            Some("2001-02-03 04:05:06".into()),
+            Some("18446744073709551615".into()),
+            None
+        ]
+    );
+    assert_eq!(
+        executions[2].0,
+        "select id, name, score, born, big, note from p where id >= ? order by id"
+    );
+
+    // The binary rows decode to what the client printed.
+    let printed: Vec<Vec<Option<String>>> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json row"))
+        .collect();
+    let rows: Vec<&Vec<Option<String>>> = items
+        .iter()
+        .filter_map(|i| match i {
+            Item::Row(v) if v.len() == 6 => Some(v),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rows.len(), 2, "{items:#?}");
+    for (got, want) in rows.iter().zip(&printed) {
+        assert_eq!(*got, want);
+    }
+    assert!(
+        items.contains(&Item::Columns(
+            ["id", "name", "score", "born", "big", "note"]
+                .map(String::from)
+                .to_vec()
+        ))
+    );
+}
