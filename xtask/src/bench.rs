@@ -4,7 +4,8 @@
 //! plus pgbouncer (session pooling) as a reference proxy when it is installed, and through a
 //! second agent that decides every statement with the example policies (`policies/`), and
 //! through a third with TLS toward the client and an OIDC token as the password. Then
-//! the journal micro-benchmark (events/s, bytes per row, crash and power-loss durable), and
+//! shipping a recorded large result to a local collector (events/s, MB/s), the journal
+//! micro-benchmark (events/s, bytes per row, crash and power-loss durable), and
 //! the policy micro-benchmark: facts + Cedar per statement, cached and uncached. Prints TPS,
 //! ratios and microseconds; never asserts on them.
 
@@ -46,6 +47,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     ])?;
     crate::util::run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
     let bin = target_dir().join("release/sluice");
+    // SAFETY: no thread has been started yet in this process; the harness's read commands
+    // and its collector then use the release binaries.
+    unsafe {
+        std::env::set_var("SLUICE_BIN", &bin);
+        std::env::set_var(
+            "SLUICE_COLLECTOR_BIN",
+            target_dir().join("release/sluice-collector"),
+        );
+    }
 
     let pg = Postgres::start()?;
     let pgbench = pg.bin.join("pgbench");
@@ -195,10 +205,72 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     drop(secured_agent);
     large_result(&pg, &bin, &cgroup, args.rows)?;
     drop(agent);
+    shipping(&pg, &bin)?;
     println!();
     run_journal(&bin)?;
     println!();
     run_policy()
+}
+
+/// Shipper throughput to a local collector: an agent records the large result (`big`) while
+/// its collector is down, then the collector starts and the spool drains; events and bytes per
+/// second from the collector's start until the agent's spool is empty.
+fn shipping(pg: &Postgres, bin: &std::path::Path) -> anyhow::Result<()> {
+    use sluice_tests::collector::Collector;
+    use std::time::Instant;
+    eprintln!("bench: shipping to a local collector");
+    let mut collector = Collector::init()?;
+    collector.start()?;
+    let cg = Cgroup::create("bench-ship")?;
+    let agent = Agent::start(AgentOptions {
+        bin: Some(bin.to_path_buf()),
+        cgroup: Some(cg.path.clone()),
+        targets: vec![pg_target("bench-db", &format!("127.0.0.1:{}", pg.port))],
+        extra_config: "[shipper]\ninterval_ms = 50\n".into(),
+        ..AgentOptions::default()
+    })?;
+    let token = collector.token("bench", "10m")?;
+    let out = run_bounded(
+        Command::new(bin)
+            .args(["enroll", "--collector", &collector.addr(), "--token", &token, "--config"])
+            .arg(&agent.config),
+        Duration::from_secs(30),
+    )?;
+    if !out.status.success() {
+        bail!("sluice enroll failed: {}{}", out.stdout, out.stderr);
+    }
+    collector.stop();
+    let mut psql = cg.command(None, &pg.bin.join("psql").display().to_string());
+    psql.args(["-X", "-A", "-t", "-q", "-o", "/dev/null", "-h", "127.0.0.1", "-p"])
+        .arg(pg.port.to_string())
+        .args(["-U", "postgres", "-d", "postgres", "-c", "select * from big"]);
+    let out = run_bounded(&mut psql, Duration::from_secs(600))?;
+    if !out.status.success() {
+        bail!("psql through the shipping agent failed: {}", out.stderr);
+    }
+    let spooled = agent.sessions()?;
+    let events: u64 = spooled.iter().filter_map(|s| s["events"].as_u64()).sum();
+    let bytes: u64 = spooled
+        .iter()
+        .filter_map(|s| s["server_bytes"].as_u64())
+        .sum();
+    let started = Instant::now();
+    collector.start()?;
+    let deadline = started + Duration::from_secs(600);
+    while !agent.sessions()?.is_empty() {
+        if Instant::now() > deadline {
+            bail!("the spool did not drain within 600 s:\n{}", agent.log());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "shipping to a local collector (mutual TLS, verify on ingest, synced store): {events} events, {:.0} MB of results in {secs:.2} s: {:.0} events/s, {:.1} MB/s",
+        bytes as f64 / 1e6,
+        events as f64 / secs,
+        bytes as f64 / 1e6 / secs
+    );
+    Ok(())
 }
 
 /// `sluice journal bench`: events per second and bytes per row of the recording path, crash
