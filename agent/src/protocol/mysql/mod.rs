@@ -28,3 +28,6 @@ pub use command::{ColumnDef, Command, Event, ResponseMachine, Value, decode_comm
 pub use handshake::{Capabilities, ErrPacket, Handshake, HandshakeResponse, OkPacket};
 pub use packet::{DecodeError, Decoder, Packet, PacketError, packet_len, packets, whole_packets};
 pub use transcript::Transcriber;
+
+#[cfg(test)]
+mod captured;
