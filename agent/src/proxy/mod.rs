@@ -16,6 +16,7 @@
 //! This module never parses protocol bytes: that is `postgres.rs` (and later one file per
 //! protocol) on top of `protocol::`.
 
+pub mod mysql;
 mod postgres;
 mod upstream;
 
