@@ -51,6 +51,10 @@ struct JournalArgs {
     /// Journal directory to read (overrides the config's).
     #[arg(long, short)]
     journal: Option<PathBuf>,
+    /// The journal's data key file (default: the one its `SEALED-WITH` file names); for a
+    /// journal or store moved away from its key.
+    #[arg(long, value_name = "FILE")]
+    data_key: Option<PathBuf>,
 }
 
 /// Where the running agent's control socket is.
@@ -802,7 +806,10 @@ fn parse_speed(text: &str) -> Result<f64, String> {
 
 fn open_reader(args: &JournalArgs) -> anyhow::Result<sluice_journal::Reader> {
     let dir = journal_dir(args)?;
-    Ok(sluice_journal::Reader::open(&dir)?)
+    Ok(sluice_journal::Reader::open_with_key(
+        &dir,
+        args.data_key.as_deref(),
+    )?)
 }
 
 fn init_logging(format: LogFormat) {

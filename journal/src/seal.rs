@@ -52,7 +52,7 @@ pub enum SealError {
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(
-        "the journal at {dir} is encrypted with the key {key} (fingerprint {fingerprint}), which {why}; run as root, or pass the key file with --key"
+        "the journal at {dir} is encrypted with the key {key} (fingerprint {fingerprint}), which {why}; run as root, or pass the key file with --data-key"
     )]
     NeedKey {
         dir: String,

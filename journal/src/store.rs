@@ -114,7 +114,7 @@ pub enum JournalError {
     )]
     Unseal { what: String },
     #[error(
-        "journal value at {what} is encrypted, and no data key was given (pass --key, or run where the journal's key pointer is readable)"
+        "journal value at {what} is encrypted, and no data key was given (pass --data-key, or run where the journal's SEALED-WITH file is readable)"
     )]
     Sealed { what: String },
     #[error("no session matches {0:?}")]
