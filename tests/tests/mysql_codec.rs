@@ -512,3 +512,107 @@ fn prepared_statements_travel_in_the_binary_protocol_and_transcribe() {
         ))
     );
 }
+
+/// Runs `sql` on a logged-in connection with the codec alone; returns the rows' values.
+async fn query(
+    s: &mut tokio::net::TcpStream,
+    caps: sluice::protocol::mysql::Capabilities,
+    sql: &str,
+) -> Vec<Vec<Option<String>>> {
+    use sluice::protocol::mysql::packet::packet;
+    use sluice::protocol::mysql::{Event, ResponseMachine};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut m = ResponseMachine::new(caps);
+    let mut payload = vec![0x03];
+    payload.extend_from_slice(sql.as_bytes());
+    m.client(0, &payload).expect("command");
+    s.write_all(&packet(0, &payload)).await.expect("send");
+    let mut dec = Decoder::new(MAX);
+    dec.expect(Some(1));
+    let mut buf = bytes::BytesMut::new();
+    let mut rows = Vec::new();
+    while !m.is_idle() {
+        let Some((n, p)) = dec.decode(&buf).expect("server packet") else {
+            assert!(s.read_buf(&mut buf).await.expect("read") > 0, "closed");
+            continue;
+        };
+        let payload = p.payload.into_owned();
+        let _ = buf.split_to(n);
+        match m.server(&payload).expect("placed") {
+            Event::Row(r) => rows.push(m.row(r).expect("row").iter().map(|v| v.render()).collect()),
+            Event::Err(e) => panic!("{sql}: {e:?}"),
+            _ => {}
+        }
+    }
+    rows
+}
+
+#[tokio::test]
+async fn sluice_logs_in_to_mariadb_with_injected_native_password_credentials() {
+    use sluice::proxy::mysql::login::{
+        Credentials, LoginError, LoginOptions, authenticate, read_greeting, request_tls,
+    };
+    if !require_mariadb("sluice_logs_in_to_mariadb_with_injected_native_password_credentials") {
+        return;
+    }
+    let db = MariaDb::start().expect("start mariadb");
+    let creds = Credentials {
+        user: mariadb::USER,
+        password: mariadb::PASSWORD.as_bytes(),
+        database: Some(mariadb::DATABASE),
+    };
+    let opts = LoginOptions::default();
+
+    let mut s = tokio::net::TcpStream::connect(db.addr())
+        .await
+        .expect("connect");
+    let greeting = read_greeting(&mut s).await.expect("greeting");
+    assert!(greeting.server_version.contains("MariaDB"));
+    let login = authenticate(&mut s, &greeting, &creds, &opts, false)
+        .await
+        .expect("login");
+    assert_eq!(login.plugin, "mysql_native_password");
+    assert!(login.leftover.is_empty());
+    let rows = query(
+        &mut s,
+        login.capabilities,
+        "select current_user(), database()",
+    )
+    .await;
+    assert_eq!(
+        rows,
+        vec![vec![Some("app@%".to_string()), Some("shop".into())]]
+    );
+    // A multi-statement on the same connection, DEPRECATE_EOF negotiated by sluice.
+    let rows = query(&mut s, login.capabilities, "select 1; select 2, null").await;
+    assert_eq!(
+        rows,
+        vec![vec![Some("1".to_string())], vec![Some("2".into()), None]]
+    );
+
+    // A wrong password: the server's 1045, as a typed refusal.
+    let mut s = tokio::net::TcpStream::connect(db.addr())
+        .await
+        .expect("connect");
+    let greeting = read_greeting(&mut s).await.expect("greeting");
+    let bad = Credentials {
+        password: b"wrong",
+        ..creds.clone()
+    };
+    match authenticate(&mut s, &greeting, &bad, &opts, false).await {
+        Err(LoginError::Refused(e)) => {
+            assert_eq!((e.code, e.sql_state.as_str()), (1045, "28000"), "{e:?}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    // This server has no TLS configured: asking for it is a clear error, not a hang.
+    let mut s = tokio::net::TcpStream::connect(db.addr())
+        .await
+        .expect("connect");
+    let greeting = read_greeting(&mut s).await.expect("greeting");
+    assert!(matches!(
+        request_tls(&mut s, &greeting, &opts).await,
+        Err(LoginError::NoTls)
+    ));
+}
