@@ -93,6 +93,8 @@ pub const LAST_PREPARED: u32 = 0xFFFF_FFFF;
 
 /// Most prepared statements remembered per session (MariaDB's default cap is 16382).
 pub const MAX_STATEMENTS: usize = 16_384;
+/// Most columns accepted in one result set (MySQL and MariaDB stop at 4096 per table).
+pub const MAX_COLUMNS: u64 = 1 << 16;
 /// Most commands awaiting a response remembered per session.
 pub const MAX_PENDING: usize = 4096;
 
@@ -1071,7 +1073,12 @@ impl ResponseMachine {
                 Ok(Event::Ok(ok))
             }
             Expect::Eof => {
-                let status = terminator_status(payload, self.caps)?;
+                // EOF (0xFE), or an OK where the server prefers one.
+                let status = if first == 0x00 {
+                    parse_ok(payload, self.caps)?.status
+                } else {
+                    terminator_status(payload, self.caps)?
+                };
                 self.done();
                 Ok(Event::ResultDone { status })
             }
@@ -1162,7 +1169,7 @@ impl ResponseMachine {
                     } else {
                         true
                     };
-                    if columns == 0 || columns > 4096 {
+                    if columns == 0 || columns > MAX_COLUMNS {
                         return Err(r.invalid("column count", columns));
                     }
                     if metadata {
@@ -1558,6 +1565,24 @@ mod tests {
         assert!(!m.is_idle());
         m.server(&ok).unwrap();
         assert!(m.is_idle());
+    }
+
+    #[test]
+    fn set_option_is_answered_by_an_eof_or_an_ok() {
+        for c in [caps(), caps().without(Capabilities::DEPRECATE_EOF)] {
+            let mut m = ResponseMachine::new(c);
+            m.client(0, b"\x1b\x00\x00").unwrap();
+            assert_eq!(
+                m.server(&EofPacket::default().encode()).unwrap(),
+                Event::ResultDone { status: 0 }
+            );
+            m.client(0, b"\x1b\x01\x00").unwrap();
+            assert!(matches!(
+                m.server(&OkPacket::default().encode(0, c)).unwrap(),
+                Event::ResultDone { .. }
+            ));
+            assert!(m.is_idle());
+        }
     }
 
     #[test]
