@@ -616,3 +616,51 @@ async fn sluice_logs_in_to_mariadb_with_injected_native_password_credentials() {
         Err(LoginError::NoTls)
     ));
 }
+
+#[test]
+fn a_local_infile_exchange_is_framed_and_the_request_is_a_notice() {
+    if !require_mariadb("a_local_infile_exchange_is_framed_and_the_request_is_a_notice") {
+        return;
+    }
+    let db = MariaDb::start().expect("start mariadb");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("rows.tsv");
+    std::fs::write(&file, "1\tann\n2\tbob\n").expect("write rows");
+    let relay = Relay::start(db.addr());
+    let sql = format!(
+        "create table l (id int, name text);\n\
+         load data local infile '{}' into table l;\n\
+         select count(*) from l;\n",
+        file.display()
+    );
+    let out = Command::new("mariadb")
+        .args(MariaDb::client_args(relay.port))
+        .arg("--local-infile=1")
+        .args(["-e", &sql])
+        .output()
+        .expect("run mariadb");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sessions = relay.finish();
+    let session = &sessions[0];
+    check_framing(session);
+    let items = transcribe(session);
+    let notice = format!(
+        "the server asks for the client file {:?}",
+        file.display().to_string()
+    );
+    let at = items
+        .iter()
+        .position(|i| matches!(i, Item::Notice { message, .. } if *message == notice))
+        .unwrap_or_else(|| panic!("no LOCAL INFILE notice in {items:#?}"));
+    assert_eq!(
+        items[at + 1],
+        Item::Complete {
+            tag: "OK 2 rows affected".into()
+        }
+    );
+    assert!(items.contains(&Item::Row(vec![Some("2".into())])));
+}
