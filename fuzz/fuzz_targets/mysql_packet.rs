@@ -1,0 +1,88 @@
+//! Arbitrary bytes as a MySQL/MariaDB stream: framing (with and without sequence-id checks,
+//! 16 MiB reassembly), every payload decoder (handshake, response, auth replies, OK/ERR/EOF,
+//! commands, column definitions, text/binary rows, execute parameters), the response state
+//! machine under two capability sets, and the Transcriber must never panic.
+#![no_main]
+
+#[allow(dead_code, unused_imports)]
+#[path = "../../agent/src/protocol/mod.rs"]
+mod protocol;
+
+use libfuzzer_sys::fuzz_target;
+use protocol::mysql::Capabilities;
+use protocol::mysql::command::{
+    ColumnDef, Event, ResponseMachine, decode_binary_row, decode_command,
+    decode_execute_params, decode_text_row, parse_column_def,
+};
+use protocol::mysql::handshake::{
+    parse_auth_reply, parse_client_handshake, parse_eof, parse_err, parse_handshake, parse_ok,
+};
+use protocol::mysql::{Decoder, Transcriber, packet_len, packets, whole_packets};
+
+const MAX: usize = 1 << 20;
+
+fn machine(caps: Capabilities, data: &[u8]) {
+    let mut m = ResponseMachine::new(caps);
+    for p in packets(data, MAX) {
+        let Ok(p) = p else { break };
+        if p.seq == 0 {
+            let _ = m.client(p.seq, &p.payload);
+        } else if let Ok(Event::Row(row)) = m.server(&p.payload) {
+            let _ = m.row(row).map(|v| v.iter().map(|v| v.render()).count());
+        }
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let _ = packet_len(data, MAX);
+    let mut d = Decoder::new(MAX);
+    let mut at = 0;
+    while let Ok(Some((n, _))) = d.decode(&data[at..]) {
+        at += n;
+    }
+    let Ok(whole) = whole_packets(data, MAX) else {
+        return;
+    };
+    let data = &data[..whole];
+    let default = Capabilities::sluice_default();
+    let mariadb = default
+        .without(Capabilities::DEPRECATE_EOF)
+        .union(Capabilities::MARIADB_CACHE_METADATA)
+        .union(Capabilities::MARIADB_EXTENDED_TYPE_INFO)
+        .union(Capabilities::SESSION_TRACK)
+        .union(Capabilities::MARIADB_PROGRESS);
+    let columns: Vec<ColumnDef> = [1u8, 3, 8, 5, 12, 11, 253, 246]
+        .iter()
+        .map(|&t| ColumnDef {
+            column_type: t,
+            flags: if t == 8 { 0x20 } else { 0 },
+            ..ColumnDef::default()
+        })
+        .collect();
+    for p in packets(data, MAX) {
+        let Ok(p) = p else { break };
+        let b = &p.payload[..];
+        let _ = parse_handshake(b).map(|h| h.encode());
+        let _ = parse_client_handshake(b);
+        for caps in [default, mariadb] {
+            let _ = parse_auth_reply(b, caps);
+            let _ = parse_ok(b, caps).map(|ok| ok.encode(0, caps));
+            let _ = decode_command(b, caps);
+            let _ = parse_column_def(b, caps);
+        }
+        let _ = parse_err(b).map(|e| e.encode());
+        let _ = parse_eof(b);
+        let _ = decode_text_row(b, 4);
+        let _ = decode_binary_row(b, &columns).map(|v| v.iter().map(|v| v.render()).count());
+        let _ = decode_execute_params(b, 3, &[], &[]);
+    }
+    machine(default, data);
+    machine(mariadb, data);
+    let mut t = Transcriber::new();
+    let _ = t.server(data);
+    let _ = t.client(data);
+    let _ = t.server(data);
+    let mut t = Transcriber::with_capabilities(mariadb);
+    let _ = t.client(data);
+    let _ = t.server(data);
+});
