@@ -37,7 +37,9 @@ pub struct ServeOptions {
 }
 
 pub struct Collector {
-    pub dir: tempfile::TempDir,
+    /// Holds the collector's directory unless it was given (`init_at`).
+    pub dir: Option<tempfile::TempDir>,
+    home: PathBuf,
     pub port: u16,
     pub options: ServeOptions,
     child: Option<Child>,
@@ -50,9 +52,21 @@ impl Collector {
         let dir = tempfile::Builder::new()
             .prefix("sluice-collector-")
             .tempdir()?;
+        let home = dir.path().join("collector");
+        Collector::init_in(Some(dir), home)
+    }
+
+    /// `sluice-collector init` in `home` (which must not exist yet), kept after the handle
+    /// drops.
+    pub fn init_at(home: PathBuf) -> anyhow::Result<Collector> {
+        Collector::init_in(None, home)
+    }
+
+    fn init_in(dir: Option<tempfile::TempDir>, home: PathBuf) -> anyhow::Result<Collector> {
         let port = free_port();
         let c = Collector {
             dir,
+            home,
             port,
             options: ServeOptions::default(),
             child: None,
@@ -72,9 +86,9 @@ impl Collector {
         Ok(c)
     }
 
-    /// The collector directory (inside the temp dir, so `init` creates it).
+    /// The collector directory (`init` creates it).
     pub fn home(&self) -> PathBuf {
-        self.dir.path().join("collector")
+        self.home.clone()
     }
 
     pub fn addr(&self) -> String {

@@ -232,7 +232,14 @@ fn shipping(pg: &Postgres, bin: &std::path::Path) -> anyhow::Result<()> {
     let token = collector.token("bench", "10m")?;
     let out = run_bounded(
         Command::new(bin)
-            .args(["enroll", "--collector", &collector.addr(), "--token", &token, "--config"])
+            .args([
+                "enroll",
+                "--collector",
+                &collector.addr(),
+                "--token",
+                &token,
+                "--config",
+            ])
             .arg(&agent.config),
         Duration::from_secs(30),
     )?;
@@ -241,9 +248,26 @@ fn shipping(pg: &Postgres, bin: &std::path::Path) -> anyhow::Result<()> {
     }
     collector.stop();
     let mut psql = cg.command(None, &pg.bin.join("psql").display().to_string());
-    psql.args(["-X", "-A", "-t", "-q", "-o", "/dev/null", "-h", "127.0.0.1", "-p"])
-        .arg(pg.port.to_string())
-        .args(["-U", "postgres", "-d", "postgres", "-c", "select * from big"]);
+    psql.args([
+        "-X",
+        "-A",
+        "-t",
+        "-q",
+        "-o",
+        "/dev/null",
+        "-h",
+        "127.0.0.1",
+        "-p",
+    ])
+    .arg(pg.port.to_string())
+    .args([
+        "-U",
+        "postgres",
+        "-d",
+        "postgres",
+        "-c",
+        "select * from big",
+    ]);
     let out = run_bounded(&mut psql, Duration::from_secs(600))?;
     if !out.status.success() {
         bail!("psql through the shipping agent failed: {}", out.stderr);

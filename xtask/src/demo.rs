@@ -7,13 +7,18 @@
 //! policies in `policies/`, and prints what the journal recorded. The target is called
 //! `prod-db`, so the production policies apply: the schema change needs a just-in-time grant
 //! (requested, then approved by a second person), a DELETE without WHERE is denied, and a
-//! DELETE with one is held until that second person approves it. Everything it started is
-//! stopped and removed at the end.
+//! DELETE with one is held until that second person approves it. The agent is enrolled with a
+//! local collector and ships everything it recorded; the sessions and replays are read from
+//! the collector's store, and the sessions touching `customers` are exported as CSV with a
+//! verification bundle that `sluice verify` checks offline. Everything it started is stopped
+//! and removed at the end; the collector's store, the export and the bundle stay in
+//! `target/sluice-demo/`.
 
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use sluice_tests::collector::Collector;
 use sluice_tests::{
     Agent, AgentOptions, CLIENT_UID, Cgroup, Postgres, pg_target, psql_args, run_bounded,
 };
@@ -73,15 +78,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         cert.display()
     );
 
+    // What the demo leaves behind (the agent's spool, the collector's store, an export and its
+    // bundle) outlives it, so it can be read afterwards.
+    let kept = target_dir().join("sluice-demo");
+    if kept.exists() {
+        std::fs::remove_dir_all(&kept)
+            .with_context(|| format!("cannot remove {}", kept.display()))?;
+    }
+    std::fs::create_dir_all(&kept)?;
+    let journal = kept.join("journal");
+
+    step("starting a collector (its own certificate, pinned by the agents that enroll)");
+    let mut collector = Collector::init_at(kept.join("collector"))?;
+    collector.start()?;
+    println!(
+        "    sluice-collector serving on {}, store in {}",
+        collector.addr(),
+        collector.store().display()
+    );
+
     step("starting the sluice agent, attached to a demo cgroup");
     let cgroup = Cgroup::create("demo")?;
     let target = format!("127.0.0.1:{}", pg.port);
-    // The demo's journal outlives the demo, so it can be read afterwards.
-    let journal = target_dir().join("sluice-demo/journal");
-    if journal.exists() {
-        std::fs::remove_dir_all(&journal)
-            .with_context(|| format!("cannot remove {}", journal.display()))?;
-    }
     let agent = Agent::start(AgentOptions {
         bin: Some(bin.clone()),
         journal_dir: Some(journal.clone()),
@@ -90,7 +108,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         policy_dir: Some(crate::util::root().join("policies")),
         extra_config: format!(
             "[[identity]]\nuid = {CLIENT_UID}\nprincipal = \"demo\"\ngroups = [\"admins\"]\n\n\
-             [[identity]]\nuid = {APPROVER_UID}\nprincipal = \"dana\"\ngroups = [\"dba\"]\n"
+             [[identity]]\nuid = {APPROVER_UID}\nprincipal = \"dana\"\ngroups = [\"dba\"]\n\n\
+             [shipper]\ninterval_ms = 100\n"
         ),
         cgroup: Some(cgroup.path.clone()),
         // TLS required toward clients; sluice authenticates them itself (here: by uid, as
@@ -111,10 +130,39 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         cgroup.path.display()
     );
     println!(
-        "    proxy on 127.0.0.1:{}, journal in {}",
+        "    proxy on 127.0.0.1:{}, journal in {} (encrypted, hash-chained, signed)",
         agent.proxy_port,
         agent.journal_dir().display()
     );
+
+    step("enrolling the agent with the collector (one-time token)");
+    let token = collector.token("demo-host", "10m")?;
+    println!("    collector$ sluice-collector token --agent demo-host --ttl 10m");
+    let enrolled = run_bounded(
+        Command::new(&bin)
+            .args([
+                "enroll",
+                "--collector",
+                &collector.addr(),
+                "--token",
+                &token,
+                "--config",
+            ])
+            .arg(&agent.config)
+            // The config is checked whole, credentials included.
+            .env("SLUICE_DEMO_PG_PASSWORD", "unused-by-trust"),
+        Duration::from_secs(30),
+    )?;
+    println!(
+        "    root$ sluice enroll --collector {} --token ...",
+        collector.addr()
+    );
+    for line in enrolled.stdout.lines().chain(enrolled.stderr.lines()) {
+        println!("          {line}");
+    }
+    if !enrolled.status.success() {
+        bail!("sluice enroll failed");
+    }
 
     let psql = |sql: &str| -> anyhow::Result<()> {
         let mut cmd = cgroup.command(Some(CLIENT_UID), "psql");
@@ -211,18 +259,87 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     });
     held?;
 
-    step("sluice sessions");
-    print!("{}", agent.read(&["sessions"])?);
-    let sessions = agent.sessions()?;
-    let ids: Vec<&str> = sessions.iter().filter_map(|s| s["id"].as_str()).collect();
+    step("the agent ships its journal; the collector verifies every chain and signature");
     let expected = STATEMENTS.len() + 3;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let stored = collector.sessions()?;
+        let sealed = stored.iter().filter(|s| !s["end"].is_null()).count();
+        if stored.len() >= expected && sealed == stored.len() && agent.sessions()?.is_empty() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "the collector stored {} of {expected} sessions within 60 s:\n{}",
+                stored.len(),
+                agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "    the agent's spool is empty; the collector holds {expected} sessions (sluice status on the agent shows the shipping metrics)"
+    );
+    let store = collector.store();
+    let read = |args: &[&str]| -> anyhow::Result<String> {
+        let out = run_bounded(
+            Command::new(&bin).args(args).arg("--journal").arg(&store),
+            Duration::from_secs(60),
+        )?;
+        if !out.status.success() {
+            bail!("sluice {args:?} failed: {}", out.stderr);
+        }
+        Ok(out.stdout)
+    };
+
+    step("sluice sessions --journal <collector store>");
+    print!("{}", read(&["sessions"])?);
+    let listed: serde_json::Value = serde_json::from_str(&read(&["sessions", "--json"])?)?;
+    let ids: Vec<String> = listed
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s["id"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
     if ids.len() != expected {
         bail!("expected {expected} recorded sessions, found {}", ids.len());
     }
     // The denied CREATE, the SELECT with its rows, the denied DELETE, and the held one.
     for index in [0, 3, 5, 7] {
         step(&format!("sluice replay {}", ids[index]));
-        print!("{}", agent.read(&["replay", ids[index]])?);
+        print!("{}", read(&["replay", &ids[index]])?);
+    }
+
+    step("compliance: every session touching `customers`, exported as CSV with a bundle");
+    let csv = kept.join("customers.csv");
+    let bundle = kept.join("customers.bundle.jsonl");
+    let exported = read(&[
+        "export",
+        "--format",
+        "csv",
+        "--statement",
+        "customers",
+        "--out",
+        &csv.display().to_string(),
+        "--bundle",
+        &bundle.display().to_string(),
+    ])?;
+    print!("{exported}");
+    println!("    {} and {}", csv.display(), bundle.display());
+    step("sluice verify --bundle ... --export ... (offline: no journal, no collector)");
+    let verified = run_bounded(
+        Command::new(&bin)
+            .args(["verify", "--bundle"])
+            .arg(&bundle)
+            .arg("--export")
+            .arg(&csv),
+        Duration::from_secs(60),
+    )?;
+    print!("{}{}", verified.stdout, verified.stderr);
+    if !verified.status.success() {
+        bail!("the exported bundle does not verify");
     }
 
     if args.keep {
@@ -235,20 +352,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("Press Ctrl-C to stop.");
         let _ = Command::new("sleep").arg("infinity").status();
     }
-    step("stopping (sessions sealed, programs detached, server and cgroup removed)");
+    step("stopping (sessions sealed, programs detached, collector, server and cgroup removed)");
     drop(agent);
+    drop(collector);
     drop(cgroup);
     drop(pg);
     println!(
-        "\nThe journal stays in {}. Read it yourself:",
-        journal.display()
+        "\nThe collector's store stays in {}. Read it yourself:",
+        store.display()
     );
     for cmd in ["sessions", "replay <ID>", "export --format csv", "verify"] {
-        println!(
-            "    {} {cmd} --journal {}",
-            bin.display(),
-            journal.display()
-        );
+        println!("    {} {cmd} --journal {}", bin.display(), store.display());
     }
     Ok(())
 }
