@@ -408,13 +408,13 @@ pub struct ParamType {
 
 /// Decodes the parameters of an execution of a statement with `count` parameters; `previous`
 /// are the types of the previous execution (used when the client does not resend types).
-/// `long_data[i]` marks parameters sent with COM_STMT_SEND_LONG_DATA (their value is not in
+/// `long_data` lists the parameters sent with COM_STMT_SEND_LONG_DATA (their value is not in
 /// the packet). Returns the types in force and the values.
 pub fn decode_execute_params<'a>(
     param_bytes: &'a [u8],
     count: usize,
     previous: &[ParamType],
-    long_data: &[bool],
+    long_data: &[u16],
 ) -> Result<(Vec<ParamType>, Vec<Value<'a>>), DecodeError> {
     if count == 0 {
         return Ok((Vec::new(), Vec::new()));
@@ -443,7 +443,7 @@ pub fn decode_execute_params<'a>(
         let null = bitmap.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0);
         if null {
             values.push(Value::Null);
-        } else if long_data.get(i).copied().unwrap_or(false) {
+        } else if long_data.iter().any(|&p| usize::from(p) == i) {
             values.push(Value::LongData);
         } else {
             values.push(decode_binary_value(&mut r, t.ty, t.unsigned)?);
@@ -663,7 +663,9 @@ enum State {
 struct Stmt {
     params: u16,
     param_types: Vec<ParamType>,
-    long_data: Vec<bool>,
+    /// Parameters sent as long data since the last execution (few: a client sends one per
+    /// blob parameter), so a statement costs nothing per declared parameter.
+    long_data: Vec<u16>,
     columns: Vec<ColumnDef>,
 }
 
@@ -796,7 +798,7 @@ impl ResponseMachine {
                         s.param_types = types;
                         exec.params = Some(values);
                     }
-                    s.long_data.iter_mut().for_each(|b| *b = false);
+                    s.long_data.clear();
                 }
                 self.push(Expect::Results {
                     binary: true,
@@ -832,15 +834,16 @@ impl ResponseMachine {
             Command::StmtSendLongData { stmt_id, param, .. } => {
                 let id = self.resolve(*stmt_id);
                 if let Some(s) = self.statements.get_mut(&id)
-                    && let Some(flag) = s.long_data.get_mut(usize::from(*param))
+                    && *param < s.params
+                    && !s.long_data.contains(param)
                 {
-                    *flag = true;
+                    s.long_data.push(*param);
                 }
             }
             Command::StmtReset(id) => {
                 let id = self.resolve(*id);
                 if let Some(s) = self.statements.get_mut(&id) {
-                    s.long_data.iter_mut().for_each(|b| *b = false);
+                    s.long_data.clear();
                 }
             }
             _ => {}
@@ -1122,7 +1125,6 @@ impl ResponseMachine {
                         stmt_id,
                         Stmt {
                             params,
-                            long_data: vec![false; usize::from(params)],
                             ..Stmt::default()
                         },
                     );
@@ -1313,13 +1315,13 @@ mod tests {
         p.put_slice(&[types::LONGLONG, 0, types::VAR_STRING, 0]);
         p.put_u64_le(7);
         put_lenenc_bytes(&mut p, b"ab");
-        let (t, v) = decode_execute_params(&p, 2, &[], &[false, false]).unwrap();
+        let (t, v) = decode_execute_params(&p, 2, &[], &[]).unwrap();
         assert_eq!(v, vec![Value::Int(7), Value::Bytes(b"ab")]);
         let mut q = BytesMut::new();
         q.put_u8(0b01);
         q.put_u8(0);
         put_lenenc_bytes(&mut q, b"cd");
-        let (_, v) = decode_execute_params(&q, 2, &t, &[false, false]).unwrap();
+        let (_, v) = decode_execute_params(&q, 2, &t, &[]).unwrap();
         assert_eq!(v, vec![Value::Null, Value::Bytes(b"cd")]);
         assert!(decode_execute_params(&q, 2, &[], &[]).is_err());
         // Every truncation is an error, never a panic.
@@ -1565,6 +1567,47 @@ mod tests {
         assert!(!m.is_idle());
         m.server(&ok).unwrap();
         assert!(m.is_idle());
+    }
+
+    #[test]
+    fn a_parameter_sent_as_long_data_is_not_read_from_the_execute_packet() {
+        let mut m = ResponseMachine::new(caps());
+        m.client(0, b"\x16insert into b values (?, ?)").unwrap();
+        let mut ok = BytesMut::new();
+        ok.put_u8(0);
+        ok.put_u32_le(3);
+        ok.put_u16_le(0);
+        ok.put_u16_le(2);
+        ok.put_u8(0);
+        ok.put_u16_le(0);
+        m.server(&ok).unwrap();
+        m.server(&coldef("?", "", types::LONGLONG, 0)).unwrap();
+        m.server(&coldef("?", "", types::BLOB, 0)).unwrap();
+        assert!(m.is_idle());
+        // Long data for parameter 1 (and a bogus parameter 9, ignored).
+        m.client(0, b"\x18\x03\0\0\0\x01\0blob bytes").unwrap();
+        m.client(0, b"\x18\x03\0\0\0\x09\0junk").unwrap();
+        let mut exec = BytesMut::new();
+        exec.put_u8(code::STMT_EXECUTE);
+        exec.put_u32_le(3);
+        exec.put_u8(0);
+        exec.put_u32_le(1);
+        exec.put_u8(0);
+        exec.put_u8(1);
+        exec.put_slice(&[types::LONGLONG, 0, types::BLOB, 0]);
+        exec.put_u64_le(1);
+        let ClientEvent::Command(Command::StmtExecute(e)) = m.client(0, &exec).unwrap() else {
+            panic!("not an execute")
+        };
+        assert_eq!(e.params, Some(vec![Value::Int(1), Value::LongData]));
+        m.server(&OkPacket::default().encode(0, caps())).unwrap();
+        // The next execution sends both values again.
+        let mut again = exec.clone();
+        put_lenenc_bytes(&mut again, b"inline");
+        let ClientEvent::Command(Command::StmtExecute(e)) = m.client(0, &again).unwrap() else {
+            panic!("not an execute")
+        };
+        assert_eq!(e.params, Some(vec![Value::Int(1), Value::Bytes(b"inline")]));
     }
 
     #[test]
