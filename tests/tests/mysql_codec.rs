@@ -664,3 +664,87 @@ fn a_local_infile_exchange_is_framed_and_the_request_is_a_notice() {
     );
     assert!(items.contains(&Item::Row(vec![Some("2".into())])));
 }
+
+const COMMANDS_PY: &str = r#"
+import sys, io
+import mysql.connector
+port, user, pw, db = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+c = mysql.connector.connect(host="127.0.0.1", port=port, user=user, password=pw,
+                            database=db, use_pure=True)
+def check(tag):
+    cur = c.cursor()
+    cur.execute("select '" + tag + "'")
+    print(cur.fetchall()[0][0])
+c.cmd_ping(); check("after ping")
+c.cmd_statistics(); check("after statistics")
+c.cmd_init_db("mysql"); check("after init_db")
+c.cmd_init_db(db)
+cur = c.cursor(); cur.execute("create table lob (id int, b longblob)"); c.commit()
+st = c.cmd_stmt_prepare(b"insert into lob values (?, ?)")
+sid = st["statement_id"]
+# A file-like parameter goes as COM_STMT_SEND_LONG_DATA before the execute.
+c.cmd_stmt_execute(sid, (7, io.BytesIO(b"long data bytes")), st["parameters"])
+c.commit()
+c.cmd_stmt_reset(sid)
+c.cmd_stmt_close(sid); check("after long data")
+c.cmd_reset_connection(); check("after reset")
+c.cmd_change_user(username=user, password=pw, database=db); check("after change user")
+cur = c.cursor(); cur.execute("select id, length(b) from lob"); print(cur.fetchall())
+c.close()
+"#;
+
+#[test]
+fn the_machine_stays_in_step_through_ping_statistics_long_data_reset_and_change_user() {
+    if !require_mariadb("the_machine_stays_in_step_through_ping_statistics_long_data") {
+        return;
+    }
+    let Some(python) = connector_python() else {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("mysql-connector-python could not be installed into a venv and CI=true");
+        }
+        eprintln!("\n*** SKIPPED: mysql-connector-python could not be installed. ***\n");
+        return;
+    };
+    let db = MariaDb::start().expect("start mariadb");
+    let relay = Relay::start(db.addr());
+    let out = Command::new(python)
+        .args(["-c", COMMANDS_PY])
+        .arg(relay.port.to_string())
+        .args([mariadb::USER, mariadb::PASSWORD, mariadb::DATABASE])
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("[(7, 15)]"), "{printed}");
+    let sessions = relay.finish();
+    let session = &sessions[0];
+    check_framing(session);
+    let items = transcribe(session);
+    for tag in [
+        "after ping",
+        "after statistics",
+        "after init_db",
+        "after long data",
+        "after reset",
+        "after change user",
+    ] {
+        assert!(
+            items.contains(&Item::Row(vec![Some(tag.to_string())])),
+            "{tag:?} not transcribed: {items:#?}"
+        );
+    }
+    assert!(items.contains(&Item::Statement {
+        sql: "USE `mysql`".into(),
+        params: vec![]
+    }));
+    assert!(items.iter().any(|i| matches!(
+        i,
+        Item::Statement { sql, params } if sql == "insert into lob values (?, ?)"
+            && params == &vec![Some("7".to_string()), Some("/* sent as long data */".into())]
+    )));
+    assert!(items.contains(&Item::Row(vec![Some("7".into()), Some("15".into())])));
+}
