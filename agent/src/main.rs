@@ -76,7 +76,7 @@ enum RequestCommand {
         #[arg(long)]
         target: String,
         /// How long the grant lasts once approved: 90s, 30m, 2h, 1h30m.
-        #[arg(long = "for", value_parser = parse_duration)]
+        #[arg(long = "for", value_parser = sluice_journal::parse_duration)]
         duration: u64,
         /// Why (an incident or ticket id); shown to the approvers and kept in the journal.
         #[arg(long)]
@@ -764,36 +764,6 @@ fn print_requests(requests: &[sluice_journal::AccessRequest], json: bool) -> any
     Ok(())
 }
 
-/// `90s`, `30m`, `2h`, `1h30m`, `1d` (also `1h 30m`) as seconds.
-fn parse_duration(text: &str) -> Result<u64, String> {
-    let mut total: u64 = 0;
-    let mut number = String::new();
-    let mut any = false;
-    for c in text.chars().filter(|c| !c.is_whitespace()) {
-        if c.is_ascii_digit() {
-            number.push(c);
-            continue;
-        }
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86400,
-            _ => return Err(format!("{text:?}: unknown unit {c:?} (use s, m, h or d)")),
-        };
-        let n: u64 = number
-            .parse()
-            .map_err(|_| format!("{text:?}: a number must come before {c:?}"))?;
-        total = total.saturating_add(n.saturating_mul(unit));
-        number.clear();
-        any = true;
-    }
-    if !number.is_empty() || !any {
-        return Err(format!("{text:?}: give a unit, e.g. 30m or 2h"));
-    }
-    Ok(total)
-}
-
 /// A replay speed: a finite number above zero.
 fn parse_speed(text: &str) -> Result<f64, String> {
     match text.trim().parse::<f64>() {
@@ -848,21 +818,4 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
     ));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     Ok(dir)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_duration;
-
-    #[test]
-    fn durations_parse_in_the_forms_people_type() {
-        assert_eq!(parse_duration("90s"), Ok(90));
-        assert_eq!(parse_duration("30m"), Ok(1800));
-        assert_eq!(parse_duration("1h30m"), Ok(5400));
-        assert_eq!(parse_duration("1h 30m"), Ok(5400));
-        assert_eq!(parse_duration("1d"), Ok(86400));
-        assert!(parse_duration("30").is_err());
-        assert!(parse_duration("m").is_err());
-        assert!(parse_duration("5w").is_err());
-    }
 }

@@ -53,7 +53,7 @@ enum Command {
         #[arg(long)]
         agent: String,
         /// How long the token is valid: 90s, 30m, 2h, 1d.
-        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        #[arg(long, default_value = "1h", value_parser = sluice_journal::parse_duration)]
         ttl: u64,
     },
     /// List enrolled (and revoked) agents.
@@ -312,34 +312,4 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             retention_interval_secs,
         ),
     }
-}
-
-/// `90s`, `30m`, `2h`, `1h30m`, `1d` as seconds.
-fn parse_duration(text: &str) -> Result<u64, String> {
-    let mut total: u64 = 0;
-    let mut number = String::new();
-    let mut any = false;
-    for c in text.chars().filter(|c| !c.is_whitespace()) {
-        if c.is_ascii_digit() {
-            number.push(c);
-            continue;
-        }
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86400,
-            _ => return Err(format!("{text:?}: unknown unit {c:?} (use s, m, h or d)")),
-        };
-        let n: u64 = number
-            .parse()
-            .map_err(|_| format!("{text:?}: a number must come before {c:?}"))?;
-        total = total.saturating_add(n.saturating_mul(unit));
-        number.clear();
-        any = true;
-    }
-    if !number.is_empty() || !any {
-        return Err(format!("{text:?}: give a unit, e.g. 30m or 2h"));
-    }
-    Ok(total)
 }

@@ -45,7 +45,7 @@ pub use keyfile::KeyError;
 pub use model::{
     AccessRequest, AuthInfo, Body, Decision, Direction, Event, MaskFiring, MaskReport, NoteLevel,
     Principal, ProcessInfo, RequestKind, RequestState, Review, SessionId, SessionStart,
-    SessionSummary, now_ns,
+    SessionSummary, now_ns, parse_duration,
 };
 pub use ship::{
     Backlog, IngestReport, SessionAck, ShipBatch, ShipCheckpoint, ShipEvent, ShipSession,

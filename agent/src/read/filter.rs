@@ -164,36 +164,13 @@ pub fn parse_time(text: &str, now: jiff::Timestamp) -> Option<u64> {
     } else if let Ok(d) = text.parse::<jiff::civil::Date>() {
         d.to_zoned(jiff::tz::TimeZone::UTC).ok()?.timestamp()
     } else {
-        let age = parse_age(text.strip_suffix("ago").unwrap_or(text).trim())?;
+        let age =
+            sluice_journal::parse_duration(text.strip_suffix("ago").unwrap_or(text).trim()).ok()?;
         let secs = i64::try_from(age).ok()?;
         now.checked_sub(jiff::SignedDuration::from_secs(secs))
             .ok()?
     };
     u64::try_from(ts.as_nanosecond()).ok()
-}
-
-/// `7d`, `24h`, `30m`, `90s`, `1h30m`, `2w` as seconds.
-fn parse_age(text: &str) -> Option<u64> {
-    let mut total: u64 = 0;
-    let mut number = String::new();
-    for c in text.chars().filter(|c| !c.is_whitespace()) {
-        if c.is_ascii_digit() {
-            number.push(c);
-            continue;
-        }
-        let unit: u64 = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86400,
-            'w' => 7 * 86400,
-            _ => return None,
-        };
-        let n: u64 = number.parse().ok()?;
-        total = total.checked_add(n.checked_mul(unit)?)?;
-        number.clear();
-    }
-    (number.is_empty() && !text.is_empty()).then_some(total)
 }
 
 /// The host part of `ip:port`, `[v6]:port`, or the text itself.
