@@ -2,8 +2,9 @@
 //! recording TCP relay (std threads, no sluice in the path), then every packet must frame with
 //! consistent sequence ids, and the `Transcriber` must yield the statements, columns and rows
 //! the client printed: the `mariadb` CLI (text protocol, a multi-statement, an error, a blob
-//! over 16 MiB in both directions) and mysql-connector-python's prepared cursor (binary
-//! protocol).
+//! over 16 MiB in both directions, LOCAL INFILE), mysql-connector-python (binary protocol,
+//! long data, ping/statistics/reset/change user) and sysbench's prepared statements through
+//! MariaDB Connector/C (MariaDB's cached result metadata). Also sluice's own backend login.
 //!
 //! `SLUICE_WRITE_MYSQL_CAPTURES=<dir>` writes the small sessions there in the relay format of
 //! `agent/testdata/mysql` (direction byte, big-endian u32 length, bytes), which is how those
@@ -747,4 +748,84 @@ fn the_machine_stays_in_step_through_ping_statistics_long_data_reset_and_change_
             && params == &vec![Some("7".to_string()), Some("/* sent as long data */".into())]
     )));
     assert!(items.contains(&Item::Row(vec![Some("7".into()), Some("15".into())])));
+}
+
+/// sysbench's MySQL driver arguments against `port`.
+fn sysbench_args(port: u16) -> Vec<String> {
+    [
+        "--db-driver=mysql",
+        "--mysql-host=127.0.0.1",
+        &format!("--mysql-port={port}"),
+        &format!("--mysql-user={}", mariadb::USER),
+        &format!("--mysql-password={}", mariadb::PASSWORD),
+        &format!("--mysql-db={}", mariadb::DATABASE),
+        "--mysql-ssl=off",
+        "--tables=1",
+        "--table-size=200",
+        "--threads=1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn sysbench_prepared_statements_through_mariadb_connector_c_transcribe() {
+    if !require_mariadb("sysbench_prepared_statements_through_mariadb_connector_c") {
+        return;
+    }
+    if !std::path::Path::new("/usr/bin/sysbench").exists() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("sysbench is not installed and CI=true: apt-get install sysbench");
+        }
+        eprintln!("\n*** SKIPPED: sysbench is not installed (apt-get install sysbench). ***\n");
+        return;
+    }
+    let db = MariaDb::start().expect("start mariadb");
+    let prepare = Command::new("sysbench")
+        .arg("oltp_read_only")
+        .args(sysbench_args(db.port))
+        .arg("prepare")
+        .output()
+        .expect("sysbench prepare");
+    assert!(
+        prepare.status.success(),
+        "{}",
+        String::from_utf8_lossy(&prepare.stdout)
+    );
+    let relay = Relay::start(db.addr());
+    let run = Command::new("sysbench")
+        .arg("oltp_read_only")
+        .args(sysbench_args(relay.port))
+        .args(["--events=20", "--time=0", "--db-ps-mode=auto", "run"])
+        .output()
+        .expect("sysbench run");
+    let report = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{report}");
+    let sessions = relay.finish();
+    assert!(!sessions.is_empty());
+    if let Some(last) = sessions.last() {
+        maybe_write_capture("sysbench_read_only", last);
+    }
+    let mut executions = 0;
+    let mut rows = 0;
+    for session in &sessions {
+        check_framing(session);
+        let items = transcribe(session);
+        for i in &items {
+            match i {
+                Item::Statement { sql, params } if !params.is_empty() => {
+                    assert!(sql.contains("sbtest1"), "{sql}");
+                    assert!(params.iter().all(Option::is_some), "{params:?}");
+                    executions += 1;
+                }
+                Item::Row(_) => rows += 1,
+                Item::Error { code, message } => panic!("{code}: {message}"),
+                _ => {}
+            }
+        }
+    }
+    // oltp_read_only: per event 10 point selects and 4 range queries, all prepared.
+    assert!(executions >= 20 * 14, "{executions} executions");
+    assert!(rows >= 20 * 10, "{rows} rows");
 }
