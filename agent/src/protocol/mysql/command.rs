@@ -605,8 +605,10 @@ enum Expect {
         binary: bool,
         stmt: Option<u32>,
     },
-    /// OK or ERR.
-    Simple,
+    /// OK or ERR; `quiet` for housekeeping (ping, resets) whose OK reports nothing.
+    Simple {
+        quiet: bool,
+    },
     Prepare,
     Fetch {
         stmt: u32,
@@ -703,6 +705,15 @@ impl ResponseMachine {
     /// True when every command sent so far has been answered completely.
     pub fn is_idle(&self) -> bool {
         self.state == State::Idle && self.pending.is_empty()
+    }
+
+    /// True when the next server packet answers housekeeping whose OK reports nothing to a
+    /// reader: COM_PING, COM_STMT_RESET, COM_RESET_CONNECTION, or COM_CHANGE_USER's exchange.
+    pub fn answering_housekeeping(&self) -> bool {
+        matches!(
+            self.state,
+            State::Start(Expect::Simple { quiet: true } | Expect::Auth) | State::Auth
+        )
     }
 
     /// True when the next server packet answers a COM_STMT_PREPARE.
@@ -817,13 +828,13 @@ impl ResponseMachine {
             }
             Command::ResetConnection => {
                 self.statements.clear();
-                self.push(Expect::Simple);
+                self.push(Expect::Simple { quiet: true });
             }
             Command::SetOption(_) => self.push(Expect::Eof),
-            Command::InitDb(_)
-            | Command::Ping
-            | Command::ProcessKill(_)
-            | Command::StmtReset(_) => self.push(Expect::Simple),
+            Command::Ping | Command::StmtReset(_) => self.push(Expect::Simple { quiet: true }),
+            Command::InitDb(_) | Command::ProcessKill(_) => {
+                self.push(Expect::Simple { quiet: false })
+            }
             Command::Unknown(_) => self.push(Expect::Unknown),
         }
         match &cmd {
@@ -1070,7 +1081,7 @@ impl ResponseMachine {
         }
         match expect {
             Expect::Unknown => Ok(Event::Unexpected),
-            Expect::Simple => {
+            Expect::Simple { .. } => {
                 let ok = parse_ok(payload, self.caps)?;
                 self.done();
                 Ok(Event::Ok(ok))

@@ -19,7 +19,8 @@
 //!   COM_CHANGE_USER and unknown commands → a comment naming them.
 //! - A result set → `Columns` (once its definitions are in), one `Row` per row, then
 //!   `Complete { "SELECT n rows" }` (`FETCH n rows` for cursor fetches). An OK →
-//!   `Complete { "OK n rows affected" }`. ERR → `Error { code: SQLSTATE, message }` (also when
+//!   `Complete { "OK n rows affected" }`, except the OKs of pings, resets and a change of
+//!   user, which report nothing. ERR → `Error { code: SQLSTATE, message }` (also when
 //!   the login fails).
 //! - A LOCAL INFILE request → `Notice` naming the file (its content is not itemised).
 //! - The handshake, auth exchange, pings, prepares, closes and the rest yield nothing.
@@ -269,6 +270,7 @@ impl Transcriber {
             Phase::Command => {}
         }
         let was_preparing = self.machine.awaiting_prepare();
+        let housekeeping = self.machine.answering_housekeeping();
         let event = self.machine.server(payload).map_err(|e| e.to_string())?;
         match event {
             Event::ResultStart { .. } => {
@@ -307,6 +309,7 @@ impl Transcriber {
                 };
                 out.push(Item::Complete { tag });
             }
+            Event::Ok(_) if housekeeping => {}
             Event::Ok(ok) => out.push(Item::Complete {
                 tag: format!("OK {} affected", rows(ok.affected_rows)),
             }),
@@ -659,8 +662,10 @@ mod tests {
         assert!(matches!(&items[..], [Item::Error { code, .. }] if code == "sluice"));
         let items = t.server(&[1, 0, 0]);
         assert!(matches!(&items[..], [Item::Error { code, .. }] if code == "sluice"));
-        // And it recovers at the next command.
+        // And it recovers at the next command (a ping's OK reports nothing).
         t.client(&chunk(&[(0, b"\x0e")]));
+        assert_eq!(t.server(&chunk(&[(1, &ok(0, 0))])), vec![]);
+        t.client(&chunk(&[(0, b"\x03update t set a = 1")]));
         assert_eq!(
             t.server(&chunk(&[(1, &ok(0, 0))])),
             vec![Item::Complete {
