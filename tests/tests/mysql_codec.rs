@@ -514,24 +514,31 @@ fn prepared_statements_travel_in_the_binary_protocol_and_transcribe() {
     );
 }
 
-/// Runs `sql` on a logged-in connection with the codec alone; returns the rows' values.
-async fn query(
+/// What one command got back, as the response machine placed it.
+#[derive(Debug, Default)]
+struct Reply {
+    rows: Vec<Vec<Option<String>>>,
+    /// The events in order, by kind (`"Row"`, `"ResultDone"`, ...).
+    events: Vec<String>,
+    /// The status flags of each result set's end.
+    done_status: Vec<u16>,
+}
+
+/// Sends one command on a logged-in connection and reads its whole reply with the codec alone.
+async fn exchange(
     s: &mut tokio::net::TcpStream,
-    caps: sluice::protocol::mysql::Capabilities,
-    sql: &str,
-) -> Vec<Vec<Option<String>>> {
+    m: &mut sluice::protocol::mysql::ResponseMachine,
+    payload: &[u8],
+) -> Reply {
+    use sluice::protocol::mysql::Event;
     use sluice::protocol::mysql::packet::packet;
-    use sluice::protocol::mysql::{Event, ResponseMachine};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut m = ResponseMachine::new(caps);
-    let mut payload = vec![0x03];
-    payload.extend_from_slice(sql.as_bytes());
-    m.client(0, &payload).expect("command");
-    s.write_all(&packet(0, &payload)).await.expect("send");
+    m.client(0, payload).expect("command");
+    s.write_all(&packet(0, payload)).await.expect("send");
     let mut dec = Decoder::new(MAX);
     dec.expect(Some(1));
     let mut buf = bytes::BytesMut::new();
-    let mut rows = Vec::new();
+    let mut reply = Reply::default();
     while !m.is_idle() {
         let Some((n, p)) = dec.decode(&buf).expect("server packet") else {
             assert!(s.read_buf(&mut buf).await.expect("read") > 0, "closed");
@@ -539,13 +546,34 @@ async fn query(
         };
         let payload = p.payload.into_owned();
         let _ = buf.split_to(n);
-        match m.server(&payload).expect("placed") {
-            Event::Row(r) => rows.push(m.row(r).expect("row").iter().map(|v| v.render()).collect()),
-            Event::Err(e) => panic!("{sql}: {e:?}"),
+        let event = m.server(&payload).expect("placed");
+        let kind = format!("{event:?}");
+        reply
+            .events
+            .push(kind.split([' ', '(', '{']).next().unwrap_or("").to_owned());
+        match event {
+            Event::Row(r) => reply
+                .rows
+                .push(m.row(r).expect("row").iter().map(|v| v.render()).collect()),
+            Event::ResultDone { status } => reply.done_status.push(status),
+            Event::Err(e) => panic!("{e:?}"),
             _ => {}
         }
     }
-    rows
+    assert!(buf.is_empty(), "bytes after the reply");
+    reply
+}
+
+/// Runs `sql` on a logged-in connection with the codec alone; returns the rows' values.
+async fn query(
+    s: &mut tokio::net::TcpStream,
+    caps: sluice::protocol::mysql::Capabilities,
+    sql: &str,
+) -> Vec<Vec<Option<String>>> {
+    let mut m = sluice::protocol::mysql::ResponseMachine::new(caps);
+    let mut payload = vec![0x03];
+    payload.extend_from_slice(sql.as_bytes());
+    exchange(s, &mut m, &payload).await.rows
 }
 
 #[tokio::test]
@@ -828,4 +856,99 @@ fn sysbench_prepared_statements_through_mariadb_connector_c_transcribe() {
     // oltp_read_only: per event 10 point selects and 4 range queries, all prepared.
     assert!(executions >= 20 * 14, "{executions} executions");
     assert!(rows >= 20 * 10, "{rows} rows");
+}
+
+#[tokio::test]
+async fn a_cursor_is_opened_and_fetched_from_mariadb_with_deprecate_eof() {
+    use sluice::protocol::mysql::ResponseMachine;
+    use sluice::protocol::mysql::handshake::status;
+    use sluice::proxy::mysql::login::{Credentials, LoginOptions, authenticate, read_greeting};
+    if !require_mariadb("a_cursor_is_opened_and_fetched_from_mariadb_with_deprecate_eof") {
+        return;
+    }
+    let db = MariaDb::start().expect("start mariadb");
+    let mut s = tokio::net::TcpStream::connect(db.addr())
+        .await
+        .expect("connect");
+    let greeting = read_greeting(&mut s).await.expect("greeting");
+    let creds = Credentials {
+        user: mariadb::USER,
+        password: mariadb::PASSWORD.as_bytes(),
+        database: Some(mariadb::DATABASE),
+    };
+    let login = authenticate(&mut s, &greeting, &creds, &LoginOptions::default(), false)
+        .await
+        .expect("login");
+    let mut m = ResponseMachine::new(login.capabilities);
+    let q = |sql: &str| [&[0x03u8][..], sql.as_bytes()].concat();
+    exchange(
+        &mut s,
+        &mut m,
+        &q("create table c (id int, name varchar(9))"),
+    )
+    .await;
+    exchange(
+        &mut s,
+        &mut m,
+        &q("insert into c values (1,'a'),(2,'b'),(3,'c'),(4,null),(5,'e')"),
+    )
+    .await;
+    let prep = exchange(&mut s, &mut m, b"\x16select id, name from c order by id").await;
+    assert_eq!(prep.events.first().map(String::as_str), Some("PrepareOk"));
+    assert_eq!(prep.events.last().map(String::as_str), Some("PrepareDone"));
+    let id = 1u32; // MariaDB numbers statements per connection from 1.
+    // COM_STMT_EXECUTE with CURSOR_TYPE_READ_ONLY: metadata only, rows stay on the server.
+    let mut exec = vec![0x17];
+    exec.extend_from_slice(&id.to_le_bytes());
+    exec.push(0x01);
+    exec.extend_from_slice(&1u32.to_le_bytes());
+    let opened = exchange(&mut s, &mut m, &exec).await;
+    // Under DEPRECATE_EOF MariaDB ends the metadata with an OK (0xFE) carrying CURSOR_EXISTS.
+    assert_eq!(
+        opened.events,
+        ["ResultStart", "Column", "Column", "ResultDone"],
+        "{opened:?}"
+    );
+    assert!(
+        opened
+            .done_status
+            .iter()
+            .all(|s| s & status::CURSOR_EXISTS != 0),
+        "{opened:?}"
+    );
+    let mut fetched = Vec::new();
+    for _ in 0..3 {
+        let mut fetch = vec![0x1C];
+        fetch.extend_from_slice(&id.to_le_bytes());
+        fetch.extend_from_slice(&2u32.to_le_bytes());
+        let r = exchange(&mut s, &mut m, &fetch).await;
+        fetched.extend(r.rows);
+        if r.done_status.iter().any(|s| s & status::LAST_ROW_SENT != 0) {
+            break;
+        }
+    }
+    let v = |id: &str, name: Option<&str>| vec![Some(id.to_string()), name.map(String::from)];
+    assert_eq!(
+        fetched,
+        vec![
+            v("1", Some("a")),
+            v("2", Some("b")),
+            v("3", Some("c")),
+            v("4", None),
+            v("5", Some("e"))
+        ]
+    );
+    // Close (no reply), then the connection is still in step.
+    let mut close = vec![0x19];
+    close.extend_from_slice(&id.to_le_bytes());
+    {
+        use tokio::io::AsyncWriteExt;
+        m.client(0, &close).expect("close");
+        s.write_all(&sluice::protocol::mysql::packet::packet(0, &close))
+            .await
+            .expect("send close");
+    }
+    assert!(m.is_idle());
+    let r = exchange(&mut s, &mut m, &q("select 'in step'")).await;
+    assert_eq!(r.rows, vec![vec![Some("in step".to_string())]]);
 }
