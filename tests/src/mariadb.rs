@@ -55,6 +55,10 @@ impl MariaDb {
             .context("temp dir")?;
         let data = dir.path().join("data");
         let socket = dir.path().join("mysqld.sock");
+        // Each server its own tmpdir: bootstraps running in parallel collide on /tmp's
+        // `#sql-temptable-*` names ("Unknown table 'mysql.tmp_user_sys'").
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir_all(&tmp)?;
         let as_root = is_root();
         if as_root {
             run_ok(
@@ -67,7 +71,8 @@ impl MariaDb {
         install
             .arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
-            .args(["--auth-root-authentication-method=normal", "--skip-test-db"]);
+            .args(["--auth-root-authentication-method=normal", "--skip-test-db"])
+            .arg(format!("--tmpdir={}", tmp.display()));
         if as_root {
             install.arg("--user=mysql");
         }
@@ -82,6 +87,7 @@ impl MariaDb {
                 dir.path().join("mariadbd.pid").display()
             ))
             .arg(format!("--port={port}"))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .args([
                 "--bind-address=127.0.0.1",
                 "--skip-networking=0",
