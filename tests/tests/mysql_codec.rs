@@ -835,8 +835,7 @@ fn sysbench_prepared_statements_through_mariadb_connector_c_transcribe() {
     if let Some(last) = sessions.last() {
         maybe_write_capture("sysbench_read_only", last);
     }
-    let mut executions = 0;
-    let mut rows = 0;
+    let (mut executions, mut rows, mut columns) = (0, 0, 0);
     for session in &sessions {
         check_framing(session);
         let items = transcribe(session);
@@ -848,6 +847,10 @@ fn sysbench_prepared_statements_through_mariadb_connector_c_transcribe() {
                     executions += 1;
                 }
                 Item::Row(_) => rows += 1,
+                Item::Columns(names) => {
+                    assert!(!names.is_empty());
+                    columns += 1;
+                }
                 Item::Error { code, message } => panic!("{code}: {message}"),
                 _ => {}
             }
@@ -856,6 +859,8 @@ fn sysbench_prepared_statements_through_mariadb_connector_c_transcribe() {
     // oltp_read_only: per event 10 point selects and 4 range queries, all prepared.
     assert!(executions >= 20 * 14, "{executions} executions");
     assert!(rows >= 20 * 10, "{rows} rows");
+    // Every result set reads columns-then-rows, also when MariaDB did not resend the metadata.
+    assert!(columns >= 20 * 14, "{columns} column headers");
 }
 
 #[tokio::test]

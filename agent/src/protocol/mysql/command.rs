@@ -555,8 +555,10 @@ pub enum Event<'a> {
     Err(ErrPacket),
     /// MariaDB progress report (ERR 0xFFFF): not an error, nothing changes.
     Progress,
-    /// A result set starts with this many columns.
-    ResultStart { columns: u64 },
+    /// A result set starts with this many columns. `metadata` is false when MariaDB's
+    /// CACHE_METADATA says the definitions are not resent: [`ResponseMachine::columns`] then
+    /// already holds the statement's columns from before, and no `Column` events follow.
+    ResultStart { columns: u64, metadata: bool },
     /// Column `index` of the current result set (see [`ResponseMachine::columns`]); `last`
     /// when it is the last definition (rows, or the EOF before them, come next).
     Column { index: usize, last: bool },
@@ -1203,7 +1205,7 @@ impl ResponseMachine {
                             State::ColumnsEof { expect }
                         };
                     }
-                    Ok(Event::ResultStart { columns })
+                    Ok(Event::ResultStart { columns, metadata })
                 }
             },
         }
@@ -1392,7 +1394,10 @@ mod tests {
         assert!(!m.is_idle());
         assert_eq!(
             m.server(b"\x02").unwrap(),
-            Event::ResultStart { columns: 2 }
+            Event::ResultStart {
+                columns: 2,
+                metadata: true
+            }
         );
         assert_eq!(
             m.server(&coldef("id", "users", types::LONG, 0)).unwrap(),
@@ -1462,7 +1467,10 @@ mod tests {
         ));
         assert_eq!(
             m.server(b"\x01").unwrap(),
-            Event::ResultStart { columns: 1 }
+            Event::ResultStart {
+                columns: 1,
+                metadata: true
+            }
         );
         m.server(&coldef("2", "", types::LONGLONG, 0)).unwrap();
         m.server(&text_row(&[Some("2")])).unwrap();
@@ -1619,6 +1627,56 @@ mod tests {
             panic!("not an execute")
         };
         assert_eq!(e.params, Some(vec![Value::Int(1), Value::Bytes(b"inline")]));
+    }
+
+    #[test]
+    fn cached_metadata_reuses_the_statements_columns() {
+        let c = caps()
+            .without(Capabilities::DEPRECATE_EOF)
+            .union(Capabilities::MARIADB_CACHE_METADATA);
+        let mut m = ResponseMachine::new(c);
+        m.client(0, b"\x16select id from t").unwrap();
+        let mut ok = BytesMut::new();
+        ok.put_u8(0);
+        ok.put_u32_le(1);
+        ok.put_u16_le(1);
+        ok.put_u16_le(0);
+        ok.put_u8(0);
+        ok.put_u16_le(0);
+        m.server(&ok).unwrap();
+        m.server(&coldef("id", "t", types::LONG, 0)).unwrap();
+        let eof = EofPacket::default().encode();
+        assert_eq!(m.server(&eof).unwrap(), Event::PrepareDone { stmt_id: 1 });
+        let exec = b"\x17\x01\0\0\0\0\x01\0\0\0";
+        let row = [0x00, 0x00, 9, 0, 0, 0];
+        // First execution: metadata follows (1).
+        m.client(0, exec).unwrap();
+        assert_eq!(
+            m.server(b"\x01\x01").unwrap(),
+            Event::ResultStart {
+                columns: 1,
+                metadata: true
+            }
+        );
+        m.server(&coldef("id", "t", types::LONG, 0)).unwrap();
+        assert_eq!(m.server(&eof).unwrap(), Event::ColumnsDone);
+        m.server(&row).unwrap();
+        m.server(&eof).unwrap();
+        // Second: not resent (0); the EOF and rows follow directly.
+        m.client(0, exec).unwrap();
+        assert_eq!(
+            m.server(b"\x01\x00").unwrap(),
+            Event::ResultStart {
+                columns: 1,
+                metadata: false
+            }
+        );
+        assert_eq!(m.columns()[0].name, "id");
+        assert_eq!(m.server(&eof).unwrap(), Event::ColumnsDone);
+        assert_eq!(m.server(&row).unwrap(), Event::Row(&row));
+        assert_eq!(m.row(&row).unwrap(), vec![Value::Int(9)]);
+        m.server(&eof).unwrap();
+        assert!(m.is_idle());
     }
 
     #[test]

@@ -273,9 +273,19 @@ impl Transcriber {
         let housekeeping = self.machine.answering_housekeeping();
         let event = self.machine.server(payload).map_err(|e| e.to_string())?;
         match event {
-            Event::ResultStart { .. } => {
+            Event::ResultStart { metadata, .. } => {
                 self.result = Some(ResultKind::Select);
                 self.rows = 0;
+                if !metadata {
+                    // Cached metadata: the columns are the statement's, not resent.
+                    out.push(Item::Columns(
+                        self.machine
+                            .columns()
+                            .iter()
+                            .map(|c| c.name.clone())
+                            .collect(),
+                    ));
+                }
             }
             Event::Column { last: true, .. } => out.push(Item::Columns(
                 self.machine
