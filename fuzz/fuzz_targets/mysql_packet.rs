@@ -10,13 +10,12 @@ mod protocol;
 
 use libfuzzer_sys::fuzz_target;
 use protocol::mysql::Capabilities;
-use protocol::mysql::command::{
-    ColumnDef, Event, ResponseMachine, decode_binary_row, decode_command,
-    decode_execute_params, decode_text_row, parse_column_def,
-};
+use protocol::mysql::command::{decode_command, decode_execute_params};
 use protocol::mysql::handshake::{
     parse_auth_reply, parse_client_handshake, parse_eof, parse_err, parse_handshake, parse_ok,
 };
+use protocol::mysql::response::{Event, ResponseMachine};
+use protocol::mysql::resultset::{ColumnDef, decode_binary_row, decode_text_row, parse_column_def};
 use protocol::mysql::{Decoder, Transcriber, packet_len, packets, whole_packets};
 
 const MAX: usize = 1 << 20;

@@ -9,8 +9,10 @@
 //!   HandshakeResponse41, AuthSwitchRequest, AuthMoreData) and the OK / ERR / EOF packets.
 //! - [`auth`]: the auth plugins' scrambles and states (`mysql_native_password`,
 //!   `caching_sha2_password`, `mysql_clear_password`).
-//! - [`command`]: client commands, column definitions, text and binary rows and values, and
-//!   the [`ResponseMachine`] that knows what each server packet of the command phase is.
+//! - [`command`]: client commands and COM_STMT_EXECUTE's parameters.
+//! - [`resultset`]: column definitions, text and binary rows, and the values they carry.
+//! - [`response`]: the [`ResponseMachine`] that, fed both directions in order, knows what each
+//!   server packet of the command phase is.
 //! - [`transcript`]: stateful decoding of a recorded session into shared [`Item`]s.
 //!
 //! [`Item`]: crate::protocol::Item
@@ -22,11 +24,15 @@ pub mod auth;
 pub mod command;
 pub mod handshake;
 pub mod packet;
+pub mod response;
+pub mod resultset;
 pub mod transcript;
 
-pub use command::{ColumnDef, Command, Event, ResponseMachine, Value, decode_command};
+pub use command::{Command, decode_command};
 pub use handshake::{Capabilities, ErrPacket, Handshake, HandshakeResponse, OkPacket};
 pub use packet::{DecodeError, Decoder, Packet, PacketError, packet_len, packets, whole_packets};
+pub use response::{ClientEvent, Event, ResponseMachine};
+pub use resultset::{ColumnDef, Value};
 pub use transcript::Transcriber;
 
 #[cfg(test)]

@@ -26,12 +26,13 @@
 //! - The handshake, auth exchange, pings, prepares, closes and the rest yield nothing.
 use std::collections::{HashMap, VecDeque};
 
-use super::command::{ClientEvent, Command, Event, LAST_PREPARED, ResponseMachine, decode_command};
+use super::command::{Command, LAST_PREPARED, decode_command};
 use super::handshake::{
     AuthReply, Capabilities, ClientHandshake, parse_auth_reply, parse_client_handshake, parse_err,
     parse_handshake,
 };
 use super::packet::{packets, text};
+use super::response::{ClientEvent, Event, ResponseMachine};
 use crate::protocol::Item;
 
 /// Most prepared statements' SQL remembered per session.
@@ -380,11 +381,11 @@ mod tests {
     use bytes::{BufMut, BytesMut};
 
     use super::*;
-    use crate::protocol::mysql::command::types;
     use crate::protocol::mysql::handshake::{
         AuthSwitch, ErrPacket, Handshake, HandshakeResponse, OkPacket, status,
     };
     use crate::protocol::mysql::packet::{encode_packet, put_lenenc, put_lenenc_bytes};
+    use crate::protocol::mysql::resultset::types;
 
     fn caps() -> Capabilities {
         Capabilities::sluice_default()
