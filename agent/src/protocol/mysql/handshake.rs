@@ -413,6 +413,19 @@ impl HandshakeResponse {
     }
 }
 
+impl HandshakeResponse {
+    /// The payload of this response with its auth response emptied: the copy a journal may
+    /// keep (a native or caching_sha2 scramble and the greeting's nonce are enough to guess
+    /// the password offline; a clear-password response *is* the password or token).
+    pub fn without_credentials(&self) -> BytesMut {
+        HandshakeResponse {
+            auth_response: Vec::new(),
+            ..self.clone()
+        }
+        .encode()
+    }
+}
+
 /// AuthSwitchRequest (0xFE): the server asks for another auth plugin with new data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthSwitch {
@@ -763,6 +776,32 @@ mod tests {
         assert_eq!(
             parse_client_handshake(&old.encode()).unwrap(),
             ClientHandshake::Response(old)
+        );
+    }
+
+    #[test]
+    fn a_response_without_credentials_keeps_everything_but_the_auth_response() {
+        let resp = HandshakeResponse {
+            capabilities: Capabilities::sluice_default() | Capabilities::CONNECT_ATTRS,
+            max_packet: 1 << 24,
+            charset: 45,
+            username: "app".into(),
+            auth_response: b"eyJ-a-token".to_vec(),
+            database: Some("shop".into()),
+            auth_plugin: Some("mysql_clear_password".into()),
+            attributes: vec![("_os".into(), "Linux".into())],
+        };
+        let journaled = resp.without_credentials();
+        assert!(!journaled.windows(4).any(|w| w == b"eyJ-"));
+        let ClientHandshake::Response(back) = parse_client_handshake(&journaled).unwrap() else {
+            panic!("not a response")
+        };
+        assert_eq!(
+            back,
+            HandshakeResponse {
+                auth_response: Vec::new(),
+                ..resp
+            }
         );
     }
 
