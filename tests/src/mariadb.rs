@@ -49,6 +49,16 @@ impl MariaDb {
 
     /// Starts a server with extra `mariadbd` arguments (e.g. `--max-connections=10`).
     pub fn start_with(extra: &[&str]) -> anyhow::Result<MariaDb> {
+        MariaDb::start_inner(extra, None)
+    }
+
+    /// Starts a server offering TLS with this certificate and key (PEM; copied into the
+    /// server's directory, where its OS user can read them).
+    pub fn start_tls(cert: &Path, key: &Path) -> anyhow::Result<MariaDb> {
+        MariaDb::start_inner(&[], Some((cert, key)))
+    }
+
+    fn start_inner(extra: &[&str], tls: Option<(&Path, &Path)>) -> anyhow::Result<MariaDb> {
         let dir = tempfile::Builder::new()
             .prefix("sluice-mariadb-")
             .tempdir()
@@ -59,6 +69,14 @@ impl MariaDb {
         // `#sql-temptable-*` names ("Unknown table 'mysql.tmp_user_sys'").
         let tmp = dir.path().join("tmp");
         std::fs::create_dir_all(&tmp)?;
+        let mut tls_args = Vec::new();
+        if let Some((cert, key)) = tls {
+            let (c, k) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+            std::fs::copy(cert, &c)?;
+            std::fs::copy(key, &k)?;
+            tls_args.push(format!("--ssl-cert={}", c.display()));
+            tls_args.push(format!("--ssl-key={}", k.display()));
+        }
         let as_root = is_root();
         if as_root {
             run_ok(
@@ -97,6 +115,7 @@ impl MariaDb {
                 "--innodb-flush-log-at-trx-commit=0",
             ])
             .args(extra)
+            .args(&tls_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(

@@ -957,3 +957,72 @@ async fn a_cursor_is_opened_and_fetched_from_mariadb_with_deprecate_eof() {
     let r = exchange(&mut s, &mut m, &q("select 'in step'")).await;
     assert_eq!(r.rows, vec![vec![Some("in step".to_string())]]);
 }
+
+#[tokio::test]
+async fn sluice_logs_in_to_mariadb_over_tls_after_an_ssl_request() {
+    use sluice::proxy::mysql::login::{
+        Credentials, LoginOptions, authenticate, read_greeting, request_tls,
+    };
+    use sluice::tls::{BackendTls, client_config};
+    use sluice_tests::TestCa;
+    if !require_mariadb("sluice_logs_in_to_mariadb_over_tls_after_an_ssl_request") {
+        return;
+    }
+    let ca = TestCa::new().expect("test CA");
+    let (cert, key) = ca.issue("mariadb").expect("server certificate");
+    let db = MariaDb::start_tls(&cert, &key).expect("start mariadb with TLS");
+    let opts = LoginOptions::default();
+    let mut tcp = tokio::net::TcpStream::connect(db.addr())
+        .await
+        .expect("connect");
+    let greeting = read_greeting(&mut tcp).await.expect("greeting");
+    request_tls(&mut tcp, &greeting, &opts)
+        .await
+        .expect("SSLRequest");
+    let config = client_config(BackendTls::VerifyFull, Some(&ca.cert))
+        .expect("client config")
+        .expect("a TLS config");
+    let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let mut s = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake with MariaDB (certificate verified)");
+    let creds = Credentials {
+        user: mariadb::USER,
+        password: mariadb::PASSWORD.as_bytes(),
+        database: Some(mariadb::DATABASE),
+    };
+    // The response is packet 2 (the SSLRequest was 1); the server checks.
+    let login = authenticate(&mut s, &greeting, &creds, &opts, true)
+        .await
+        .expect("login over TLS");
+    assert!(
+        login
+            .capabilities
+            .contains(sluice::protocol::mysql::Capabilities::SSL)
+    );
+    // The session is encrypted, as the server sees it.
+    use sluice::protocol::mysql::packet::packet;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sql = b"\x03show status like 'Ssl_version'";
+    s.write_all(&packet(0, sql)).await.expect("send");
+    let mut m = sluice::protocol::mysql::ResponseMachine::new(login.capabilities);
+    m.client(0, sql).expect("command");
+    let mut buf = bytes::BytesMut::new();
+    let mut dec = Decoder::new(MAX);
+    dec.expect(Some(1));
+    let mut version = None;
+    while !m.is_idle() {
+        let Some((n, p)) = dec.decode(&buf).expect("packet") else {
+            assert!(s.read_buf(&mut buf).await.expect("read") > 0, "closed");
+            continue;
+        };
+        let payload = p.payload.into_owned();
+        let _ = buf.split_to(n);
+        if let sluice::protocol::mysql::Event::Row(r) = m.server(&payload).expect("placed") {
+            version = m.row(r).expect("row")[1].render();
+        }
+    }
+    let version = version.unwrap_or_default();
+    assert!(version.starts_with("TLSv1."), "Ssl_version = {version:?}");
+}
