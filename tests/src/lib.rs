@@ -655,6 +655,21 @@ impl Agent {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
+    /// Whether the agent's log contains `needle` within 10 s (the log is read by a thread, so
+    /// a line may arrive a moment after what caused it).
+    pub fn logged(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn journal_dir(&self) -> PathBuf {
         self.journal.clone()
     }

@@ -705,11 +705,7 @@ fn an_enrolled_agent_ships_every_statement_and_its_spool_deletes_what_the_collec
         "{}",
         status.stdout
     );
-    assert!(
-        s.agent.log().contains("shipping the journal"),
-        "{}",
-        s.agent.log()
-    );
+    assert!(s.agent.logged("shipping the journal"), "{}", s.agent.log());
 }
 
 /// `GET /metrics` on the agent's metrics endpoint (plain HTTP).

@@ -100,9 +100,7 @@ fn a_killed_agent_loses_nothing_forwarded_and_the_session_is_sealed_as_interrupt
 
     let second = Agent::start(options()).unwrap();
     assert!(
-        second
-            .log()
-            .contains("the previous agent left this session open"),
+        second.logged("the previous agent left this session open"),
         "{}",
         second.log()
     );
@@ -177,7 +175,11 @@ fn a_full_spool_refuses_new_sessions_clearly_unless_configured_to_admit_them() {
         "the client is told why: {}",
         refused.stderr
     );
-    assert!(agent.log().contains("journal spool full: session refused"));
+    assert!(
+        agent.logged("journal spool full: session refused"),
+        "{}",
+        agent.log()
+    );
     // Nothing recorded was dropped: the big session is still whole.
     let sessions = agent.sessions().unwrap();
     assert_eq!(sessions.len(), 1, "{sessions:?}");
@@ -191,6 +193,10 @@ fn a_full_spool_refuses_new_sessions_clearly_unless_configured_to_admit_them() {
     .unwrap();
     let admitted = psql("select 'admitted'");
     assert_eq!(admitted.stdout, "admitted\n", "{}", admitted.stderr);
-    assert!(agent.log().contains("admitting the session anyway"));
+    assert!(
+        agent.logged("admitting the session anyway"),
+        "{}",
+        agent.log()
+    );
     assert_eq!(agent.sessions().unwrap().len(), 2);
 }

@@ -755,7 +755,7 @@ fn policies_reload_on_change_and_on_sighup_and_a_broken_set_keeps_the_old_one() 
     wait_until("SIGHUP applies the change", &|| {
         select().stdout.contains('3')
     });
-    assert!(s.agent.log().contains("SIGHUP"), "{}", s.agent.log());
+    assert!(s.agent.logged("SIGHUP"), "{}", s.agent.log());
     let (ok, text) = s.sluice(None, &["policy", "reload"]);
     assert!(ok && text.contains("policies in force"), "{text}");
 }

@@ -726,7 +726,7 @@ fn a_login_is_refreshed_before_its_token_expires() {
     assert!(later.contains("bob@example.com"), "{later}");
     assert_ne!(first, later, "the expiry moved: {first} / {later}");
     assert!(
-        s.agent.log().contains("login tokens refreshed"),
+        s.agent.logged("login tokens refreshed"),
         "{}",
         s.agent.log()
     );

@@ -505,7 +505,7 @@ fn shutdown_seals_open_sessions_and_detaches_the_programs() {
     assert_eq!(sessions.len(), 1);
     assert_eq!(sessions[0]["end_reason"], "agent shutdown");
     assert!(
-        s.agent.log().contains("eBPF interception detached"),
+        s.agent.logged("eBPF interception detached"),
         "{}",
         s.agent.log()
     );
