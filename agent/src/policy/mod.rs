@@ -37,7 +37,10 @@ pub const UNPARSED_POLICY: &str = "sluice-unparsed";
 /// The loaded engine and the facts cache, shared by every connection.
 pub struct Policy {
     engine: RwLock<Arc<Engine>>,
+    /// Facts of PostgreSQL statement texts.
     pub facts: FactsCache,
+    /// Facts of MySQL/MariaDB statement texts (the same text may parse differently).
+    pub mysql_facts: FactsCache,
     dir: PathBuf,
 }
 
@@ -75,6 +78,7 @@ impl Policy {
         Ok(Arc::new(Policy {
             engine: RwLock::new(Arc::new(Engine::load(dir)?)),
             facts: FactsCache::new(Dialect::Postgres, FACTS_CACHE_ENTRIES),
+            mysql_facts: FactsCache::new(Dialect::MySql, FACTS_CACHE_ENTRIES),
             dir: dir.to_path_buf(),
         }))
     }
@@ -102,17 +106,21 @@ impl Policy {
         &self.dir
     }
 
-    /// Decides a statement text: denied when any statement in it is denied. `jit`: the
-    /// principal holds an active just-in-time grant for the session's target.
+    /// Decides a statement text in `dialect`: denied when any statement in it is denied.
+    /// `jit`: the principal holds an active just-in-time grant for the session's target.
     pub fn decide_sql(
         &self,
         session: &SessionPolicy,
+        dialect: Dialect,
         sql: &str,
         unparsed: Unparsed,
         jit: bool,
     ) -> SqlDecision {
         let engine = self.engine();
-        let facts = self.facts.get(sql);
+        let facts = match dialect {
+            Dialect::Postgres => self.facts.get(sql),
+            Dialect::MySql => self.mysql_facts.get(sql),
+        };
         let summary = facts
             .iter()
             .map(Facts::summary)
@@ -254,7 +262,7 @@ pub fn bench(dir: &Path, iterations: usize) -> Result<BenchResult, PolicyError> 
         let sql = BENCH_MIX[i % BENCH_MIX.len()];
         denied += usize::from(
             !policy
-                .decide_sql(&session, sql, Unparsed::Deny, false)
+                .decide_sql(&session, Dialect::Postgres, sql, Unparsed::Deny, false)
                 .verdict
                 .allowed,
         );

@@ -1393,9 +1393,13 @@ fn gate_chunk(
                         Err(e) => return Err(e.to_string()),
                     };
                     let mut d = match &gate.policy {
-                        Some((policy, session)) => {
-                            policy.decide_sql(session, sql, gate.unparsed, gate.jit())
-                        }
+                        Some((policy, session)) => policy.decide_sql(
+                            session,
+                            Dialect::Postgres,
+                            sql,
+                            gate.unparsed,
+                            gate.jit(),
+                        ),
                         None => SqlDecision::allowed(),
                     };
                     if d.verdict.allowed
