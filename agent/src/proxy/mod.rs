@@ -13,8 +13,8 @@
 //! redirected connects are then refused), sessions are sealed, and the eBPF programs are
 //! detached last.
 //!
-//! This module never parses protocol bytes: that is `postgres.rs` (and later one file per
-//! protocol) on top of `protocol::`.
+//! This module never parses protocol bytes: that is `postgres/` and `mysql/`, one module per
+//! protocol, on top of `protocol::`.
 
 pub mod mysql;
 mod postgres;
@@ -574,6 +574,11 @@ async fn handle(
     match routed.target.protocol {
         Protocol::Postgres => {
             postgres::serve(stream, routed, shared, stop)
+                .instrument(span)
+                .await
+        }
+        Protocol::Mysql => {
+            mysql::serve(stream, routed, shared, stop)
                 .instrument(span)
                 .await
         }
