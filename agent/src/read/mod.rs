@@ -49,6 +49,7 @@ pub enum ReadError {
 /// Decodes one session's recorded bytes into items, whatever its protocol.
 pub(crate) enum Decoder {
     Postgres(Transcriber),
+    Mysql(crate::protocol::mysql::Transcriber),
     /// A protocol this build cannot decode: events are shown as byte counts.
     Unknown,
 }
@@ -57,6 +58,7 @@ impl Decoder {
     pub(crate) fn for_protocol(protocol: &str) -> Decoder {
         match protocol {
             "postgres" => Decoder::Postgres(Transcriber::new()),
+            "mysql" => Decoder::Mysql(crate::protocol::mysql::Transcriber::new()),
             _ => Decoder::Unknown,
         }
     }
@@ -66,6 +68,8 @@ impl Decoder {
         match (self, &event.body) {
             (Decoder::Postgres(t), Body::Client(bytes)) => t.client(bytes),
             (Decoder::Postgres(t), Body::Server(bytes)) => t.server(bytes),
+            (Decoder::Mysql(t), Body::Client(bytes)) => t.client(bytes),
+            (Decoder::Mysql(t), Body::Server(bytes)) => t.server(bytes),
             _ => Vec::new(),
         }
     }
