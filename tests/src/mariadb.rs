@@ -41,6 +41,11 @@ pub fn require_mariadb(test: &str) -> bool {
     false
 }
 
+/// A `[[target]]` table for a MySQL/MariaDB target.
+pub fn mysql_target(name: &str, matches: &str) -> String {
+    format!("[[target]]\nname = \"{name}\"\nprotocol = \"mysql\"\nmatch = \"{matches}\"\n")
+}
+
 impl MariaDb {
     /// Starts a server with the default options plus `max_allowed_packet=64M`.
     pub fn start() -> anyhow::Result<MariaDb> {

@@ -1,0 +1,205 @@
+//! End to end for MySQL targets: a real MariaDB, the real kernel's eBPF attached to a cgroup
+//! this test creates, the real `sluice` binary, and the real `mariadb` CLI inside that cgroup
+//! (as uid 65534) connecting to the server's own address. Authentication is passthrough with
+//! the MariaDB user's own password.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use sluice_tests::mariadb::{self, MariaDb, mysql_target, require_mariadb};
+use sluice_tests::{Agent, AgentOptions, CLIENT_UID, Cgroup, require_root, run_bounded};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Field order is drop order: the agent stops before its cgroup and server go.
+struct Setup {
+    agent: Agent,
+    cgroup: Cgroup,
+    db: MariaDb,
+}
+
+fn setup(name: &str, tweak: impl FnOnce(&mut AgentOptions)) -> Setup {
+    let db = MariaDb::start().unwrap();
+    db.sql("create table shop.t (id int primary key, name varchar(20)); insert into shop.t values (1, 'ada'), (2, 'grace'), (3, 'edsger');")
+        .unwrap();
+    let cgroup = Cgroup::create(name).unwrap();
+    let mut options = AgentOptions {
+        cgroup: Some(cgroup.path.clone()),
+        targets: vec![mysql_target("app-db", &format!("127.0.0.1:{}", db.port))],
+        ..AgentOptions::default()
+    };
+    tweak(&mut options);
+    let agent = Agent::start(options).unwrap();
+    Setup { agent, cgroup, db }
+}
+
+impl Setup {
+    /// The `mariadb` CLI as `nobody` inside the cgroup, to the server's own address.
+    fn mariadb(&self, sql: &str) -> sluice_tests::Output {
+        let mut cmd = self.cgroup.command(Some(CLIENT_UID), "mariadb");
+        cmd.args(MariaDb::client_args(self.db.port))
+            .args(["-e", sql]);
+        run_bounded(&mut cmd, LIMIT).unwrap()
+    }
+
+    /// The same CLI outside the cgroup: not intercepted.
+    fn direct(&self, sql: &str) -> sluice_tests::Output {
+        let mut cmd = Command::new("mariadb");
+        cmd.args(MariaDb::client_args(self.db.port))
+            .args(["-e", sql]);
+        run_bounded(&mut cmd, LIMIT).unwrap()
+    }
+
+    fn rows_in_t(&self) -> String {
+        self.db
+            .sql("select count(*) from shop.t")
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+}
+
+fn ok(out: &sluice_tests::Output) -> &str {
+    assert!(
+        out.status.success(),
+        "client failed: {}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    &out.stdout
+}
+
+fn skip(test: &str) -> bool {
+    !require_root(test) || !require_mariadb(test)
+}
+
+#[test]
+fn the_mariadb_cli_in_the_cgroup_is_intercepted_recorded_and_gets_the_same_rows() {
+    let test = "the_mariadb_cli_in_the_cgroup_is_intercepted_recorded_and_gets_the_same_rows";
+    if skip(test) {
+        return;
+    }
+    let s = setup("mysql-basic", |_| {});
+    let sql = "select id, name from t order by id";
+    let direct = s.direct(sql);
+    assert_eq!(ok(&direct), "id\tname\n1\tada\n2\tgrace\n3\tedsger\n");
+    let through = s.mariadb(sql);
+    assert_eq!(ok(&through), ok(&direct), "{}", s.agent.log());
+
+    let sessions = s.agent.sessions().unwrap();
+    assert_eq!(sessions.len(), 1, "{sessions:#?}\n{}", s.agent.log());
+    let session = &sessions[0];
+    assert_eq!(session["protocol"], "mysql");
+    assert_eq!(session["target"], "app-db");
+    assert_eq!(session["uid"], CLIENT_UID);
+    assert_eq!(session["pid"], through.pid);
+    assert_eq!(session["comm"], "mariadb");
+    assert_eq!(session["orig_dst"], format!("127.0.0.1:{}", s.db.port));
+    assert_eq!(session["user"], mariadb::USER);
+    assert_eq!(session["database"], mariadb::DATABASE);
+    assert_eq!(session["statements"], 1, "{session}");
+    assert!(session["end"].is_string(), "not sealed: {session}");
+
+    let records = s.agent.export().unwrap();
+    let statements: Vec<&str> = records
+        .iter()
+        .filter(|r| r["kind"] == "statement")
+        .filter_map(|r| r["sql"].as_str())
+        .collect();
+    assert_eq!(statements, vec![sql], "{records:#?}");
+    let rows: Vec<Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "row")
+        .map(|r| r["values"].clone())
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            serde_json::json!(["1", "ada"]),
+            serde_json::json!(["2", "grace"]),
+            serde_json::json!(["3", "edsger"])
+        ],
+        "{records:#?}"
+    );
+    let id = session["id"].as_str().unwrap();
+    let replay = s.agent.read(&["replay", id]).unwrap();
+    assert!(
+        replay.contains(sql) && replay.contains("edsger"),
+        "{replay}"
+    );
+
+    // The password never reaches the journal, in any form the export shows.
+    let everything = serde_json::to_string(&records).unwrap();
+    assert!(!everything.contains(mariadb::PASSWORD));
+
+    let verified = s.agent.read(&["verify", "--session", &id[..13]]).unwrap();
+    assert!(
+        verified.contains("ok:") && verified.contains("all signed"),
+        "{verified}"
+    );
+}
+
+#[test]
+fn delete_without_where_is_denied_before_reaching_the_backend() {
+    let test = "delete_without_where_is_denied_before_reaching_the_backend";
+    if skip(test) {
+        return;
+    }
+    let policies = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let s = setup("mysql-policy", |o| {
+        o.policy_dir = Some(policies);
+        o.extra_config = format!(
+            "[[identity]]\nuid = {CLIENT_UID}\nprincipal = \"dev\"\ngroups = [\"developers\"]\n"
+        );
+    });
+    let out = s.mariadb("delete from t");
+    assert!(!out.status.success(), "{}", out.stdout);
+    assert!(
+        out.stderr.contains("ERROR 1142 (42000)")
+            && out.stderr.contains("no-update-or-delete-without-where"),
+        "{}\n{}",
+        out.stderr,
+        s.agent.log()
+    );
+    assert_eq!(s.rows_in_t(), "3", "the denied delete must not have run");
+
+    // The same session goes on after a denial; a delete naming its rows is allowed.
+    let out = s.mariadb("delete from t; select 1");
+    assert!(!out.status.success());
+    let out = s.mariadb("delete from t where id = 3; select count(*) as n from t");
+    assert_eq!(ok(&out), "n\n2\n");
+    assert_eq!(s.rows_in_t(), "2");
+
+    let records = s.agent.export().unwrap();
+    let denied: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "decision" && r["allowed"] == false)
+        .collect();
+    assert!(!denied.is_empty(), "{records:#?}");
+    assert!(denied.iter().all(|d| {
+        d["policies"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p == "no-update-or-delete-without-where"))
+    }));
+    let sessions = s.agent.sessions().unwrap();
+    assert_eq!(sessions.len(), 3, "{sessions:#?}");
+    assert!(sessions.iter().all(|s| s["principal"] == "dev"));
+    // The replay shows the denied statement and the error the client got.
+    let first = sessions
+        .iter()
+        .min_by_key(|s| s["start"].as_str().unwrap().to_string())
+        .unwrap();
+    let replay = s
+        .agent
+        .read(&["replay", first["id"].as_str().unwrap()])
+        .unwrap();
+    assert!(
+        replay.contains("delete from t") && replay.contains("no-update-or-delete-without-where"),
+        "{replay}"
+    );
+    let verified = s.agent.read(&["verify"]).unwrap();
+    assert!(verified.contains("ok:"), "{verified}");
+}
