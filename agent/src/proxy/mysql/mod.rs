@@ -16,7 +16,7 @@
 //! **Journal.** The session starts once the client's response names user and database (the
 //! greeting, sluice's own bytes derived from the backend's, is the first server event; a
 //! client that leaves before responding leaves no session). The response is journaled without
-//! its auth data ([`without_credentials`](crate::protocol::mysql::HandshakeResponse::without_credentials)) and every client packet of the
+//! its auth data ([`HandshakeResponse::without_credentials`]) and every client packet of the
 //! auth exchange with an empty payload (a scramble and the nonce allow offline guessing; a
 //! clear-text reply is the password itself). Server packets are journaled as forwarded.
 //!
@@ -57,7 +57,7 @@ use crate::policy::facts::Dialect;
 use crate::policy::{Policy, PrincipalRef, SessionPolicy, Source, principal};
 use crate::protocol::mysql::command::{Command, decode_command};
 use crate::protocol::mysql::handshake::{
-    Capabilities, ClientHandshake, ErrPacket, Handshake, parse_client_handshake,
+    Capabilities, ClientHandshake, ErrPacket, Handshake, HandshakeResponse, parse_client_handshake,
 };
 use crate::protocol::mysql::packet::{Decoder, HEADER_LEN, packet, packets, whole_packets};
 use crate::protocol::mysql::response::{ClientEvent, ResponseMachine};
@@ -141,9 +141,9 @@ pub(crate) async fn serve(
     shared: &Shared,
     stop: &mut broadcast::Receiver<()>,
 ) {
-    let login = tokio::select! {
+    let handshaken = tokio::select! {
         r = tokio::time::timeout(shared.config.startup_timeout(), connect(tcp, &routed, shared)) => match r {
-            Ok(l) => l,
+            Ok(h) => h,
             Err(_) => {
                 debug!("client or backend too slow during the connection phase: closed");
                 return;
@@ -151,7 +151,10 @@ pub(crate) async fn serve(
         },
         _ = stop.recv() => return,
     };
-    let Some(login) = login else { return };
+    let Some(handshaken) = handshaken else { return };
+    let Some(login) = begin(handshaken, &routed, shared).await else {
+        return;
+    };
     let Connected {
         client,
         server,
@@ -215,9 +218,9 @@ struct Connected {
     client_seq: u8,
 }
 
-/// The connection phase up to the forwarded HandshakeResponse. None: the session is over
+/// The connection phase up to the client's HandshakeResponse. None: the connection is over
 /// (refused, with the client told and the journal written where there was something to say).
-async fn connect(mut tcp: TcpStream, routed: &Routed, shared: &Shared) -> Option<Connected> {
+async fn connect(mut tcp: TcpStream, routed: &Routed, shared: &Shared) -> Option<Handshaken> {
     if let Err(refusal) = shared.admit_session() {
         warn!("journal spool full: session refused");
         let _ = tcp.write_all(&err(0, code::SPOOL_FULL, &refusal)).await;
@@ -420,7 +423,48 @@ async fn connect(mut tcp: TcpStream, routed: &Routed, shared: &Shared) -> Option
         *seq = 1;
     }
     let caps = response.capabilities & offered;
+    Some(Handshaken {
+        client,
+        server,
+        hello,
+        response,
+        forward: Bytes::from(forward),
+        params,
+        caps,
+        client_seq,
+    })
+}
 
+/// The connection phase so far: the client answered sluice's greeting.
+struct Handshaken {
+    client: Stream,
+    server: TcpStream,
+    /// sluice's greeting as sent.
+    hello: Bytes,
+    /// The client's response, capabilities as forwarded.
+    response: HandshakeResponse,
+    /// The response as the backend gets it.
+    forward: Bytes,
+    params: Vec<(String, String)>,
+    caps: Capabilities,
+    client_seq: u8,
+}
+
+/// Starts the session's record, asks policy whether the principal may connect, and forwards
+/// the response to the backend. Not cancelled by a timeout or shutdown once started, so a
+/// started session always gets its end: it only writes (a few bytes each way).
+async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connected> {
+    let Handshaken {
+        mut client,
+        server,
+        hello,
+        response,
+        forward,
+        params,
+        caps,
+        client_seq,
+    } = h;
+    let reply_seq = client_seq.wrapping_add(1);
     let principal = shared
         .policy
         .as_ref()
