@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sluice_tests::mariadb::{self, MariaDb, mysql_target, require_mariadb};
-use sluice_tests::{Agent, AgentOptions, CLIENT_UID, Cgroup, require_root, run_bounded};
+use sluice_tests::{Agent, AgentOptions, CLIENT_UID, Cgroup, TestCa, require_root, run_bounded};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -199,6 +199,96 @@ fn delete_without_where_is_denied_before_reaching_the_backend() {
     assert!(
         replay.contains("delete from t") && replay.contains("no-update-or-delete-without-where"),
         "{replay}"
+    );
+    let verified = s.agent.read(&["verify"]).unwrap();
+    assert!(verified.contains("ok:"), "{verified}");
+}
+
+#[test]
+fn a_client_asking_for_tls_gets_it_from_sluice_with_the_targets_certificate() {
+    let test = "a_client_asking_for_tls_gets_it_from_sluice_with_the_targets_certificate";
+    if skip(test) {
+        return;
+    }
+    let ca = TestCa::new().unwrap();
+    let (cert, key) = ca.issue("sluice").unwrap();
+    let s = setup("mysql-tls", |o| {
+        for t in &mut o.targets {
+            t.push_str(&format!(
+                "tls_cert = \"{}\"\ntls_key = \"{}\"\nclient_tls = \"required\"\n",
+                cert.display(),
+                key.display()
+            ));
+        }
+    });
+    let args: Vec<String> = MariaDb::client_args(s.db.port)
+        .into_iter()
+        .filter(|a| a != "--skip-ssl")
+        .chain([
+            "--ssl".to_string(),
+            format!("--ssl-ca={}", ca.cert.display()),
+            "--ssl-verify-server-cert".to_string(),
+        ])
+        .collect();
+    let mut cmd = s.cgroup.command(Some(CLIENT_UID), "mariadb");
+    cmd.args(&args)
+        .args(["-e", "select name from t where id = 2"]);
+    let out = run_bounded(&mut cmd, LIMIT).unwrap();
+    assert_eq!(ok(&out), "name\ngrace\n", "{}", s.agent.log());
+
+    // Without TLS the target refuses, saying how to connect.
+    let out = s.mariadb("select 1");
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("requires TLS"), "{}", out.stderr);
+
+    let records = s.agent.export().unwrap();
+    let auth: Vec<&Value> = records.iter().filter(|r| r["kind"] == "auth").collect();
+    assert_eq!(auth.len(), 1, "{records:#?}");
+    assert!(
+        auth[0]["client_tls"].as_str().unwrap().starts_with("TLS"),
+        "{}",
+        auth[0]
+    );
+    assert_eq!(auth[0]["backend_tls"], "plain");
+    let rows: Vec<Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "row")
+        .map(|r| r["values"].clone())
+        .collect();
+    assert_eq!(rows, vec![serde_json::json!(["grace"])]);
+}
+
+#[test]
+fn an_agent_shutdown_seals_an_open_mysql_session() {
+    let test = "an_agent_shutdown_seals_an_open_mysql_session";
+    if skip(test) {
+        return;
+    }
+    let mut s = setup("mysql-shutdown", |_| {});
+    let mut cmd = s.cgroup.command(Some(CLIENT_UID), "mariadb");
+    cmd.args(MariaDb::client_args(s.db.port))
+        .args(["-e", "select sleep(20)"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while s.agent.sessions().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "{}", s.agent.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The statement is on its way; the agent stops under it.
+    std::thread::sleep(Duration::from_millis(300));
+    s.agent.stop();
+    let sessions = s.agent.sessions().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(sessions.len(), 1, "{sessions:#?}");
+    assert_eq!(
+        sessions[0]["end_reason"],
+        "agent shutdown",
+        "{}",
+        s.agent.log()
     );
     let verified = s.agent.read(&["verify"]).unwrap();
     assert!(verified.contains("ok:"), "{verified}");
