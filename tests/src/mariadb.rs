@@ -41,6 +41,38 @@ pub fn require_mariadb(test: &str) -> bool {
     false
 }
 
+/// A Python with mysql-connector-python (pure-Python protocol), in a venv under the target
+/// dir, made on first use (pip: needs the network once). None when it cannot be made.
+pub fn connector_python() -> Option<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let venv = target.join("mysql-venv");
+    let python = venv.join("bin/python");
+    let works = |p: &PathBuf| {
+        Command::new(p)
+            .args(["-c", "import mysql.connector"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if works(&python) {
+        return Some(python);
+    }
+    let made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+        && Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "mysql-connector-python==26.10.0"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+    (made && works(&python)).then_some(python)
+}
+
 /// A `[[target]]` table for a MySQL/MariaDB target.
 pub fn mysql_target(name: &str, matches: &str) -> String {
     format!("[[target]]\nname = \"{name}\"\nprotocol = \"mysql\"\nmatch = \"{matches}\"\n")

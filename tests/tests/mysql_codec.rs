@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use sluice::protocol::Item;
 use sluice::protocol::mysql::{Decoder, Transcriber, packets, whole_packets};
-use sluice_tests::mariadb::{self, MariaDb, require_mariadb};
+use sluice_tests::mariadb::{self, MariaDb, connector_python, require_mariadb};
 
 const MAX: usize = 1 << 30;
 
@@ -374,36 +374,6 @@ fn a_blob_over_16_mib_crosses_as_split_packets_both_ways() {
 }
 
 /// mysql-connector-python (pure Python) in a venv under the target dir, created on first use.
-fn connector_python() -> Option<PathBuf> {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let venv = target.join("mysql-venv");
-    let python = venv.join("bin/python");
-    let works = |p: &PathBuf| {
-        Command::new(p)
-            .args(["-c", "import mysql.connector"])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    };
-    if works(&python) {
-        return Some(python);
-    }
-    let made = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-        && Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", "mysql-connector-python==26.10.0"])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-    (made && works(&python)).then_some(python)
-}
-
 const PREPARED_PY: &str = r#"
 import sys, json, datetime, decimal
 import mysql.connector

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use sluice_tests::mariadb::{self, MariaDb, mysql_target, require_mariadb};
+use sluice_tests::mariadb::{self, MariaDb, connector_python, mysql_target, require_mariadb};
 use sluice_tests::{Agent, AgentOptions, CLIENT_UID, Cgroup, TestCa, require_root, run_bounded};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -292,4 +292,83 @@ fn an_agent_shutdown_seals_an_open_mysql_session() {
     );
     let verified = s.agent.read(&["verify"]).unwrap();
     assert!(verified.contains("ok:"), "{verified}");
+}
+
+/// Prepared statements (COM_STMT_PREPARE / EXECUTE, binary rows) with mysql-connector-python.
+const PREPARED_PY: &str = r#"
+import sys, json
+import mysql.connector
+c = mysql.connector.connect(host="127.0.0.1", port=int(sys.argv[1]), user=sys.argv[2],
+                            password=sys.argv[3], database=sys.argv[4], use_pure=True)
+sel = c.cursor(prepared=True)
+sel.execute("select id, name from t where id >= ? order by id", (2,))
+for row in sel.fetchall():
+    print(json.dumps([str(v) if not isinstance(v, (bytes, bytearray)) else v.decode() for v in row]))
+try:
+    c.cursor(prepared=True).execute("delete from t")
+    print("deleted")
+except mysql.connector.Error as e:
+    print("error", e.errno, e.msg)
+sel.execute("select id, name from t where id >= ? order by id", (3,))
+print(len(sel.fetchall()))
+c.close()
+"#;
+
+#[test]
+fn prepared_statements_are_decided_at_prepare_and_their_executions_recorded() {
+    let test = "prepared_statements_are_decided_at_prepare_and_their_executions_recorded";
+    if skip(test) {
+        return;
+    }
+    let Some(python) = connector_python() else {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("mysql-connector-python could not be installed into a venv and CI=true");
+        }
+        eprintln!("\n*** SKIPPED {test}: mysql-connector-python could not be installed. ***\n");
+        return;
+    };
+    let policies = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let s = setup("mysql-prepared", |o| o.policy_dir = Some(policies));
+    // As root inside the cgroup: the venv's interpreter lives under root's home.
+    let mut cmd = s.cgroup.command(None, python.to_str().unwrap());
+    cmd.args(["-c", PREPARED_PY])
+        .arg(s.db.port.to_string())
+        .args([mariadb::USER, mariadb::PASSWORD, mariadb::DATABASE]);
+    let out = run_bounded(&mut cmd, LIMIT).unwrap();
+    let lines: Vec<&str> = ok(&out).lines().collect();
+    assert_eq!(
+        lines[..2],
+        [r#"["2", "grace"]"#, r#"["3", "edsger"]"#],
+        "{}",
+        out.stdout
+    );
+    assert!(
+        lines[2].starts_with("error 1142 ")
+            && lines[2].contains("no-update-or-delete-without-where"),
+        "{}\n{}",
+        out.stdout,
+        s.agent.log()
+    );
+    assert_eq!(lines[3], "1", "the session goes on after the denial");
+    assert_eq!(s.rows_in_t(), "3");
+
+    let records = s.agent.export().unwrap();
+    let statements: Vec<&str> = records
+        .iter()
+        .filter(|r| r["kind"] == "statement")
+        .filter_map(|r| r["sql"].as_str())
+        .collect();
+    assert!(
+        statements
+            .iter()
+            .filter(|q| q.starts_with("select id, name from t where id >= ?"))
+            .count()
+            == 2,
+        "{records:#?}"
+    );
+    assert!(
+        records.iter().any(|r| r["kind"] == "decision"
+            && r["allowed"] == false
+            && r["sql"] == "delete from t")
+    );
 }
