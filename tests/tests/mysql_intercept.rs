@@ -372,3 +372,64 @@ fn prepared_statements_are_decided_at_prepare_and_their_executions_recorded() {
             && r["sql"] == "delete from t")
     );
 }
+
+/// Connects, reads the greeting, sends argv[2] (hex) as the client's bytes, prints what comes
+/// back (hex) until the server closes.
+const RAW_PY: &str = r#"
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+head = s.recv(4)
+n = head[0] | head[1] << 8 | head[2] << 16
+greeting = b""
+while len(greeting) < n:
+    greeting += s.recv(n - len(greeting))
+s.sendall(bytes.fromhex(sys.argv[2]))
+reply = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    reply += chunk
+print(reply.hex())
+"#;
+
+#[test]
+fn bad_input_gets_a_clear_error_and_the_agent_serves_the_next_client() {
+    let test = "bad_input_gets_a_clear_error_and_the_agent_serves_the_next_client";
+    if skip(test) {
+        return;
+    }
+    let s = setup("mysql-bad-input", |_| {});
+    let raw = |hex: &str| {
+        let mut cmd = s.cgroup.command(Some(CLIENT_UID), "/usr/bin/python3");
+        cmd.args(["-c", RAW_PY, &s.db.port.to_string(), hex]);
+        let out = run_bounded(&mut cmd, LIMIT).unwrap();
+        let hex = ok(&out).trim().to_string();
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        bytes
+    };
+    // An oversize length before login, a truncated response, a response out of sequence.
+    for (hex, what) in [
+        ("ffffff01000000", "exceeds the limit"),
+        ("0500000101020304ff", "not a HandshakeResponse41"),
+        ("0500000701020304ff", "sequence id"),
+    ] {
+        let reply = raw(hex);
+        assert!(reply.len() > 7, "{what}: {reply:?}");
+        assert_eq!(reply[4], 0xff, "{what}: an ERR packet");
+        assert_eq!(u16::from_le_bytes([reply[5], reply[6]]), 1043, "{what}");
+        let text = String::from_utf8_lossy(&reply[7..]);
+        assert!(
+            text.contains("bad handshake response") && text.contains(what),
+            "{text}"
+        );
+    }
+    let out = s.mariadb("select count(*) as n from t");
+    assert_eq!(ok(&out), "n\n3\n", "{}", s.agent.log());
+    // The refusals are on record too.
+    let sessions = s.agent.sessions().unwrap();
+    assert_eq!(sessions.len(), 4, "{sessions:#?}");
+}
