@@ -20,16 +20,18 @@
 //! auth exchange with an empty payload (a scramble and the nonce allow offline guessing; a
 //! clear-text reply is the password itself). Server packets are journaled as forwarded.
 //!
-//! **Command phase.** One task per connection reads both sides. Each client chunk of whole
-//! packets is gated: COM_QUERY and COM_STMT_PREPARE text goes to [`Policy::decide_sql`] with
-//! the MySQL dialect; `LOAD DATA LOCAL` and COM_CHANGE_USER are denied whatever the policies
-//! say (not offered / not supported yet). The chunk is cut right after the first denied
-//! packet; it is journaled with its decisions, the packets before the denied one are
-//! forwarded, and the denied one gets ERR 1142 (SQLSTATE 42000) naming the policy, written as
-//! soon as the backend has answered every earlier command (the [`ResponseMachine`] says when;
-//! client reads pause until then), so replies stay in command order. Server chunks are fed to
-//! the machine packet by packet (it is what keeps command/response pairing), journaled and
-//! forwarded unchanged.
+//! **Command phase.** Two pumps run concurrently in the connection's task, sharing the
+//! [`ResponseMachine`] behind a lock never held across an await. The client pump gates each
+//! chunk of whole packets: COM_QUERY and COM_STMT_PREPARE text goes to [`Policy::decide_sql`]
+//! with the MySQL dialect; `LOAD DATA LOCAL` and COM_CHANGE_USER are denied whatever the
+//! policies say (not offered / not supported yet); a command packet whose sequence id is not 0
+//! closes the session rather than skip policy. The chunk is cut right after the first denied
+//! packet; it is journaled with its decisions, the packets before the denied one are placed in
+//! the machine and forwarded, and the denied one's ERR 1142 (SQLSTATE 42000, naming the policy)
+//! goes to the server pump, which writes it once the machine says every earlier command is
+//! answered; the client pump reads nothing more until then, so replies keep command order. The
+//! server pump, the only writer to the client, places each packet in the machine, journals each
+//! chunk and forwards it unchanged.
 //!
 //! Memory is bounded: packets are capped at [`login::PRE_AUTH_MAX`] before the backend's OK and
 //! at `max_message_bytes` after, in both directions; a larger declared length closes the
@@ -41,13 +43,13 @@
 
 pub mod login;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use sluice_journal::{AuthInfo, Decision, NoteLevel, Principal, SessionRecorder, SessionStart};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use tracing::{Span, debug, info, warn};
 
 use super::{Routed, Shared, upstream};
@@ -183,7 +185,7 @@ pub(crate) async fn serve(
     let end = match authenticated {
         Ok(true) => {
             info!(backend = %routed.backend, "session started");
-            session.relay(stop).await
+            relay(session, stop).await
         }
         Ok(false) => {
             let _ = recorder.end("the backend refused the login");
@@ -835,163 +837,261 @@ impl Session<'_> {
             }
         }
     }
+}
 
-    /// The command phase, until one side closes, bad input, or the agent stops.
-    async fn relay(&mut self, stop: &mut broadcast::Receiver<()>) -> End {
-        let end = self.pump(stop).await;
-        // A parting error is only sent where the client waits for a reply or is idle.
-        let parting = match &end {
-            End::Shutdown if self.machine.is_idle() => Some(err(
-                0,
-                code::SHUTDOWN,
-                "sluice: the connection is closed because the agent is shutting down",
-            )),
-            // The client's packet 0 (a command) was bad: its reply is packet 1.
-            End::Malformed {
-                from: "client",
-                reason,
-            } if self.machine.is_idle() => Some(err(
-                1,
-                code::MALFORMED,
-                &format!("sluice: malformed packet from the client: {reason}"),
-            )),
-            End::Journal(_) if self.machine.is_idle() => Some(err(
-                0,
-                code::SLUICE,
-                "sluice: the journal rejected a write, so the session is closed",
-            )),
-            _ => None,
-        };
-        if let Some(bytes) = parting {
-            let _ = self.recorder.server(bytes.clone());
-            let _ = self.client.write_all(&bytes).await;
+/// The command phase, until one side closes, bad input, or the agent stops. Two pumps run
+/// concurrently in this task (so neither side waits on the other's socket buffers); they
+/// share the response machine behind a lock that is never held across an await.
+async fn relay(session: Session<'_>, stop: &mut broadcast::Receiver<()>) -> End {
+    let Session {
+        client,
+        server,
+        recorder,
+        gate,
+        machine,
+        max,
+    } = session;
+    let machine = Mutex::new(machine);
+    let (mut client_rd, mut client_wr) = tokio::io::split(client);
+    let (mut server_rd, mut server_wr) = tokio::io::split(server);
+    let (deny_tx, deny_rx) = mpsc::channel::<Bytes>(1);
+    let (sent_tx, sent_rx) = mpsc::channel::<()>(1);
+    let end = {
+        let c2s = client_pump(
+            &mut client_rd,
+            &mut server_wr,
+            Pump {
+                recorder,
+                machine: &machine,
+                max,
+            },
+            gate,
+            deny_tx,
+            sent_rx,
+        );
+        let s2c = server_pump(
+            &mut server_rd,
+            &mut client_wr,
+            Pump {
+                recorder,
+                machine: &machine,
+                max,
+            },
+            deny_rx,
+            sent_tx,
+        );
+        tokio::select! {
+            e = c2s => e,
+            e = s2c => e,
+            _ = stop.recv() => End::Shutdown,
         }
-        let _ = self.client.shutdown().await;
-        let _ = self.server.shutdown().await;
-        end
-    }
-
-    async fn pump(&mut self, stop: &mut broadcast::Receiver<()>) -> End {
-        let mut cbuf = BytesMut::with_capacity(READ_CHUNK);
-        let mut sbuf = BytesMut::with_capacity(READ_CHUNK);
-        // An ERR for a denied command, waiting for the backend to answer the earlier ones.
-        let mut pending: Option<Bytes> = None;
-        loop {
-            for buf in [&mut cbuf, &mut sbuf] {
-                if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-                    buf.reserve(READ_CHUNK);
-                }
-            }
-            // Both reads are cancel safe: read_buf only appends what it read.
-            let from_client = tokio::select! {
-                r = self.client.read_buf(&mut cbuf), if pending.is_none() => match r {
-                    Ok(0) => return End::ClientClosed,
-                    Ok(_) => true,
-                    Err(error) => return End::Io { from: "client", error },
-                },
-                r = self.server.read_buf(&mut sbuf) => match r {
-                    Ok(0) => return End::ServerClosed,
-                    Ok(_) => false,
-                    Err(error) => return End::Io { from: "server", error },
-                },
-                _ = stop.recv() => return End::Shutdown,
-            };
-            if !from_client && let Err(end) = self.server_chunk(&mut sbuf).await {
-                return end;
-            }
-            if pending.is_some()
-                && self.machine.is_idle()
-                && let Some(bytes) = pending.take()
-                && let Err(end) = self.send_own(bytes).await
-            {
-                return end;
-            }
-            // Client packets buffered while a denial waited are gated now too.
-            while pending.is_none() {
-                match self.client_chunk(&mut cbuf).await {
-                    Ok(None) => break,
-                    Ok(Some(denied)) if self.machine.is_idle() => {
-                        if let Err(end) = self.send_own(denied).await {
-                            return end;
-                        }
-                    }
-                    Ok(Some(denied)) => pending = Some(denied),
-                    Err(end) => return end,
-                }
-            }
-        }
-    }
-
-    /// Journals and writes bytes of sluice's own to the client.
-    async fn send_own(&mut self, bytes: Bytes) -> Result<(), End> {
-        self.recorder.server(bytes.clone()).map_err(End::Journal)?;
-        self.client
-            .write_all(&bytes)
-            .await
-            .map_err(|error| End::Io {
-                from: "client",
-                error,
-            })
-    }
-
-    /// Server -> client: the whole packets buffered, placed by the machine, journaled, then
-    /// forwarded unchanged.
-    async fn server_chunk(&mut self, buf: &mut BytesMut) -> Result<(), End> {
-        let malformed = |reason: String| End::Malformed {
-            from: "server",
+    };
+    // A parting error only where the client is idle (it reads it as the answer to its next
+    // command, or at once) or waits for the answer to a bad command (packet 1).
+    let idle = lock(&machine).is_idle();
+    let parting = match &end {
+        End::Shutdown if idle => Some(err(
+            0,
+            code::SHUTDOWN,
+            "sluice: the connection is closed because the agent is shutting down",
+        )),
+        End::Malformed {
+            from: "client",
             reason,
-        };
-        let whole = whole_packets(buf, self.max).map_err(|e| malformed(e.to_string()))?;
-        if whole == 0 {
-            return Ok(());
-        }
-        let chunk = buf.split_to(whole).freeze();
-        for p in packets(&chunk, self.max) {
-            let p = p.map_err(|e| malformed(e.to_string()))?;
-            self.machine
-                .server(&p.payload)
-                .map_err(|e| malformed(e.to_string()))?;
-        }
-        self.recorder.server(chunk.clone()).map_err(End::Journal)?;
-        self.client
-            .write_all(&chunk)
-            .await
-            .map_err(|error| End::Io {
-                from: "client",
-                error,
-            })
+        } if idle => Some(err(
+            1,
+            code::MALFORMED,
+            &format!("sluice: malformed packet from the client: {reason}"),
+        )),
+        End::Journal(_) if idle => Some(err(
+            0,
+            code::SLUICE,
+            "sluice: the journal rejected a write, so the session is closed",
+        )),
+        _ => None,
+    };
+    if let Some(bytes) = parting {
+        let _ = recorder.server(bytes.clone());
+        let _ = client_wr.write_all(&bytes).await;
     }
+    let _ = client_wr.shutdown().await;
+    let _ = server_wr.shutdown().await;
+    end
+}
 
-    /// Client -> server: gates the whole packets buffered (up to and including the first
-    /// denied one), journals them with their decisions, forwards what is allowed. Returns the
-    /// ERR for a denied command (the caller sends it once earlier commands are answered), or
-    /// None when no whole packet is buffered or none was denied.
-    async fn client_chunk(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, End> {
-        let gated = match gate_packets(buf, self.max, &mut self.machine, self.gate) {
-            Ok(Some(g)) => g,
-            Ok(None) => return Ok(None),
-            Err(reason) => {
-                return Err(End::Malformed {
-                    from: "client",
-                    reason,
-                });
+/// What both pumps share.
+#[derive(Clone, Copy)]
+struct Pump<'a> {
+    recorder: &'a SessionRecorder,
+    machine: &'a Mutex<ResponseMachine>,
+    max: usize,
+}
+
+fn lock(machine: &Mutex<ResponseMachine>) -> std::sync::MutexGuard<'_, ResponseMachine> {
+    // A poisoned lock means a panic elsewhere mid-update; the machine is still memory-safe.
+    machine.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reads from `from` until `buf` holds at least one whole packet; returns how many bytes of
+/// whole packets it holds. Cancel safe: what was read stays in `buf`.
+async fn read_whole<R: AsyncRead + Unpin>(
+    from: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+    side: &'static str,
+) -> Result<usize, End> {
+    loop {
+        let whole = whole_packets(buf, max).map_err(|e| End::Malformed {
+            from: side,
+            reason: e.to_string(),
+        })?;
+        if whole > 0 {
+            return Ok(whole);
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        match from.read_buf(buf).await {
+            Ok(0) if side == "client" => return Err(End::ClientClosed),
+            Ok(0) => return Err(End::ServerClosed),
+            Ok(_) => {}
+            Err(error) => return Err(End::Io { from: side, error }),
+        }
+    }
+}
+
+/// Client -> server: gates each chunk of whole packets (up to and including the first denied
+/// one), journals it with its decisions, forwards what is allowed. A denied command's ERR goes
+/// to the server pump, and this side reads nothing more until it was sent, so replies keep
+/// command order.
+async fn client_pump<R, W>(
+    from: &mut R,
+    to: &mut W,
+    p: Pump<'_>,
+    gate: Option<&Gate>,
+    deny: mpsc::Sender<Bytes>,
+    mut sent: mpsc::Receiver<()>,
+) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        if let Err(end) = read_whole(from, &mut buf, p.max, "client").await {
+            return end;
+        }
+        loop {
+            let gated = match gate_packets(&buf, p.max, &mut lock(p.machine), gate) {
+                Ok(Some(g)) => g,
+                Ok(None) => break,
+                Err(reason) => {
+                    return End::Malformed {
+                        from: "client",
+                        reason,
+                    };
+                }
+            };
+            let chunk = buf.split_to(gated.len).freeze();
+            if let Err(e) =
+                p.recorder
+                    .client_with_decisions(chunk.clone(), gated.statements, gated.decisions)
+            {
+                return End::Journal(e);
             }
-        };
-        let chunk = buf.split_to(gated.len).freeze();
-        self.recorder
-            .client_with_decisions(chunk.clone(), gated.statements, gated.decisions)
-            .map_err(End::Journal)?;
-        if gated.forward_len > 0 {
-            let forward = chunk.slice(..gated.forward_len);
-            self.server
-                .write_all(&forward)
-                .await
-                .map_err(|error| End::Io {
+            if gated.forward_len > 0
+                && let Err(error) = to.write_all(&chunk[..gated.forward_len]).await
+            {
+                return End::Io {
                     from: "server",
                     error,
-                })?;
+                };
+            }
+            if let Some(error) = gated.denied
+                && (deny.send(error).await.is_err() || sent.recv().await.is_none())
+            {
+                return End::ServerClosed;
+            }
         }
-        Ok(gated.denied)
+    }
+}
+
+/// Server -> client: the only writer to the client. Places each packet in the machine,
+/// journals each chunk, forwards it unchanged; writes a denied command's ERR once every
+/// earlier command is answered.
+async fn server_pump<R, W>(
+    from: &mut R,
+    to: &mut W,
+    p: Pump<'_>,
+    mut deny: mpsc::Receiver<Bytes>,
+    sent: mpsc::Sender<()>,
+) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut pending: Option<Bytes> = None;
+    let mut deny_open = true;
+    loop {
+        if pending.is_some() && lock(p.machine).is_idle() {
+            if let Some(bytes) = pending.take() {
+                if let Err(e) = p.recorder.server(bytes.clone()) {
+                    return End::Journal(e);
+                }
+                if let Err(error) = to.write_all(&bytes).await {
+                    return End::Io {
+                        from: "client",
+                        error,
+                    };
+                }
+                if sent.send(()).await.is_err() {
+                    return End::ClientClosed;
+                }
+            }
+            continue;
+        }
+        // Both branches are cancel safe (read_whole keeps what it read in `buf`).
+        let whole = tokio::select! {
+            d = deny.recv(), if deny_open && pending.is_none() => {
+                match d {
+                    Some(bytes) => pending = Some(bytes),
+                    None => deny_open = false,
+                }
+                continue;
+            }
+            r = read_whole(from, &mut buf, p.max, "server") => match r {
+                Ok(n) => n,
+                Err(end) => return end,
+            },
+        };
+        let chunk = buf.split_to(whole).freeze();
+        {
+            let mut machine = lock(p.machine);
+            for packet in packets(&chunk, p.max) {
+                let placed = packet.map_err(|e| e.to_string()).and_then(|pk| {
+                    machine
+                        .server(&pk.payload)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                });
+                if let Err(reason) = placed {
+                    return End::Malformed {
+                        from: "server",
+                        reason,
+                    };
+                }
+            }
+        }
+        if let Err(e) = p.recorder.server(chunk.clone()) {
+            return End::Journal(e);
+        }
+        if let Err(error) = to.write_all(&chunk).await {
+            return End::Io {
+                from: "client",
+                error,
+            };
+        }
     }
 }
 
