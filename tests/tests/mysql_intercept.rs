@@ -433,3 +433,34 @@ fn bad_input_gets_a_clear_error_and_the_agent_serves_the_next_client() {
     let sessions = s.agent.sessions().unwrap();
     assert_eq!(sessions.len(), 4, "{sessions:#?}");
 }
+
+#[test]
+fn a_denied_statement_in_a_pipeline_is_answered_in_its_place() {
+    let test = "a_denied_statement_in_a_pipeline_is_answered_in_its_place";
+    if skip(test) {
+        return;
+    }
+    let policies = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let s = setup("mysql-pipeline", |o| o.policy_dir = Some(policies));
+    let client = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("clients/mysqlraw.py");
+    let mut cmd = s.cgroup.command(Some(CLIENT_UID), "/usr/bin/python3");
+    cmd.arg(client)
+        .arg(s.db.port.to_string())
+        .args([mariadb::USER, mariadb::PASSWORD, mariadb::DATABASE])
+        .args([
+            "select sleep(0.3) as a",
+            "delete from t",
+            "select count(*) from t",
+        ]);
+    let out = run_bounded(&mut cmd, LIMIT).unwrap();
+    let lines: Vec<&str> = ok(&out).lines().collect();
+    assert_eq!(lines.len(), 3, "{}", out.stdout);
+    assert_eq!(lines[0], "ROWS [['0']]");
+    assert!(
+        lines[1]
+            .starts_with("ERR 1142 sluice: denied by policy \"no-update-or-delete-without-where\""),
+        "{}",
+        lines[1]
+    );
+    assert_eq!(lines[2], "ROWS [['3']]");
+}
