@@ -40,6 +40,8 @@ pub struct Collector {
     /// Holds the collector's directory unless it was given (`init_at`).
     pub dir: Option<tempfile::TempDir>,
     home: PathBuf,
+    /// Whether `serve` ever started (agents may have enrolled with its address since).
+    started: bool,
     pub port: u16,
     pub options: ServeOptions,
     child: Option<Child>,
@@ -63,10 +65,11 @@ impl Collector {
     }
 
     fn init_in(dir: Option<tempfile::TempDir>, home: PathBuf) -> anyhow::Result<Collector> {
-        let port = free_port();
+        let port = listen_port();
         let c = Collector {
             dir,
             home,
+            started: false,
             port,
             options: ServeOptions::default(),
             child: None,
@@ -99,13 +102,36 @@ impl Collector {
         self.home().join("store")
     }
 
-    /// Starts `serve` and waits (bounded) until it says it is ready.
+    /// Starts `serve` and waits (bounded) until it says it is ready. Its port can be taken by
+    /// another test's connection between `init` and here: before any agent enrolled (first
+    /// start) another port is chosen; later the same port is tried again (bounded).
     pub fn start(&mut self) -> anyhow::Result<()> {
+        for attempt in 0..5 {
+            match self.try_start() {
+                Err(e) if attempt < 4 && e.to_string().contains("Address already in use") => {
+                    if !self.started {
+                        self.port = listen_port();
+                    }
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                Ok(()) => {
+                    self.started = true;
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        bail!("sluice-collector could not listen after 5 attempts")
+    }
+
+    fn try_start(&mut self) -> anyhow::Result<()> {
         if self.child.is_some() {
             return Ok(());
         }
         let mut cmd = Command::new(collector_bin());
-        cmd.args(["serve", "--dir"]).arg(self.home());
+        cmd.args(["serve", "--dir"])
+            .arg(self.home())
+            .args(["--listen", &self.addr()]);
         if let Some(s) = self.options.retention_secs {
             cmd.args(["--retention-secs", &s.to_string()]);
         }
@@ -244,4 +270,27 @@ impl Drop for Collector {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A free loopback port below the kernel's ephemeral range, so that no outgoing connection of
+/// a test running alongside takes it while the collector is stopped.
+fn listen_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next().and_then(|n| n.parse::<u16>().ok()))
+        .unwrap_or(32768);
+    let (from, to) = (20_000u16, low.max(20_100));
+    let span = u64::from(to - from);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ u64::from(std::process::id()).rotate_left(17);
+    for i in 0..200u64 {
+        let port = from + ((seed.wrapping_add(i.wrapping_mul(7919))) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    free_port()
 }
