@@ -277,7 +277,11 @@ impl Drop for Collector {
 fn listen_port() -> u16 {
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
-        .and_then(|t| t.split_whitespace().next().and_then(|n| n.parse::<u16>().ok()))
+        .and_then(|t| {
+            t.split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u16>().ok())
+        })
         .unwrap_or(32768);
     let (from, to) = (20_000u16, low.max(20_100));
     let span = u64::from(to - from);
