@@ -311,11 +311,12 @@ async fn connect(mut tcp: TcpStream, routed: &Routed, shared: &Shared) -> Option
         return None;
     }
 
-    // The client's SSLRequest or HandshakeResponse (sequence id 1).
+    // The client's SSLRequest or HandshakeResponse (sequence id 1), read exactly: a client
+    // sends its TLS ClientHello right after an SSLRequest without waiting for an answer.
     let mut buf = BytesMut::with_capacity(512);
     let mut dec = Decoder::new(login::PRE_AUTH_MAX);
     dec.expect(Some(1));
-    let (mut raw, mut payload) = match read_packet(&mut tcp, &mut buf, &mut dec).await {
+    let (mut raw, mut payload) = match read_first_packet(&mut tcp, &mut dec).await {
         Ok(Some(p)) => p,
         Ok(None) => return None,
         Err(reason) => {
@@ -340,10 +341,6 @@ async fn connect(mut tcp: TcpStream, routed: &Routed, shared: &Shared) -> Option
             debug!("SSLRequest to a target without a certificate: closed");
             return None;
         };
-        if !buf.is_empty() {
-            debug!("data after the SSLRequest before the TLS handshake: closed");
-            return None;
-        }
         let tls = match tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await {
             Ok(s) => s,
             Err(e) => {
@@ -590,6 +587,40 @@ async fn read_packet<S: AsyncRead + Unpin>(
             Ok(0) | Err(_) => return Ok(None),
             Ok(_) => {}
         }
+    }
+}
+
+/// Reads exactly one packet (no byte beyond it) with the sequence id `dec` expects: its wire
+/// bytes and payload, None when the peer closed, Err with a reason when it is not a packet.
+async fn read_first_packet(
+    tcp: &mut TcpStream,
+    dec: &mut Decoder,
+) -> Result<Option<(Bytes, Vec<u8>)>, String> {
+    let mut wire = vec![0u8; HEADER_LEN];
+    if tcp.read_exact(&mut wire).await.is_err() {
+        return Ok(None);
+    }
+    let len = usize::from(wire[0]) | usize::from(wire[1]) << 8 | usize::from(wire[2]) << 16;
+    if len > login::PRE_AUTH_MAX {
+        // As the decoder says it (checking the sequence id first).
+        return Err(match dec.decode(&wire) {
+            Err(e) => e.to_string(),
+            Ok(_) => format!(
+                "packet of {len} bytes exceeds the limit of {} bytes",
+                login::PRE_AUTH_MAX
+            ),
+        });
+    }
+    wire.resize(HEADER_LEN + len, 0);
+    if tcp.read_exact(&mut wire[HEADER_LEN..]).await.is_err() {
+        return Ok(None);
+    }
+    match dec.decode(&wire).map_err(|e| e.to_string())? {
+        Some((_, p)) => {
+            let payload = p.payload.into_owned();
+            Ok(Some((Bytes::from(wire), payload)))
+        }
+        None => Err("a packet does not frame".into()),
     }
 }
 
