@@ -74,6 +74,66 @@ pub struct RunOptions {
     pub no_ebpf: bool,
 }
 
+/// Why a proxied session ended, whatever its protocol; the text goes to the journal's end
+/// event and the log.
+#[derive(Debug)]
+pub(crate) enum End {
+    ClientClosed,
+    ServerClosed,
+    ClientClosedMidMessage,
+    ServerClosedMidMessage,
+    Malformed {
+        from: &'static str,
+        reason: String,
+    },
+    Io {
+        from: &'static str,
+        error: std::io::Error,
+    },
+    Journal(sluice_journal::JournalError),
+    Shutdown,
+}
+
+impl End {
+    /// The sentence for the journal and the log; `unit` is the protocol's word for what it
+    /// frames ("message", "packet").
+    pub fn text(&self, unit: &str) -> String {
+        match self {
+            End::ClientClosed => "client closed the connection".into(),
+            End::ServerClosed => "server closed the connection".into(),
+            End::ClientClosedMidMessage => format!("client disconnected in the middle of a {unit}"),
+            End::ServerClosedMidMessage => format!("server disconnected in the middle of a {unit}"),
+            End::Malformed { from, reason } => {
+                format!("malformed {unit} from the {from}: {reason}")
+            }
+            End::Io { from, error } => format!("i/o error on the {from} connection: {error}"),
+            End::Journal(e) => format!("journal write failed: {e}"),
+            End::Shutdown => "agent shutdown".into(),
+        }
+    }
+
+    fn normal(&self) -> bool {
+        matches!(self, End::ClientClosed | End::ServerClosed | End::Shutdown)
+    }
+
+    /// Logs how the session ended, notes an abnormal end in the journal (unless the journal
+    /// is what failed), and seals the session.
+    pub fn seal(self, recorder: &sluice_journal::SessionRecorder, unit: &str) {
+        let text = self.text(unit);
+        if self.normal() {
+            info!(reason = %text, "session ended");
+        } else {
+            warn!(reason = %text, "session ended abnormally");
+            if !matches!(self, End::Journal(_)) {
+                let _ = recorder.note(sluice_journal::NoteLevel::Error, text.clone());
+            }
+        }
+        if let Err(e) = recorder.end(text) {
+            warn!(error = %e, "cannot seal the session");
+        }
+    }
+}
+
 /// What every connection task shares.
 pub(crate) struct Shared {
     pub config: crate::config::AgentConfig,

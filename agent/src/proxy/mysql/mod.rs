@@ -52,7 +52,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc};
 use tracing::{Span, debug, info, warn};
 
-use super::{Routed, Shared, upstream};
+use super::{End, Routed, Shared, upstream};
 use crate::access::Access;
 use crate::config::{ClientTls, Unparsed};
 use crate::policy::facts::Dialect;
@@ -99,42 +99,6 @@ mod code {
 /// An ERR packet with sequence id `seq`.
 fn err(seq: u8, (code, state): (u16, &str), text: &str) -> Bytes {
     packet(seq, &ErrPacket::new(code, state, text).encode()).freeze()
-}
-
-/// Why a session ended; the text goes to the journal's end event and the log.
-#[derive(Debug)]
-enum End {
-    ClientClosed,
-    ServerClosed,
-    Malformed {
-        from: &'static str,
-        reason: String,
-    },
-    Io {
-        from: &'static str,
-        error: std::io::Error,
-    },
-    Journal(sluice_journal::JournalError),
-    Shutdown,
-}
-
-impl End {
-    fn text(&self) -> String {
-        match self {
-            End::ClientClosed => "client closed the connection".into(),
-            End::ServerClosed => "server closed the connection".into(),
-            End::Malformed { from, reason } => {
-                format!("malformed packet from the {from}: {reason}")
-            }
-            End::Io { from, error } => format!("i/o error on the {from} connection: {error}"),
-            End::Journal(e) => format!("journal write failed: {e}"),
-            End::Shutdown => "agent shutdown".into(),
-        }
-    }
-
-    fn normal(&self) -> bool {
-        matches!(self, End::ClientClosed | End::ServerClosed | End::Shutdown)
-    }
 }
 
 pub(crate) async fn serve(
@@ -194,18 +158,7 @@ pub(crate) async fn serve(
         }
         Err(end) => end,
     };
-    let text = end.text();
-    if end.normal() {
-        info!(reason = %text, "session ended");
-    } else {
-        warn!(reason = %text, "session ended abnormally");
-        if !matches!(end, End::Journal(_)) {
-            let _ = recorder.note(NoteLevel::Error, text.clone());
-        }
-    }
-    if let Err(e) = recorder.end(text) {
-        warn!(error = %e, "cannot seal the session");
-    }
+    end.seal(&recorder, "packet");
 }
 
 /// A session whose client has responded to the greeting and whose response the backend has.

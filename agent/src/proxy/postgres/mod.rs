@@ -73,7 +73,7 @@ mod catalog;
 mod login;
 mod masking;
 
-use super::{Routed, Shared, upstream};
+use super::{End, Routed, Shared, upstream};
 use crate::access::{Access, HoldRequest, Outcome};
 use crate::config::{AuthMode, ClientTls, Unparsed};
 use crate::mask::rules::RuleSet;
@@ -108,42 +108,6 @@ const SYNC: &[u8] = &[b'S', 0, 0, 0, 4];
 const FASTPATH_POLICY: &str = "sluice-fastpath";
 /// The policy id of a statement strict masking denies.
 const STRICT_MASKING_POLICY: &str = "sluice-masking-strict";
-
-/// Why a session ended; the text goes to the journal's end event and the log.
-#[derive(Debug)]
-enum End {
-    ClientClosed,
-    ServerClosed,
-    ClientClosedMidMessage,
-    ServerClosedMidMessage,
-    Malformed {
-        from: &'static str,
-        reason: String,
-    },
-    Io {
-        from: &'static str,
-        error: std::io::Error,
-    },
-    Journal(sluice_journal::JournalError),
-    Shutdown,
-}
-
-impl End {
-    fn text(&self) -> String {
-        match self {
-            End::ClientClosed => "client closed the connection".into(),
-            End::ServerClosed => "server closed the connection".into(),
-            End::ClientClosedMidMessage => "client disconnected in the middle of a message".into(),
-            End::ServerClosedMidMessage => "server disconnected in the middle of a message".into(),
-            End::Malformed { from, reason } => {
-                format!("malformed message from the {from}: {reason}")
-            }
-            End::Io { from, error } => format!("i/o error on the {from} connection: {error}"),
-            End::Journal(e) => format!("journal write failed: {e}"),
-            End::Shutdown => "agent shutdown".into(),
-        }
-    }
-}
 
 pub(crate) async fn serve(
     tcp: TcpStream,
@@ -480,22 +444,7 @@ pub(crate) async fn serve(
     )
     .await;
     drop(registration);
-    let text = end.text();
-    match &end {
-        End::ClientClosed | End::ServerClosed | End::Shutdown => {
-            info!(reason = %text, "session ended")
-        }
-        _ => warn!(reason = %text, "session ended abnormally"),
-    }
-    if !matches!(
-        end,
-        End::ClientClosed | End::ServerClosed | End::Shutdown | End::Journal(_)
-    ) {
-        let _ = recorder.note(NoteLevel::Error, text.clone());
-    }
-    if let Err(e) = recorder.end(text) {
-        warn!(error = %e, "cannot seal the session");
-    }
+    end.seal(&recorder, "message");
 }
 
 fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
