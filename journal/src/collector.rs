@@ -3,7 +3,6 @@
 //!
 //! ```text
 //! "integrity"  session id -> postcard(Integrity): the agent, the chain's tip, what was flagged
-//! "meta"       the collector's own records (agents, tokens, audit), opaque here
 //! ```
 //! Ingest recomputes each session's chain from the previous tip: an event extends the chain only
 //! when its seq is the next one; its hash is recorded with it. A checkpoint counts only when it
@@ -15,15 +14,15 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use rocksdb::{IteratorMode, WriteBatch};
+use rocksdb::WriteBatch;
 use serde::{Deserialize, Serialize};
 
 use crate::chain::{genesis, link, verify_checkpoint};
 use crate::model::{SessionId, SessionSummary};
 use crate::ship::{IngestReport, SessionAck, ShipBatch, ShipSession};
 use crate::store::{
-    CF_CHECKPOINTS, CF_EVENTS, CF_HASHES, CF_INTEGRITY, CF_META, Core, JournalError, decode,
-    encode, event_key,
+    CF_CHECKPOINTS, CF_EVENTS, CF_HASHES, CF_INTEGRITY, Core, JournalError, decode, encode,
+    event_key,
 };
 
 /// The collector's verdict on one session, kept up to date by ingest.
@@ -73,9 +72,6 @@ pub(crate) fn integrity(
         .map(|v| decode(&v, || format!("integrity of {session}")))
         .transpose()
 }
-
-/// A collector record: key and value.
-pub type MetaRecord = (Vec<u8>, Vec<u8>);
 
 /// The collector's store. One process writes it; readers open it with [`crate::Reader`].
 pub struct Store {
@@ -307,49 +303,6 @@ impl Store {
             }
         }
         Ok(purged)
-    }
-
-    pub fn meta_put(&self, key: &[u8], value: &[u8]) -> Result<(), JournalError> {
-        self.core
-            .db
-            .put_cf_opt(self.core.cf(CF_META)?, key, value, &Store::synced())
-            .map_err(|source| JournalError::WriteOther {
-                what: "a collector record".into(),
-                source,
-            })
-    }
-
-    pub fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, JournalError> {
-        self.core
-            .db
-            .get_cf(self.core.cf(CF_META)?, key)
-            .map_err(|source| JournalError::Read { source })
-    }
-
-    pub fn meta_delete(&self, key: &[u8]) -> Result<(), JournalError> {
-        self.core
-            .db
-            .delete_cf_opt(self.core.cf(CF_META)?, key, &Store::synced())
-            .map_err(|source| JournalError::WriteOther {
-                what: "a collector record".into(),
-                source,
-            })
-    }
-
-    /// The collector's records whose key starts with `prefix`, in key order.
-    pub fn meta_scan(&self, prefix: &[u8]) -> Result<Vec<MetaRecord>, JournalError> {
-        let mut out = Vec::new();
-        for item in self.core.db.iterator_cf(
-            self.core.cf(CF_META)?,
-            IteratorMode::From(prefix, rocksdb::Direction::Forward),
-        ) {
-            let (key, value) = item.map_err(|source| JournalError::Read { source })?;
-            if !key.starts_with(prefix) {
-                break;
-            }
-            out.push((key.to_vec(), value.to_vec()));
-        }
-        Ok(out)
     }
 }
 
@@ -751,7 +704,5 @@ mod tests {
         assert_eq!(purged.iter().map(|s| s.id).collect::<Vec<_>>(), vec![old]);
         let left: Vec<SessionId> = f.store.sessions().unwrap().iter().map(|s| s.0.id).collect();
         assert_eq!(left, vec![young]);
-        f.store.meta_put(b"audit/1", b"x").unwrap();
-        assert_eq!(f.store.meta_scan(b"audit/").unwrap().len(), 1);
     }
 }

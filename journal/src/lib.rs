@@ -14,7 +14,6 @@
 //! "hashes"       session id (16 B) ++ seq (u64 BE)     the chain hash after that event (32 B)
 //! "shipped"      session id (16 B)                     next unacknowledged seq (u64 BE), agent only
 //! "integrity"    session id (16 B)                     FORMAT ++ postcard(Integrity), collector only
-//! "meta"         the collector's own records           opaque
 //! ```
 //! With a data key, values of `events`, `sessions` and `requests` are sealed (AES-256-GCM, see
 //! [`seal`]); everything the chain hashes is the plain value.
@@ -40,7 +39,7 @@ pub mod seal;
 mod ship;
 mod store;
 
-pub use collector::{Integrity, MetaRecord, Store};
+pub use collector::{Integrity, Store};
 pub use keyfile::KeyError;
 pub use model::{
     AccessRequest, AuthInfo, Body, Decision, Direction, Event, MaskFiring, MaskReport, NoteLevel,

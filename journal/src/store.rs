@@ -40,9 +40,7 @@ pub(crate) const CF_HASHES: &str = "hashes";
 pub(crate) const CF_SHIPPED: &str = "shipped";
 /// The collector's ingest verdict per session.
 pub(crate) const CF_INTEGRITY: &str = "integrity";
-/// The collector's own records (agents, tokens, audit).
-pub(crate) const CF_META: &str = "meta";
-const FAMILIES: [&str; 8] = [
+const FAMILIES: [&str; 7] = [
     CF_EVENTS,
     CF_SESSIONS,
     CF_REQUESTS,
@@ -50,7 +48,6 @@ const FAMILIES: [&str; 8] = [
     CF_HASHES,
     CF_SHIPPED,
     CF_INTEGRITY,
-    CF_META,
 ];
 /// First byte of every plain stored value: the value format. Bump it when the encoding changes.
 pub(crate) const FORMAT: u8 = 1;
