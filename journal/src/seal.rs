@@ -127,33 +127,35 @@ impl Sealer {
     pub fn seal(&self, family: &str, key: &[u8], plain: &[u8]) -> Option<Vec<u8>> {
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).ok()?;
-        let mut inner = Vec::with_capacity(plain.len() + 16 + 5);
+        // One buffer: header, then the inner value encrypted in place, then the tag.
+        let header = 1 + NONCE_LEN;
+        let mut out = Vec::with_capacity(header + 5 + plain.len() + AES_256_GCM.tag_len());
+        out.push(SEALED);
+        out.extend_from_slice(&nonce);
         let compressed = match self.compress && plain.len() >= COMPRESS_FROM {
             true => Some(lz4_flex::block::compress(plain)).filter(|c| c.len() + 4 < plain.len()),
             false => None,
         };
         match compressed {
             Some(c) => {
-                inner.push(LZ4);
-                inner.extend_from_slice(&u32::try_from(plain.len()).ok()?.to_le_bytes());
-                inner.extend_from_slice(&c);
+                out.push(LZ4);
+                out.extend_from_slice(&u32::try_from(plain.len()).ok()?.to_le_bytes());
+                out.extend_from_slice(&c);
             }
             None => {
-                inner.push(RAW);
-                inner.extend_from_slice(plain);
+                out.push(RAW);
+                out.extend_from_slice(plain);
             }
         }
-        self.key
-            .seal_in_place_append_tag(
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(aad(family, key)),
-                &mut inner,
+                &mut out[header..],
             )
             .ok()?;
-        let mut out = Vec::with_capacity(1 + NONCE_LEN + inner.len());
-        out.push(SEALED);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&inner);
+        out.extend_from_slice(tag.as_ref());
         Some(out)
     }
 
