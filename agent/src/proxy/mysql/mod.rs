@@ -198,39 +198,27 @@ async fn connect(mut tcp: TcpStream, routed: &Routed, shared: &Shared) -> Option
         .await;
         return None;
     }
-    let unreachable = |e: &dyn std::fmt::Display| {
-        format!(
-            "sluice: cannot reach target \"{}\" at {}: {e}",
-            routed.target.name, routed.backend
+    // The backend's greeting first: its capabilities are what the client is offered.
+    let backend = async {
+        let mut server = upstream::dial(
+            routed.backend,
+            shared.config.upstream_mark,
+            shared.config.connect_timeout(),
         )
+        .await
+        .map_err(|e| e.to_string())?;
+        let greeting = login::read_greeting(&mut server)
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
+        Ok::<_, String>((server, greeting))
     };
-    let mut server = match upstream::dial(
-        routed.backend,
-        shared.config.upstream_mark,
-        shared.config.connect_timeout(),
-    )
-    .await
-    {
-        Ok(s) => s,
+    let (server, greeting) = match backend.await {
+        Ok(x) => x,
         Err(e) => {
-            let text = unreachable(&e);
-            refuse(
-                Stream::Plain(tcp),
-                0,
-                code::SLUICE,
-                &text,
-                shared,
-                routed,
-                Vec::new(),
-            )
-            .await;
-            return None;
-        }
-    };
-    let greeting = match login::read_greeting(&mut server).await {
-        Ok(g) => g,
-        Err(e) => {
-            let text = unreachable(&crate::error_chain(&e));
+            let text = format!(
+                "sluice: cannot reach target \"{}\" at {}: {e}",
+                routed.target.name, routed.backend
+            );
             refuse(
                 Stream::Plain(tcp),
                 0,
