@@ -337,7 +337,7 @@ pub struct AgentConfig {
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Postgres,
-    /// MySQL and MariaDB (issue 6: passthrough authentication, policy and recording so far).
+    /// MySQL and MariaDB.
     Mysql,
 }
 
@@ -611,21 +611,6 @@ impl Config {
                     "[[target.role]] entries only apply with `auth = \"sluice\"`".into(),
                 ));
             }
-            if t.protocol == Protocol::Mysql {
-                // Refused here rather than ignored: what is not wired yet must not look as if
-                // it were in force.
-                if t.auth != AuthMode::Passthrough {
-                    return Err(invalid(
-                        "`auth = \"sluice\"` is not supported for MySQL targets yet (use \"passthrough\")".into(),
-                    ));
-                }
-                if t.backend_tls != crate::tls::BackendTls::Disable {
-                    return Err(invalid(
-                        "`backend_tls` is not supported for MySQL targets yet (use \"disable\")"
-                            .into(),
-                    ));
-                }
-            }
             let roles = t
                 .roles
                 .iter()
@@ -854,24 +839,21 @@ mod tests {
     }
 
     #[test]
-    fn mysql_targets_load_and_refuse_what_is_not_wired_yet() {
+    fn mysql_targets_load_with_sluice_auth_and_backend_tls() {
         let base = "[agent]\n[[target]]\nname='m'\nprotocol='mysql'\nmatch='127.0.0.1:3306'\n";
         let c: Config = toml::from_str(base).unwrap();
         let t = c.targets().unwrap();
         assert_eq!(t[0].protocol, Protocol::Mysql);
         assert_eq!(t[0].protocol.as_str(), "mysql");
-        let err = |extra: &str| {
-            toml::from_str::<Config>(&format!("{base}{extra}"))
-                .unwrap()
-                .targets()
-                .unwrap_err()
-                .to_string()
-        };
-        assert!(err("backend_tls='require'\n").contains("not supported for MySQL targets"));
-        assert!(
-            err("auth='sluice'\n[[target.role]]\nname='r'\npassword_env='X'\nallow=['*']\n")
-                .contains("not supported for MySQL targets")
-        );
+        // PATH: a variable every test process has (its value does not matter here).
+        let c: Config = toml::from_str(&format!(
+            "{base}auth='sluice'\nbackend_tls='require'\n[[target.role]]\nname='r'\npassword_env='PATH'\nallow=['*']\n"
+        ))
+        .unwrap();
+        let t = c.targets().unwrap();
+        assert_eq!(t[0].auth, AuthMode::Sluice);
+        assert!(t[0].backend_tls.is_some());
+        assert_eq!(t[0].roles[0].user, "r");
     }
 
     #[test]

@@ -22,6 +22,8 @@ use serde_json::{Value, json};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bound on each wait of [`sluice_login`].
+const LOGIN_LIMIT: Duration = Duration::from_secs(60);
 
 pub fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("oidc")
@@ -283,4 +285,53 @@ impl Drop for Provider {
 pub fn shared() -> &'static Provider {
     static SHARED: OnceLock<Provider> = OnceLock::new();
     SHARED.get_or_init(|| Provider::start(&[]))
+}
+
+/// Runs `sluice login` as [`crate::CLIENT_UID`] against `agent`'s control socket and completes
+/// the device flow for `account` (bounded waits); returns what it printed.
+pub fn sluice_login(agent: &crate::Agent, idp: &Provider, account: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("login.out");
+    let mut login = Command::new("setpriv")
+        .args([
+            &format!("--reuid={}", crate::CLIENT_UID),
+            &format!("--regid={}", crate::CLIENT_UID),
+            "--clear-groups",
+            "--",
+        ])
+        .arg(crate::sluice_bin())
+        .env("HOME", "/nonexistent")
+        .args(["login", "--socket"])
+        .arg(&agent.socket)
+        .stdout(std::fs::File::create(&out_file).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("login.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + LOGIN_LIMIT;
+    let code = loop {
+        let text = std::fs::read_to_string(&out_file).unwrap_or_default();
+        if let Some(rest) = text.split("enter the code ").nth(1)
+            && let Some(code) = rest.split_whitespace().next()
+        {
+            break code.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no user code from sluice login: {text}\n{}",
+            std::fs::read_to_string(dir.path().join("login.err")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    idp.approve_device(&code, account);
+    let deadline = Instant::now() + LOGIN_LIMIT;
+    let status = loop {
+        if let Some(st) = login.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "sluice login did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = std::fs::read_to_string(&out_file).unwrap();
+    assert!(status.success(), "{text}");
+    text
 }

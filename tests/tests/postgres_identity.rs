@@ -338,53 +338,9 @@ fn bad_tokens_wrong_roles_and_plaintext_are_refused_clearly_and_journaled() {
     assert!(!out.status.success());
 }
 
-/// Runs `sluice login` as CLIENT_UID and completes the device flow for `account`; returns
-/// what it printed.
+/// Runs `sluice login` as CLIENT_UID and completes the device flow for `account`.
 fn login_as(s: &Setup, account: &str) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let out_file = dir.path().join("login.out");
-    let mut login = Command::new("setpriv")
-        .args([
-            &format!("--reuid={CLIENT_UID}"),
-            &format!("--regid={CLIENT_UID}"),
-            "--clear-groups",
-            "--",
-        ])
-        .arg(sluice_tests::sluice_bin())
-        .env("HOME", "/nonexistent")
-        .args(["login", "--socket"])
-        .arg(&s.agent.socket)
-        .stdout(std::fs::File::create(&out_file).unwrap())
-        .stderr(std::fs::File::create(dir.path().join("login.err")).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + LIMIT;
-    let code = loop {
-        let text = std::fs::read_to_string(&out_file).unwrap_or_default();
-        if let Some(rest) = text.split("enter the code ").nth(1)
-            && let Some(code) = rest.split_whitespace().next()
-        {
-            break code.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no user code from sluice login: {text}\n{}",
-            std::fs::read_to_string(dir.path().join("login.err")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    s.idp.approve_device(&code, account);
-    let deadline = Instant::now() + LIMIT;
-    let status = loop {
-        if let Some(st) = login.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "sluice login did not finish");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let text = std::fs::read_to_string(&out_file).unwrap();
-    assert!(status.success(), "{text}");
-    text
+    oidc::sluice_login(&s.agent, s.idp, account)
 }
 
 #[test]

@@ -16,6 +16,7 @@
 //! This module never parses protocol bytes: that is `postgres/` and `mysql/`, one module per
 //! protocol, on top of `protocol::`.
 
+mod identify;
 pub mod mysql;
 mod postgres;
 mod upstream;

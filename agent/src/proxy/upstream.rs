@@ -30,3 +30,30 @@ pub(crate) async fn dial(
     stream.set_nodelay(true)?;
     Ok(stream)
 }
+
+/// Runs the TLS handshake toward `target`'s backend on `tcp` (the protocol's own "start TLS"
+/// exchange done), verifying per `backend_tls` against `backend_server_name` or else the
+/// backend's IP address. Errors say what failed, for the caller's refusal text.
+pub(crate) async fn tls(
+    tcp: TcpStream,
+    target: &crate::config::Target,
+    backend: SocketAddr,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> Result<crate::tls::Stream, String> {
+    let name = match &target.backend_server_name {
+        Some(n) => rustls::pki_types::ServerName::try_from(n.clone())
+            .map_err(|e| format!("bad backend_server_name {n:?}: {e}"))?,
+        None => rustls::pki_types::ServerName::IpAddress(backend.ip().into()),
+    };
+    let stream = tokio::time::timeout(
+        timeout,
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| "TLS handshake timed out".to_string())?
+    .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    Ok(crate::tls::Stream::Tls(Box::new(
+        tokio_rustls::TlsStream::Client(stream),
+    )))
+}

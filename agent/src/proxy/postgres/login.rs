@@ -2,16 +2,10 @@
 //! role's credentials that only the agent holds. The client never sees a backend credential or
 //! any backend authentication message, and the journal never holds one either.
 //!
-//! Who is connecting, in this order:
-//! 1. a uid bound by `sluice login` (the connect()'s uid from the eBPF record): no password;
-//! 2. a workload identity (`[[identity]]` by uid or cgroup): no password;
-//! 3. otherwise an OIDC token as the password (AuthenticationCleartextPassword), accepted only
-//!    over TLS or from this host (every intercepted connection is local).
-//!
-//! Anything else is refused with FATAL 28000 (no identity) or 28P01 (a bad token) and a
-//! sentence saying what to do. Then the requested role (the startup message's `user`) is
-//! checked against the target's `[[target.role]]` list, and [`backend_login`] runs the
-//! backend's authentication (SCRAM-SHA-256, MD5 or cleartext) and collects its greeting
+//! Who is connecting (login binding, workload identity, or an OIDC token as the password) and
+//! which role they may use is decided by [`super::super::identify`], shared with MySQL; this
+//! module asks for the token with AuthenticationCleartextPassword, and [`backend_login`] runs
+//! the backend's authentication (SCRAM-SHA-256, MD5 or cleartext) and collects its greeting
 //! (ParameterStatus, BackendKeyData, ReadyForQuery), which the caller passes on with sluice's
 //! own key in place of the backend's.
 //!
@@ -20,11 +14,11 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use sluice_journal::{Principal, ProcessInfo};
+use sluice_journal::ProcessInfo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::PRE_AUTH_MAX;
-use crate::config::{Role, Target};
+use crate::config::Role;
 use crate::protocol::postgres::auth::{
     self, SCRAM_SHA_256, ScramClient, authentication_cleartext, md5_password_message,
     password_message, startup_message,
@@ -35,31 +29,8 @@ use crate::protocol::postgres::frame::{HEADER_LEN, message_len};
 /// Most backend messages read before the backend's first ReadyForQuery.
 const MAX_GREETING_MESSAGES: usize = 256;
 
-/// How the client was identified.
-#[derive(Debug, Clone)]
-pub(crate) struct Who {
-    pub principal: Principal,
-    /// "login", "workload" or "token".
-    pub method: &'static str,
-    /// When the identity's token expires (ns since the epoch), if it came from one.
-    pub expires_ns: Option<u64>,
-}
-
-/// A refusal: the SQLSTATE and the sentence the client gets (also journaled).
-#[derive(Debug, Clone)]
-pub(crate) struct Refusal {
-    pub code: &'static str,
-    pub message: String,
-}
-
-impl Refusal {
-    fn new(code: &'static str, message: impl Into<String>) -> Refusal {
-        Refusal {
-            code,
-            message: message.into(),
-        }
-    }
-}
+use super::super::identify;
+pub(crate) use super::super::identify::{Refusal, Who, choose_role};
 
 /// Identifies the client: login binding, workload identity, or a token it sends as password.
 /// Returns also the client's (emptied) password message when one was read, for the journal.
@@ -70,43 +41,15 @@ pub(crate) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     shared: &super::super::Shared,
     timeout: Duration,
 ) -> Result<(Who, Option<Bytes>), Refusal> {
-    if let Some(p) = process {
-        if let Some(v) = shared.identity.login_for_uid(p.uid) {
-            return Ok((
-                Who {
-                    principal: v.principal,
-                    method: "login",
-                    expires_ns: Some(v.expires_ns),
-                },
-                None,
-            ));
-        }
-        if let Some(principal) = crate::policy::principal::matching(&shared.identities, p) {
-            return Ok((
-                Who {
-                    principal,
-                    method: "workload",
-                    expires_ns: None,
-                },
-                None,
-            ));
-        }
+    if let Some(who) = identify::without_password(shared, process) {
+        return Ok((who, None));
     }
-    if !shared.identity.accepts_tokens() {
-        return Err(Refusal::new(
-            "28000",
-            format!(
-                "sluice: no identity for {}: run `sluice login` on this host first",
-                who_text(process)
-            ),
-        ));
-    }
-    if !local_or_tls {
-        return Err(Refusal::new(
-            "28000",
-            "sluice: send your token only over TLS: connect with sslmode=require",
-        ));
-    }
+    identify::may_send_token(
+        shared,
+        process,
+        local_or_tls,
+        "connect with sslmode=require",
+    )?;
     client
         .write_all(&authentication_cleartext())
         .await
@@ -116,36 +59,9 @@ pub(crate) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         .map_err(|_| {
             Refusal::new("28000", "sluice: no password (token) within the time limit")
         })??;
-    if token.is_empty() {
-        return Err(Refusal::new(
-            "28000",
-            format!(
-                "sluice: no identity for {}: run `sluice login`, or give an OIDC token as the password",
-                who_text(process)
-            ),
-        ));
-    }
-    let identity = shared.identity.clone();
-    let verified = tokio::task::spawn_blocking(move || identity.verify_token(&token))
-        .await
-        .map_err(|_| Refusal::new("28P01", "sluice: token check failed"))?
-        .map_err(|e| Refusal::new("28P01", format!("sluice: {e}")))?;
-    Ok((
-        Who {
-            principal: verified.principal,
-            method: "token",
-            expires_ns: Some(verified.expires_ns),
-        },
-        // The journal's copy of the password message: emptied.
-        Some(Bytes::from_static(&[b'p', 0, 0, 0, 4])),
-    ))
-}
-
-fn who_text(process: Option<&ProcessInfo>) -> String {
-    match process {
-        Some(p) => format!("uid {} ({})", p.uid, p.comm),
-        None => "this connection".into(),
-    }
+    let who = identify::verify_token(shared, process, token).await?;
+    // The journal's copy of the password message: emptied.
+    Ok((who, Some(Bytes::from_static(&[b'p', 0, 0, 0, 4]))))
 }
 
 /// Reads one PasswordMessage ('p') and returns its text.
@@ -204,53 +120,6 @@ pub(crate) async fn read_message<R: AsyncRead + Unpin>(
             Err(e) => return Err(ReadError::Io(e)),
         }
     }
-}
-
-/// The role the client asked for, if `who` may use it on `target`.
-pub(crate) fn choose_role<'t>(
-    target: &'t Target,
-    requested: Option<&str>,
-    who: &Who,
-) -> Result<&'t Role, Refusal> {
-    let Some(requested) = requested.filter(|r| !r.is_empty()) else {
-        return Err(Refusal::new(
-            "28000",
-            "sluice: the startup message names no database role (user)",
-        ));
-    };
-    let names: Vec<&str> = target.roles.iter().map(|r| r.name.as_str()).collect();
-    let Some(role) = target.roles.iter().find(|r| r.name == requested) else {
-        return Err(Refusal::new(
-            "28000",
-            format!(
-                "sluice: target \"{}\" has no role \"{requested}\" (its roles: {})",
-                target.name,
-                names.join(", ")
-            ),
-        ));
-    };
-    if !role.allows(&who.principal.name, &who.principal.groups) {
-        let usable: Vec<&str> = target
-            .roles
-            .iter()
-            .filter(|r| r.allows(&who.principal.name, &who.principal.groups))
-            .map(|r| r.name.as_str())
-            .collect();
-        return Err(Refusal::new(
-            "28000",
-            format!(
-                "sluice: {} may not use role \"{requested}\" on target \"{}\" (roles you may use: {})",
-                who.principal.name,
-                target.name,
-                if usable.is_empty() {
-                    "none".to_string()
-                } else {
-                    usable.join(", ")
-                }
-            ),
-        ));
-    }
-    Ok(role)
 }
 
 /// What the backend said after a successful login.

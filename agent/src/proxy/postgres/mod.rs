@@ -525,21 +525,9 @@ pub(crate) async fn dial(
             &"the backend does not accept TLS, and the target's backend_tls requires it",
         ));
     }
-    let name = match &target.backend_server_name {
-        Some(n) => rustls::pki_types::ServerName::try_from(n.clone())
-            .map_err(|e| unreachable(&format!("bad backend_server_name {n:?}: {e}")))?,
-        None => rustls::pki_types::ServerName::IpAddress(backend.ip().into()),
-    };
-    let stream = tokio::time::timeout(
-        timeout,
-        tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp),
-    )
-    .await
-    .map_err(|_| unreachable(&"TLS handshake timed out"))?
-    .map_err(|e| unreachable(&format!("TLS handshake failed: {e}")))?;
-    Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(
-        stream,
-    ))))
+    upstream::tls(tcp, target, backend, tls.clone(), timeout)
+        .await
+        .map_err(|e| unreachable(&e))
 }
 
 /// Refuses a session before it started: the client gets FATAL `code` with `text`, and the
