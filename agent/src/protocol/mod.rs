@@ -32,7 +32,13 @@ pub enum Item {
     /// The command completion tag: `"SELECT 3"`, `"INSERT 0 1"`, ...
     Complete { tag: String },
     /// An error reported by the server (SQLSTATE code), or by sluice itself (code `"sluice"`).
-    Error { code: String, message: String },
+    Error {
+        code: String,
+        message: String,
+        /// The protocol's own error number, where it has one (MySQL: 1146).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        number: Option<u16>,
+    },
     /// A notice or warning reported by the server.
     Notice { code: String, message: String },
     /// An asynchronous notification (PostgreSQL LISTEN/NOTIFY).

@@ -201,8 +201,12 @@ pub fn export_session(
                 }
                 Item::Row(values) => json!({ "kind": "row", "columns": columns, "values": values }),
                 Item::Complete { tag } => json!({ "kind": "complete", "tag": tag }),
-                Item::Error { code, message } => {
-                    json!({ "kind": "error", "code": code, "message": message })
+                Item::Error {
+                    code,
+                    message,
+                    number,
+                } => {
+                    json!({ "kind": "error", "code": code, "number": number, "message": message })
                 }
                 Item::Notice { code, message } => {
                     json!({ "kind": "notice", "code": code, "message": message })

@@ -254,9 +254,18 @@ pub fn replay_with(
                     }
                     writeln!(out, "{line}")?;
                 }
-                Item::Error { code, message } => {
+                Item::Error {
+                    code,
+                    message,
+                    number,
+                } => {
                     flush(&mut table, out)?;
-                    writeln!(out, "{}  ! ERROR {code}: {message}", clock(event.ts_ns))?;
+                    let number = number.map(|n| format!(" ({n})")).unwrap_or_default();
+                    writeln!(
+                        out,
+                        "{}  ! ERROR {code}{number}: {message}",
+                        clock(event.ts_ns)
+                    )?;
                 }
                 Item::Notice { code, message } => {
                     writeln!(out, "{}  ~ NOTICE {code}: {message}", clock(event.ts_ns))?

@@ -157,7 +157,8 @@ fn the_cli_session_transcribes_to_its_statements_and_results() {
     assert!(
         find(&Item::Error {
             code: "42S02".into(),
-            message: "Table 'shop.nope' doesn't exist".into()
+            message: "Table 'shop.nope' doesn't exist".into(),
+            number: Some(1146),
         })
         .is_some()
     );

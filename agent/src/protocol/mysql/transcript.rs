@@ -240,6 +240,7 @@ impl Transcriber {
                     out.push(Item::Error {
                         code: e.sql_state,
                         message: e.message,
+                        number: Some(e.code),
                     });
                     return Ok(());
                 }
@@ -251,6 +252,7 @@ impl Transcriber {
                     out.push(Item::Error {
                         code: e.sql_state,
                         message: e.message,
+                        number: Some(e.code),
                     });
                 }
                 return Ok(());
@@ -263,6 +265,7 @@ impl Transcriber {
                     AuthReply::Err(e) => out.push(Item::Error {
                         code: e.sql_state,
                         message: e.message,
+                        number: Some(e.code),
                     }),
                     AuthReply::Switch(_) | AuthReply::MoreData(_) => {}
                 }
@@ -332,6 +335,7 @@ impl Transcriber {
                 out.push(Item::Error {
                     code: e.sql_state,
                     message: e.message,
+                    number: Some(e.code),
                 });
             }
             Event::PrepareOk { stmt_id, .. } => {
@@ -372,6 +376,7 @@ fn undecodable(direction: &str, error: &str) -> Item {
     Item::Error {
         code: "sluice".to_owned(),
         message: format!("undecodable {direction} packet: {error}"),
+        number: None,
     }
 }
 
@@ -523,7 +528,8 @@ mod tests {
             )])),
             vec![Item::Error {
                 code: "42S02".into(),
-                message: "Table 'shop.nope' doesn't exist".into()
+                message: "Table 'shop.nope' doesn't exist".into(),
+                number: Some(1146),
             }]
         );
         assert_eq!(
@@ -559,7 +565,8 @@ mod tests {
             t.server(&chunk(&[(2, &e.encode())])),
             vec![Item::Error {
                 code: "28000".into(),
-                message: "Access denied for user 'app'@'localhost'".into()
+                message: "Access denied for user 'app'@'localhost'".into(),
+                number: Some(1045),
             }]
         );
     }

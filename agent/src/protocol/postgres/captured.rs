@@ -248,6 +248,7 @@ fn a_simple_query_session_transcribes_to_statements_results_errors_notices_and_n
         Item::Error {
             code: "42P01".into(),
             message: "relation \"nonexistent_table\" does not exist".into(),
+            number: None,
         },
         stmt("do $$ begin raise notice 'hello notice'; end $$;", &[]),
         Item::Notice {
@@ -362,6 +363,7 @@ fn binary_results_of_known_types_are_decoded_and_others_shown_as_hex() {
         Item::Error {
             code: "22012".into(),
             message: "division by zero".into(),
+            number: None,
         },
     ];
     assert_eq!(items, want);
@@ -391,7 +393,7 @@ fn malformed_chunks_become_sluice_errors_not_panics() {
     ] {
         let items = t.client(bad);
         assert!(
-            matches!(&items[..], [Item::Error { code, message }] if code == "sluice" && message.starts_with("undecodable client message")),
+            matches!(&items[..], [Item::Error { code, message, .. }] if code == "sluice" && message.starts_with("undecodable client message")),
             "{bad:?}: {items:?}"
         );
     }

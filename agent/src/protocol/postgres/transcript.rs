@@ -320,6 +320,7 @@ impl Transcriber {
                 out.push(Item::Error {
                     code: d.sqlstate().unwrap_or("").to_owned(),
                     message: d.message().unwrap_or("").to_owned(),
+                    number: None,
                 });
                 // The server skips everything up to the next Sync.
                 while let Some(p) = self.pending.front() {
@@ -462,6 +463,7 @@ fn undecodable(direction: &str, error: &str) -> Item {
     Item::Error {
         code: "sluice".to_owned(),
         message: format!("undecodable {direction} message: {error}"),
+        number: None,
     }
 }
 
