@@ -29,11 +29,10 @@ pub const REQUEST_PUBLIC_KEY: u8 = 0x02;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     #[error(
-        "the backend asks for caching_sha2_password full authentication without TLS, which needs \
-         RSA-OAEP encryption sluice does not have; set backend_tls = \"require\" for this target \
-         (or have the account's password cached by one TLS login)"
+        "caching_sha2_password full authentication without TLS: the server's RSA key is unusable \
+         ({0}); set backend_tls = \"require\" for this target"
     )]
-    FullAuthNeedsTls,
+    RsaKey(#[source] super::rsa::RsaError),
     #[error("the backend asks for the unsupported auth plugin {0:?}")]
     UnsupportedPlugin(String),
     #[error("the backend sent unexpected {plugin} data: {what}")]
@@ -118,23 +117,38 @@ pub fn auth_response(
 pub enum Sha2Step {
     /// Fast auth succeeded: wait for the OK.
     AwaitOk,
-    /// Full auth over TLS: send this (the password, NUL-terminated) and wait for OK/ERR.
+    /// Send this and read the next packet: over TLS the password, NUL-terminated; without TLS
+    /// first a request for the server's public key, then the password encrypted with it.
     Send(Vec<u8>),
 }
 
 /// The client's next step after a caching_sha2_password AuthMoreData `data` (without the 0x01
-/// header). Full authentication sends the password only over TLS; without TLS it needs the
-/// server's RSA key and OAEP, which sluice refuses with an error naming the fix.
+/// header), `nonce` being the plugin's data. Full authentication sends the password in clear
+/// only over TLS; without TLS it asks for the server's RSA public key and sends
+/// `(password + NUL) XOR nonce` encrypted with RSA-OAEP (as MySQL's own clients do).
 pub fn caching_sha2_more_data(
     data: &[u8],
     password: &[u8],
+    nonce: &[u8],
     tls: bool,
 ) -> Result<Sha2Step, AuthError> {
     match data {
         [FAST_AUTH_SUCCESS] => Ok(Sha2Step::AwaitOk),
         [PERFORM_FULL_AUTH] if tls => Ok(Sha2Step::Send(clear_password(password))),
-        [PERFORM_FULL_AUTH] => Err(AuthError::FullAuthNeedsTls),
-        d if d.starts_with(b"-----BEGIN") => Err(AuthError::FullAuthNeedsTls),
+        [PERFORM_FULL_AUTH] => Ok(Sha2Step::Send(vec![REQUEST_PUBLIC_KEY])),
+        d if d.starts_with(b"-----BEGIN") => {
+            let key = super::rsa::PublicKey::from_pem(d).map_err(AuthError::RsaKey)?;
+            let nonce = nonce20(nonce);
+            let mut message = clear_password(password);
+            if !nonce.is_empty() {
+                for (i, b) in message.iter_mut().enumerate() {
+                    *b ^= nonce[i % nonce.len()];
+                }
+            }
+            key.encrypt_oaep_sha1(&message)
+                .map(Sha2Step::Send)
+                .map_err(AuthError::RsaKey)
+        }
         _ => Err(AuthError::Unexpected {
             plugin: CACHING_SHA2_PASSWORD,
             what: "AuthMoreData that is neither 0x03 nor 0x04",
@@ -220,24 +234,30 @@ mod tests {
     }
 
     #[test]
-    fn caching_sha2_fast_auth_waits_and_full_auth_needs_tls() {
+    fn caching_sha2_fast_auth_waits_and_full_auth_asks_for_the_key_without_tls() {
+        let nonce = b"abcdefghijklmnopqrst";
         assert_eq!(
-            caching_sha2_more_data(&[3], b"pw", false),
+            caching_sha2_more_data(&[3], b"pw", nonce, false),
             Ok(Sha2Step::AwaitOk)
         );
         assert_eq!(
-            caching_sha2_more_data(&[4], b"pw", true),
+            caching_sha2_more_data(&[4], b"pw", nonce, true),
             Ok(Sha2Step::Send(b"pw\0".to_vec()))
         );
-        let e = caching_sha2_more_data(&[4], b"pw", false).unwrap_err();
-        assert_eq!(e, AuthError::FullAuthNeedsTls);
-        assert!(e.to_string().contains("backend_tls = \"require\""));
-        assert!(!e.to_string().contains("pw"));
         assert_eq!(
-            caching_sha2_more_data(b"-----BEGIN PUBLIC KEY-----", b"pw", false),
-            Err(AuthError::FullAuthNeedsTls)
+            caching_sha2_more_data(&[4], b"pw", nonce, false),
+            Ok(Sha2Step::Send(vec![REQUEST_PUBLIC_KEY]))
         );
-        assert!(caching_sha2_more_data(&[], b"pw", true).is_err());
+        let key = include_bytes!("../../../testdata/mysql/rsa_public.pem");
+        let Ok(Sha2Step::Send(sealed)) = caching_sha2_more_data(key, b"pw", nonce, false) else {
+            panic!("no encrypted password")
+        };
+        assert_eq!(sealed.len(), 256);
+        let e =
+            caching_sha2_more_data(b"-----BEGIN PUBLIC KEY-----", b"pw", nonce, false).unwrap_err();
+        assert!(e.to_string().contains("backend_tls = \"require\""), "{e}");
+        assert!(!e.to_string().contains("pw"));
+        assert!(caching_sha2_more_data(&[], b"pw", nonce, true).is_err());
     }
 
     #[test]

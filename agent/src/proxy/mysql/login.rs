@@ -9,7 +9,7 @@
 //! 3. [`authenticate`]: HandshakeResponse41 (sequence id 1, or 2 after TLS) with the greeting's
 //!    plugin, then AuthSwitchRequest / AuthMoreData rounds until OK or ERR:
 //!    `mysql_native_password`, `caching_sha2_password` (fast auth; full auth sends the password
-//!    only over TLS, and without TLS fails naming `backend_tls = "require"`), and
+//!    over TLS, or without TLS encrypted with the server's RSA key, RSA-OAEP), and
 //!    `mysql_clear_password` over TLS only.
 //!
 //! Generic over the stream (any tokio `AsyncRead + AsyncWrite`); never spawns, never logs a
@@ -221,8 +221,9 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         auth::CLEAR_PASSWORD if tls => greeting.auth_plugin.clone(),
         _ => NATIVE_PASSWORD.to_owned(),
     };
-    let first =
-        auth_response(&plugin, creds.password, &greeting.nonce, tls).map_err(LoginError::Auth)?;
+    // The plugin's data: the greeting's nonce, or an AuthSwitchRequest's.
+    let mut nonce = greeting.nonce.clone();
+    let first = auth_response(&plugin, creds.password, &nonce, tls).map_err(LoginError::Auth)?;
     let response = HandshakeResponse {
         capabilities: caps,
         max_packet: opts.max_packet,
@@ -245,38 +246,40 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         dec.expect(Some(seq));
         let payload = read_packet(s, &mut buf, &mut dec).await?;
         seq = dec.expected().unwrap_or(0);
-        let reply: Option<Vec<u8>> = match parse_auth_reply(&payload, caps)
-            .map_err(LoginError::Decode)?
-        {
-            AuthReply::Ok(ok) => {
-                return Ok(Login {
-                    capabilities: caps,
-                    plugin,
-                    ok,
-                    leftover: buf,
-                });
-            }
-            AuthReply::Err(e) => return Err(LoginError::Refused(e)),
-            AuthReply::Switch(sw) => {
-                plugin = sw.plugin;
-                Some(
-                    auth_response(&plugin, creds.password, &sw.data, tls)
-                        .map_err(LoginError::Auth)?,
-                )
-            }
-            AuthReply::MoreData(data) if plugin == CACHING_SHA2_PASSWORD => {
-                match caching_sha2_more_data(data, creds.password, tls).map_err(LoginError::Auth)? {
-                    Sha2Step::AwaitOk => None,
-                    Sha2Step::Send(v) => Some(v),
+        let reply: Option<Vec<u8>> =
+            match parse_auth_reply(&payload, caps).map_err(LoginError::Decode)? {
+                AuthReply::Ok(ok) => {
+                    return Ok(Login {
+                        capabilities: caps,
+                        plugin,
+                        ok,
+                        leftover: buf,
+                    });
                 }
-            }
-            AuthReply::MoreData(_) => {
-                return Err(LoginError::Auth(AuthError::Unexpected {
-                    plugin: "mysql_native_password",
-                    what: "AuthMoreData",
-                }));
-            }
-        };
+                AuthReply::Err(e) => return Err(LoginError::Refused(e)),
+                AuthReply::Switch(sw) => {
+                    plugin = sw.plugin;
+                    nonce = sw.data;
+                    Some(
+                        auth_response(&plugin, creds.password, &nonce, tls)
+                            .map_err(LoginError::Auth)?,
+                    )
+                }
+                AuthReply::MoreData(data) if plugin == CACHING_SHA2_PASSWORD => {
+                    match caching_sha2_more_data(data, creds.password, &nonce, tls)
+                        .map_err(LoginError::Auth)?
+                    {
+                        Sha2Step::AwaitOk => None,
+                        Sha2Step::Send(v) => Some(v),
+                    }
+                }
+                AuthReply::MoreData(_) => {
+                    return Err(LoginError::Auth(AuthError::Unexpected {
+                        plugin: "mysql_native_password",
+                        what: "AuthMoreData",
+                    }));
+                }
+            };
         if let Some(reply) = reply {
             let mut out = BytesMut::new();
             seq = encode_packet(seq, &reply, &mut out);
@@ -372,7 +375,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn caching_sha2_full_auth_sends_the_password_only_over_tls() {
+    async fn caching_sha2_full_auth_sends_the_password_over_tls_or_rsa_encrypted_without() {
         // Over "TLS" (the caller upgraded the stream): the password, NUL-terminated.
         let (c, mut s) = duplex(4096);
         let client = tokio::spawn(async move {
@@ -398,7 +401,8 @@ mod tests {
         .unwrap();
         client.await.unwrap().unwrap();
 
-        // Without TLS: refused, with the fix in the message, and the password never sent.
+        // Without TLS: sluice asks for the server's RSA key and sends the password encrypted
+        // with it (OAEP), XORed with the nonce; openssl, holding the private key, reads it.
         let (c, mut s) = duplex(4096);
         let client = tokio::spawn(run_client(c, false));
         s.write_all(&packet(0, &greeting(CACHING_SHA2_PASSWORD).encode()))
@@ -408,9 +412,74 @@ mod tests {
         s.write_all(&packet(2, &auth_more_data(&[auth::PERFORM_FULL_AUTH])))
             .await
             .unwrap();
+        let (seq, ask) = read_one(&mut s).await;
+        assert_eq!((seq, ask.as_slice()), (3, &[auth::REQUEST_PUBLIC_KEY][..]));
+        let key = include_bytes!("../../../testdata/mysql/rsa_public.pem");
+        s.write_all(&packet(4, &auth_more_data(key))).await.unwrap();
+        let (seq, sealed) = read_one(&mut s).await;
+        assert_eq!((seq, sealed.len()), (5, 256));
+        assert!(!sealed.windows(6).any(|w| w == b"secret"));
+        s.write_all(&packet(
+            6,
+            &OkPacket::default().encode(0, Capabilities::sluice_default()),
+        ))
+        .await
+        .unwrap();
+        client.await.unwrap().unwrap();
+        let opened = openssl_oaep_decrypt(&sealed);
+        let expected: Vec<u8> = b"secret\0"
+            .iter()
+            .zip(NONCE.iter())
+            .map(|(a, b)| a ^ b)
+            .collect();
+        assert_eq!(opened, expected);
+
+        // A key that is not one: refused, with the fix in the message, password never sent.
+        let (c, mut s) = duplex(4096);
+        let client = tokio::spawn(run_client(c, false));
+        s.write_all(&packet(0, &greeting(CACHING_SHA2_PASSWORD).encode()))
+            .await
+            .unwrap();
+        read_one(&mut s).await;
+        s.write_all(&packet(2, &auth_more_data(&[auth::PERFORM_FULL_AUTH])))
+            .await
+            .unwrap();
+        read_one(&mut s).await;
+        s.write_all(&packet(
+            4,
+            &auth_more_data(b"-----BEGIN PUBLIC KEY-----\nMAA=\n-----END PUBLIC KEY-----\n"),
+        ))
+        .await
+        .unwrap();
         let e = client.await.unwrap().unwrap_err();
         let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
         assert!(chain.contains("backend_tls = \"require\""), "{chain}");
+    }
+
+    /// `openssl pkeyutl` decrypting RSA-OAEP (SHA-1) with the test key's private half: the
+    /// reference implementation MySQL servers use.
+    fn openssl_oaep_decrypt(sealed: &[u8]) -> Vec<u8> {
+        use std::io::Write as _;
+        let key = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/testdata/mysql/rsa_private.pem"
+        );
+        let mut child = std::process::Command::new("openssl")
+            .args(["pkeyutl", "-decrypt", "-inkey", key])
+            .args([
+                "-pkeyopt",
+                "rsa_padding_mode:oaep",
+                "-pkeyopt",
+                "rsa_oaep_md:sha1",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("openssl (apt-get install openssl)");
+        child.stdin.take().unwrap().write_all(sealed).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "openssl could not decrypt");
+        out.stdout
     }
 
     #[tokio::test]
