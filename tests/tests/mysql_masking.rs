@@ -1,0 +1,369 @@
+//! End to end: masking of MySQL result rows through interception, with a real MariaDB, the
+//! `mariadb` CLI (text protocol) and mysql-connector-python's prepared cursors (binary
+//! protocol). A `customers` table holds emails, card numbers, SSNs, tax ids, birth dates and
+//! free text; the rules (written here) mask by column origin and by content, and exempt the
+//! `dba` group. Checked: masked values in both protocols (aliases, multi-statements, NULLs, a
+//! date nulled), clear values for the exempt group, the journal's masking reports, and that no
+//! clear value is in the journal directory, the export or the replay.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::Value;
+use sluice_tests::mariadb::{self, Intercepted, require_mariadb, require_mysql_python};
+use sluice_tests::{AgentOptions, CLIENT_UID, require_root, run_bounded};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Every clear sensitive value the tests put in the database.
+const CLEAR: &[&str] = &[
+    "ada@example.com",
+    "grace.hopper@navy.example",
+    "4111 1111 1111 1111",
+    "5500005555555559",
+    "078-05-1120",
+    "219-09-9999",
+    "TAX-00042",
+    "TAX-00043",
+    "edsger@example.org",
+    "1815-12-10",
+];
+
+const RULES: &str = r#"
+[hash]
+key_hex = "00112233445566778899aabbccddeeff"
+
+[[column]]
+name = "email"
+column = "email"
+strategy = "redact"
+[[column.override]]
+groups = ["dba"]
+strategy = "clear"
+
+[[column]]
+name = "cards"
+column = "card_*"
+strategy = "partial"
+[[column.override]]
+groups = ["dba"]
+strategy = "clear"
+
+[[column]]
+name = "ssn"
+column = "ssn"
+strategy = "null"
+[[column.override]]
+groups = ["dba"]
+strategy = "clear"
+
+[[column]]
+name = "tax-id"
+column = "tax_id"
+strategy = "hash"
+[[column.override]]
+groups = ["dba"]
+strategy = "clear"
+
+[[column]]
+name = "born"
+table = "customers"
+column = "born"
+strategy = "redact"
+[[column.override]]
+groups = ["dba"]
+strategy = "clear"
+
+[[detector]]
+name = "email"
+strategy = "redact"
+[[detector.override]]
+groups = ["dba"]
+strategy = "clear"
+"#;
+
+const SELECT: &str = "select id, name, email, card_number, ssn, tax_id, note, born, score from customers order by id";
+
+struct Setup {
+    s: Intercepted,
+    _rules: tempfile::TempDir,
+}
+
+fn setup(name: &str, extra: impl FnOnce(&mut AgentOptions)) -> Setup {
+    let rules = tempfile::tempdir().unwrap();
+    std::fs::write(rules.path().join("masking.toml"), RULES).unwrap();
+    let path = rules.path().join("masking.toml");
+    let s = Intercepted::start(name, |o| {
+        o.agent_config = format!("masking_file = \"{}\"\n", path.display());
+        extra(o);
+    })
+    .unwrap();
+    s.db.sql(
+        "create table shop.customers (id int primary key, name varchar(40), email varchar(80), \
+           card_number varchar(30), ssn varchar(20), tax_id varchar(20), note text, born date, \
+           score decimal(6,2));
+         insert into shop.customers values
+           (1, 'Ada', 'ada@example.com', '4111 1111 1111 1111', '078-05-1120', 'TAX-00042', \
+            'call ada@example.com', '1815-12-10', 12.50),
+           (2, 'Grace', 'grace.hopper@navy.example', '5500005555555559', '219-09-9999', \
+            'TAX-00043', 'no secrets here', null, null);
+         create table shop.orders (id int, tax_id varchar(20));
+         insert into shop.orders values (10, 'TAX-00042'), (11, 'TAX-00043'), (12, 'TAX-00042');",
+    )
+    .unwrap();
+    Setup { s, _rules: rules }
+}
+
+fn skip(test: &str) -> bool {
+    !require_root(test) || !require_mariadb(test)
+}
+
+fn assert_no_clear(what: &str, text: &str) {
+    for clear in CLEAR {
+        assert!(
+            !text.contains(clear),
+            "{what}: clear value {clear:?} in:\n{text}"
+        );
+    }
+}
+
+impl Setup {
+    fn cli(&self, sql: &str) -> String {
+        let out = self.s.mariadb(sql);
+        assert!(
+            out.status.success(),
+            "{sql}: {}\n{}",
+            out.stderr,
+            self.s.agent.log()
+        );
+        out.stdout
+    }
+
+    /// mysql-connector-python, prepared (binary protocol) and plain (text) cursors, each row
+    /// printed as a JSON list of strings (None as null).
+    fn connector(&self, python: &std::path::Path) -> Value {
+        let script = r#"
+import json, sys
+import mysql.connector
+conn = mysql.connector.connect(host="127.0.0.1", port=int(sys.argv[1]), user=sys.argv[2],
+                               password=sys.argv[3], database=sys.argv[4], ssl_disabled=True)
+out = {}
+sql = "select id, name, email, card_number, ssn, tax_id, note, born, score from customers where id >= %s order by id"
+for prepared in (True, False):
+    cur = conn.cursor(prepared=prepared)
+    rows = []
+    for _ in range(2):  # a second execution of the same statement
+        cur.execute(sql, (1,))
+        rows = [[None if v is None else (v.decode() if isinstance(v, (bytes, bytearray)) else str(v)) for v in r] for r in cur.fetchall()]
+    out["binary" if prepared else "text"] = rows
+    cur.close()
+print(json.dumps(out))
+"#;
+        let mut cmd = self.s.command(true, python.to_str().unwrap());
+        cmd.args(["-c", script])
+            .arg(self.s.db.port.to_string())
+            .args([mariadb::USER, mariadb::PASSWORD, mariadb::DATABASE]);
+        let out = run_bounded(&mut cmd, LIMIT).unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            out.stderr,
+            self.s.agent.log()
+        );
+        serde_json::from_str(out.stdout.trim()).unwrap()
+    }
+}
+
+#[test]
+fn sensitive_values_are_masked_for_the_cli_and_prepared_statements_and_never_recorded() {
+    let test = "sensitive_values_are_masked_for_the_cli_and_prepared_statements_and_never_recorded";
+    if skip(test) {
+        return;
+    }
+    let Some(python) = require_mysql_python(test) else {
+        return;
+    };
+    let setup = setup("mysql-mask", |_| {});
+
+    // Text protocol, by column origin and by content.
+    let out = setup.cli(SELECT);
+    assert_no_clear("select", &out);
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .skip(1)
+        .map(|l| l.split('\t').collect())
+        .collect();
+    assert_eq!(rows[0][1], "Ada", "unmasked columns pass: {out}");
+    assert_eq!(rows[0][2], "****", "{out}");
+    assert!(
+        rows[0][3].ends_with("1111") && rows[0][3].starts_with('*'),
+        "{out}"
+    );
+    assert_eq!(rows[0][4], "NULL", "ssn is NULL: {out}");
+    assert!(rows[0][5].starts_with("h:"), "{out}");
+    assert_eq!(rows[0][6], "call ****", "{out}");
+    assert_eq!(rows[0][7], "NULL", "a masked date is NULL: {out}");
+    assert_eq!(rows[0][8], "12.50", "an unmasked decimal passes: {out}");
+    assert_eq!(rows[1][6], "no secrets here");
+    assert_eq!(rows[1][7], "NULL");
+
+    // An alias does not hide a column's origin; a multi-statement masks every result.
+    let out = setup.cli("select email as e from customers where id = 1; select note, card_number as c from customers where id = 1");
+    assert_no_clear("alias and multi-statement", &out);
+    assert!(out.contains("e\n****\n"), "{out}");
+    assert!(out.contains("call ****\t"), "{out}");
+    // Hashed values still join.
+    let out = setup.cli("select c.tax_id, count(o.id) from customers c join orders o on o.tax_id = c.tax_id group by c.tax_id order by 2");
+    assert_no_clear("join", &out);
+    let counts: Vec<&str> = out
+        .lines()
+        .skip(1)
+        .map(|l| l.split('\t').nth(1).unwrap_or(""))
+        .collect();
+    assert_eq!(counts, ["1", "2"], "{out}");
+
+    // Binary protocol (prepared cursors) and text through mysql-connector-python.
+    let v = setup.connector(&python);
+    assert_no_clear("connector", &v.to_string());
+    for protocol in ["binary", "text"] {
+        let row = &v[protocol][0];
+        assert_eq!(row[0], "1", "{protocol}: an integer passes: {v}");
+        assert_eq!(row[1], "Ada", "{protocol}: {v}");
+        assert_eq!(row[2], "****", "{protocol}: {v}");
+        assert!(
+            row[3].as_str().unwrap().ends_with("1111"),
+            "{protocol}: {v}"
+        );
+        assert_eq!(row[4], Value::Null, "{protocol}: {v}");
+        assert!(
+            row[5].as_str().unwrap().starts_with("h:"),
+            "{protocol}: {v}"
+        );
+        assert_eq!(row[6], "call ****", "{protocol}: {v}");
+        assert_eq!(
+            row[7],
+            Value::Null,
+            "{protocol}: a masked date is NULL: {v}"
+        );
+        assert_eq!(row[8], "12.50", "{protocol}: {v}");
+        assert_eq!(v[protocol][1][6], "no secrets here", "{protocol}: {v}");
+    }
+
+    // The journal says what was masked, never the value; nothing clear anywhere in it.
+    let export = setup.s.agent.export().unwrap();
+    let masked: Vec<&Value> = export.iter().filter(|r| r["kind"] == "masked").collect();
+    assert!(
+        masked
+            .iter()
+            .any(|m| m["column"] == "email" && m["rule"] == "column:email" && m["values"] == 2),
+        "{masked:?}"
+    );
+    assert!(
+        masked
+            .iter()
+            .any(|m| m["column"] == "note" && m["rule"] == "detector:email"),
+        "{masked:?}"
+    );
+    assert!(
+        masked
+            .iter()
+            .any(|m| m["column"] == "ssn" && m["strategy"] == "null"),
+        "{masked:?}"
+    );
+    let text = serde_json::to_string(&export).unwrap();
+    assert_no_clear("export", &text);
+    let rows: Vec<&Value> = export.iter().filter(|r| r["kind"] == "row").collect();
+    assert!(
+        rows.iter()
+            .any(|r| r["values"].to_string().contains("call ****")),
+        "the journal holds the masked rows: {rows:#?}"
+    );
+    let csv = setup.s.agent.read(&["export", "--format", "csv"]).unwrap();
+    assert_no_clear("csv export", &csv);
+    let sessions = setup.s.agent.sessions().unwrap();
+    assert!(sessions.len() >= 4, "{sessions:#?}");
+    for session in &sessions {
+        let replay = setup
+            .s
+            .agent
+            .read(&["replay", session["id"].as_str().unwrap()])
+            .unwrap();
+        assert_no_clear("replay", &replay);
+    }
+    let replays: String = sessions
+        .iter()
+        .map(|x| {
+            setup
+                .s
+                .agent
+                .read(&["replay", x["id"].as_str().unwrap()])
+                .unwrap()
+        })
+        .collect();
+    assert!(replays.contains("call ****"), "{replays}");
+    let mut raw = Vec::new();
+    for e in walk(&setup.s.agent.journal_dir()) {
+        raw.extend(std::fs::read(e).unwrap());
+    }
+    for clear in CLEAR {
+        assert!(
+            !raw.windows(clear.len()).any(|w| w == clear.as_bytes()),
+            "clear value {clear:?} in the journal directory"
+        );
+    }
+    let verified = setup.s.agent.read(&["verify"]).unwrap();
+    assert!(verified.contains("ok:"), "{verified}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            files.extend(walk(&p));
+        } else if p.is_file() {
+            files.push(p);
+        }
+    }
+    files
+}
+
+#[test]
+fn a_group_exempted_by_an_override_sees_clear_values() {
+    let test = "a_group_exempted_by_an_override_sees_clear_values";
+    if skip(test) {
+        return;
+    }
+    let Some(python) = require_mysql_python(test) else {
+        return;
+    };
+    let policies = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let setup = setup("mysql-mask-dba", |o| {
+        o.policy_dir = Some(policies);
+        o.extra_config = format!(
+            "[[identity]]\nuid = {CLIENT_UID}\nprincipal = \"dba\"\ngroups = [\"developers\", \"dba\"]\n"
+        );
+    });
+    let out = setup.cli(SELECT);
+    let direct = setup.s.direct(SELECT);
+    assert!(direct.status.success(), "{}", direct.stderr);
+    assert_eq!(out, direct.stdout, "the exempt group gets the direct bytes");
+    assert!(out.contains("ada@example.com") && out.contains("078-05-1120"));
+    let v = setup.connector(&python);
+    for protocol in ["binary", "text"] {
+        assert_eq!(v[protocol][0][2], "ada@example.com", "{protocol}: {v}");
+        assert_eq!(v[protocol][0][6], "call ada@example.com", "{protocol}: {v}");
+        assert_eq!(v[protocol][0][7], "1815-12-10", "{protocol}: {v}");
+    }
+    let export = setup.s.agent.export().unwrap();
+    assert!(
+        !export.iter().any(|r| r["kind"] == "masked"),
+        "nothing masked for the exempt group"
+    );
+    let sessions = setup.s.agent.sessions().unwrap();
+    assert!(
+        sessions.iter().all(|x| x["principal"] == "dba"),
+        "{sessions:#?}"
+    );
+}
