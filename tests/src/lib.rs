@@ -728,6 +728,16 @@ impl Agent {
         Ok(v.as_array().cloned().unwrap_or_default())
     }
 
+    /// How many sessions the journal holds, and how many statements they ran.
+    pub fn recorded(&self) -> anyhow::Result<(usize, u64)> {
+        let sessions = self.sessions()?;
+        let statements = sessions
+            .iter()
+            .filter_map(|s| s["statements"].as_u64())
+            .sum();
+        Ok((sessions.len(), statements))
+    }
+
     /// `sluice export --format jsonl`, parsed.
     pub fn export(&self) -> anyhow::Result<Vec<serde_json::Value>> {
         let text = self.read(&["export", "--format", "jsonl"])?;
@@ -749,6 +759,20 @@ pub struct Output {
     pub pid: u32,
     pub stdout: String,
     pub stderr: String,
+}
+
+impl Output {
+    /// The process's stdout; panics with both streams when it did not succeed.
+    pub fn ok(&self) -> &str {
+        assert!(
+            self.status.success(),
+            "client failed ({}): {}\n{}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        &self.stdout
+    }
 }
 
 /// Runs `cmd` to completion within `timeout`, killing it after that.

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::{free_port, is_root, run_ok, stop};
+use crate::{
+    Agent, AgentOptions, CLIENT_UID, Cgroup, Output, free_port, is_root, run_bounded, run_ok, stop,
+};
 
 /// The password user every test server has (all privileges).
 pub const USER: &str = "app";
@@ -41,17 +43,26 @@ pub fn require_mariadb(test: &str) -> bool {
     false
 }
 
-/// A Python with mysql-connector-python (pure-Python protocol), in a venv under the target
-/// dir, made on first use (pip: needs the network once). None when it cannot be made.
-pub fn connector_python() -> Option<PathBuf> {
+/// The Python client libraries the tests drive, pinned: mysql-connector-python (pure-Python
+/// protocol, binary prepared statements) and PyMySQL (text protocol, multi-statements).
+const PYTHON_CLIENTS: [&str; 2] = ["mysql-connector-python==26.10.0", "PyMySQL==1.1.2"];
+
+/// A Python with [`PYTHON_CLIENTS`], in a venv under the target dir made from Debian's
+/// `/usr/bin/python3` (so any uid can run it; root's `python3` may be a pyenv shim under
+/// /root), made on first use (pip: needs the network once). Otherwise prints why the test is
+/// skipped and returns None, or panics under `CI=true`.
+pub fn require_mysql_python(test: &str) -> Option<PathBuf> {
+    // Tests in one binary run in parallel: one of them makes the venv.
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _making = MAKING.lock().unwrap_or_else(|e| e.into_inner());
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let venv = target.join("mysql-venv");
+    let venv = target.join("mysql-clients-venv");
     let python = venv.join("bin/python");
     let works = |p: &PathBuf| {
         Command::new(p)
-            .args(["-c", "import mysql.connector"])
+            .args(["-c", "import mysql.connector, pymysql"])
             .status()
             .map(|s| s.success())
             .unwrap_or(false)
@@ -59,18 +70,34 @@ pub fn connector_python() -> Option<PathBuf> {
     if works(&python) {
         return Some(python);
     }
-    let made = Command::new("python3")
+    let made = Command::new("/usr/bin/python3")
         .args(["-m", "venv"])
         .arg(&venv)
         .status()
         .map(|s| s.success())
         .unwrap_or(false)
         && Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", "mysql-connector-python==26.10.0"])
+            .args(["install", "-q"])
+            .args(PYTHON_CLIENTS)
             .status()
             .map(|s| s.success())
             .unwrap_or(false);
-    (made && works(&python)).then_some(python)
+    if made && works(&python) {
+        return Some(python);
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!(
+            "{test} needs {PYTHON_CLIENTS:?} in a venv (python3-venv, pip) and CI=true: \
+             they could not be installed into {}",
+            venv.display()
+        );
+    }
+    eprintln!(
+        "\n*** SKIPPED {test}: {PYTHON_CLIENTS:?} could not be installed into {} \
+         (python3-venv, pip, network?). ***\n",
+        venv.display()
+    );
+    None
 }
 
 /// A `[[target]]` table for a MySQL/MariaDB target.
@@ -252,4 +279,147 @@ impl Drop for MariaDb {
             stop(child, "mariadbd");
         }
     }
+}
+
+/// A MariaDB server behind a running agent that intercepts one test cgroup: clients started
+/// with [`Intercepted::command`] connect to the server's own address and go through sluice;
+/// the test process itself (outside the cgroup) reaches the server directly.
+///
+/// Field order is drop order: the agent stops before its cgroup and server go.
+pub struct Intercepted {
+    pub agent: Agent,
+    pub cgroup: Cgroup,
+    pub db: MariaDb,
+}
+
+impl Intercepted {
+    /// A new server, a cgroup named after `name`, and an agent with one `mysql` target for the
+    /// server (`tweak` adjusts the agent's options before it starts).
+    pub fn start(name: &str, tweak: impl FnOnce(&mut AgentOptions)) -> anyhow::Result<Self> {
+        let db = MariaDb::start()?;
+        let cgroup = Cgroup::create(name)?;
+        let mut options = AgentOptions {
+            cgroup: Some(cgroup.path.clone()),
+            targets: vec![mysql_target("app-db", &format!("127.0.0.1:{}", db.port))],
+            ..AgentOptions::default()
+        };
+        tweak(&mut options);
+        let agent = Agent::start(options)?;
+        Ok(Intercepted { agent, cgroup, db })
+    }
+
+    /// `program` inside the cgroup as `nobody` (intercepted), or outside it (direct).
+    pub fn command(&self, through_sluice: bool, program: &str) -> Command {
+        if through_sluice {
+            self.cgroup.command(Some(CLIENT_UID), program)
+        } else {
+            Command::new(program)
+        }
+    }
+
+    /// The `mariadb` CLI running `sql` as the password user in the cgroup: through sluice.
+    pub fn mariadb(&self, sql: &str) -> Output {
+        self.cli(true, sql)
+    }
+
+    /// The same CLI outside the cgroup: not intercepted.
+    pub fn direct(&self, sql: &str) -> Output {
+        self.cli(false, sql)
+    }
+
+    fn cli(&self, through_sluice: bool, sql: &str) -> Output {
+        let mut cmd = self.command(through_sluice, "mariadb");
+        cmd.args(MariaDb::client_args(self.db.port))
+            .args(["-e", sql]);
+        run_bounded(&mut cmd, Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", self.agent.log()))
+    }
+}
+
+/// What `sysbench ... run` reported.
+#[derive(Debug, Clone, Copy)]
+pub struct Sysbench {
+    pub transactions: u64,
+    pub tps: f64,
+    pub queries: u64,
+    pub ignored_errors: u64,
+}
+
+/// `sysbench`'s arguments for `workload` (e.g. `oltp_point_select`) against 127.0.0.1:`port`
+/// as the password user, on `tables` tables of `rows` rows in database `shop`.
+fn sysbench_args(workload: &str, port: u16, tables: u32, rows: u32) -> Vec<String> {
+    vec![
+        workload.into(),
+        "--db-driver=mysql".into(),
+        "--mysql-host=127.0.0.1".into(),
+        format!("--mysql-port={port}"),
+        format!("--mysql-user={USER}"),
+        format!("--mysql-password={PASSWORD}"),
+        format!("--mysql-db={DATABASE}"),
+        "--mysql-ssl=off".into(),
+        format!("--tables={tables}"),
+        format!("--table-size={rows}"),
+    ]
+}
+
+impl MariaDb {
+    /// `sysbench <workload> prepare` directly against this server (the oltp workloads share
+    /// their tables, so one prepare serves them all).
+    pub fn sysbench_prepare(&self, tables: u32, rows: u32) -> anyhow::Result<()> {
+        let mut cmd = Command::new("sysbench");
+        cmd.args(sysbench_args("oltp_read_only", self.port, tables, rows))
+            .arg("prepare");
+        let out = run_bounded(&mut cmd, Duration::from_secs(300))?;
+        if !out.status.success() {
+            bail!("sysbench prepare failed: {}{}", out.stdout, out.stderr);
+        }
+        Ok(())
+    }
+}
+
+/// Runs `cmd` (`sysbench`, or a wrapper exec-ing it) as `sysbench <workload> run` against
+/// 127.0.0.1:`port` with `threads` threads for `seconds` seconds, and parses its report.
+pub fn sysbench_run(
+    mut cmd: Command,
+    workload: &str,
+    port: u16,
+    tables: u32,
+    rows: u32,
+    threads: u32,
+    seconds: u32,
+) -> anyhow::Result<Sysbench> {
+    cmd.args(sysbench_args(workload, port, tables, rows))
+        .arg(format!("--threads={threads}"))
+        .arg(format!("--time={seconds}"))
+        .args(["--report-interval=0", "run"]);
+    let out = run_bounded(&mut cmd, Duration::from_secs(u64::from(seconds) + 60))?;
+    if !out.status.success() {
+        bail!("sysbench {workload} failed: {}{}", out.stdout, out.stderr);
+    }
+    // "    transactions:                        1234   (123.40 per sec.)"
+    let field = |name: &str| -> anyhow::Result<(u64, f64)> {
+        let line = out
+            .stdout
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("no `{name}` line in sysbench's report:\n{}", out.stdout))?;
+        let mut words = line[name.len()..].split_whitespace();
+        let count = words.next().and_then(|w| w.parse().ok());
+        let rate = words
+            .next()
+            .and_then(|w| w.trim_start_matches('(').parse().ok());
+        count
+            .zip(rate)
+            .with_context(|| format!("cannot read sysbench's `{line}`"))
+    };
+    let (transactions, tps) = field("transactions:")?;
+    let (queries, _) = field("queries:")?;
+    let (ignored_errors, _) = field("ignored errors:")?;
+    Ok(Sysbench {
+        transactions,
+        tps,
+        queries,
+        ignored_errors,
+    })
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use sluice::protocol::Item;
 use sluice::protocol::mysql::{Decoder, Transcriber, packets, whole_packets};
-use sluice_tests::mariadb::{self, MariaDb, connector_python, require_mariadb};
+use sluice_tests::mariadb::{self, MariaDb, require_mariadb, require_mysql_python};
 
 const MAX: usize = 1 << 30;
 
@@ -405,14 +405,9 @@ fn prepared_statements_travel_in_the_binary_protocol_and_transcribe() {
     if !require_mariadb("prepared_statements_travel_in_the_binary_protocol") {
         return;
     }
-    let Some(python) = connector_python() else {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("mysql-connector-python could not be installed into a venv and CI=true");
-        }
-        eprintln!(
-            "\n*** SKIPPED the binary-protocol half of the MySQL codec tests: \
-             mysql-connector-python could not be installed (pip, network?). ***\n"
-        );
+    let Some(python) =
+        require_mysql_python("prepared_statements_travel_in_the_binary_protocol_and_transcribe")
+    else {
         return;
     };
     let db = MariaDb::start().expect("start mariadb");
@@ -697,11 +692,9 @@ fn the_machine_stays_in_step_through_ping_statistics_long_data_reset_and_change_
     if !require_mariadb("the_machine_stays_in_step_through_ping_statistics_long_data") {
         return;
     }
-    let Some(python) = connector_python() else {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("mysql-connector-python could not be installed into a venv and CI=true");
-        }
-        eprintln!("\n*** SKIPPED: mysql-connector-python could not be installed. ***\n");
+    let Some(python) = require_mysql_python(
+        "the_machine_stays_in_step_through_ping_statistics_long_data_reset_and_change_user",
+    ) else {
         return;
     };
     let db = MariaDb::start().expect("start mariadb");

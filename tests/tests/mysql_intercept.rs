@@ -5,71 +5,26 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use sluice_tests::mariadb::{self, MariaDb, connector_python, mysql_target, require_mariadb};
-use sluice_tests::{Agent, AgentOptions, CLIENT_UID, Cgroup, TestCa, require_root, run_bounded};
+use sluice_tests::mariadb::{self, Intercepted, MariaDb, require_mariadb, require_mysql_python};
+use sluice_tests::{AgentOptions, CLIENT_UID, TestCa, require_root, run_bounded};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// Field order is drop order: the agent stops before its cgroup and server go.
-struct Setup {
-    agent: Agent,
-    cgroup: Cgroup,
-    db: MariaDb,
-}
-
-fn setup(name: &str, tweak: impl FnOnce(&mut AgentOptions)) -> Setup {
-    let db = MariaDb::start().unwrap();
-    db.sql("create table shop.t (id int primary key, name varchar(20)); insert into shop.t values (1, 'ada'), (2, 'grace'), (3, 'edsger');")
+fn setup(name: &str, tweak: impl FnOnce(&mut AgentOptions)) -> Intercepted {
+    let s = Intercepted::start(name, tweak).unwrap();
+    s.db.sql("create table shop.t (id int primary key, name varchar(20)); insert into shop.t values (1, 'ada'), (2, 'grace'), (3, 'edsger');")
         .unwrap();
-    let cgroup = Cgroup::create(name).unwrap();
-    let mut options = AgentOptions {
-        cgroup: Some(cgroup.path.clone()),
-        targets: vec![mysql_target("app-db", &format!("127.0.0.1:{}", db.port))],
-        ..AgentOptions::default()
-    };
-    tweak(&mut options);
-    let agent = Agent::start(options).unwrap();
-    Setup { agent, cgroup, db }
+    s
 }
 
-impl Setup {
-    /// The `mariadb` CLI as `nobody` inside the cgroup, to the server's own address.
-    fn mariadb(&self, sql: &str) -> sluice_tests::Output {
-        let mut cmd = self.cgroup.command(Some(CLIENT_UID), "mariadb");
-        cmd.args(MariaDb::client_args(self.db.port))
-            .args(["-e", sql]);
-        run_bounded(&mut cmd, LIMIT).unwrap()
-    }
-
-    /// The same CLI outside the cgroup: not intercepted.
-    fn direct(&self, sql: &str) -> sluice_tests::Output {
-        let mut cmd = Command::new("mariadb");
-        cmd.args(MariaDb::client_args(self.db.port))
-            .args(["-e", sql]);
-        run_bounded(&mut cmd, LIMIT).unwrap()
-    }
-
-    fn rows_in_t(&self) -> String {
-        self.db
-            .sql("select count(*) from shop.t")
-            .unwrap()
-            .trim()
-            .to_string()
-    }
-}
-
-fn ok(out: &sluice_tests::Output) -> &str {
-    assert!(
-        out.status.success(),
-        "client failed: {}\n{}",
-        out.stdout,
-        out.stderr
-    );
-    &out.stdout
+fn rows_in_t(s: &Intercepted) -> String {
+    s.db.sql("select count(*) from shop.t")
+        .unwrap()
+        .trim()
+        .to_string()
 }
 
 fn skip(test: &str) -> bool {
@@ -85,9 +40,9 @@ fn the_mariadb_cli_in_the_cgroup_is_intercepted_recorded_and_gets_the_same_rows(
     let s = setup("mysql-basic", |_| {});
     let sql = "select id, name from t order by id";
     let direct = s.direct(sql);
-    assert_eq!(ok(&direct), "id\tname\n1\tada\n2\tgrace\n3\tedsger\n");
+    assert_eq!(direct.ok(), "id\tname\n1\tada\n2\tgrace\n3\tedsger\n");
     let through = s.mariadb(sql);
-    assert_eq!(ok(&through), ok(&direct), "{}", s.agent.log());
+    assert_eq!(through.ok(), direct.ok(), "{}", s.agent.log());
 
     let sessions = s.agent.sessions().unwrap();
     assert_eq!(sessions.len(), 1, "{sessions:#?}\n{}", s.agent.log());
@@ -164,14 +119,14 @@ fn delete_without_where_is_denied_before_reaching_the_backend() {
         out.stderr,
         s.agent.log()
     );
-    assert_eq!(s.rows_in_t(), "3", "the denied delete must not have run");
+    assert_eq!(rows_in_t(&s), "3", "the denied delete must not have run");
 
     // The same session goes on after a denial; a delete naming its rows is allowed.
     let out = s.mariadb("delete from t; select 1");
     assert!(!out.status.success());
     let out = s.mariadb("delete from t where id = 3; select count(*) as n from t");
-    assert_eq!(ok(&out), "n\n2\n");
-    assert_eq!(s.rows_in_t(), "2");
+    assert_eq!(out.ok(), "n\n2\n");
+    assert_eq!(rows_in_t(&s), "2");
 
     let records = s.agent.export().unwrap();
     let denied: Vec<&Value> = records
@@ -234,7 +189,7 @@ fn a_client_asking_for_tls_gets_it_from_sluice_with_the_targets_certificate() {
     cmd.args(&args)
         .args(["-e", "select name from t where id = 2"]);
     let out = run_bounded(&mut cmd, LIMIT).unwrap();
-    assert_eq!(ok(&out), "name\ngrace\n", "{}", s.agent.log());
+    assert_eq!(out.ok(), "name\ngrace\n", "{}", s.agent.log());
 
     // Without TLS the target refuses, saying how to connect.
     let out = s.mariadb("select 1");
@@ -320,22 +275,17 @@ fn prepared_statements_are_decided_at_prepare_and_their_executions_recorded() {
     if skip(test) {
         return;
     }
-    let Some(python) = connector_python() else {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("mysql-connector-python could not be installed into a venv and CI=true");
-        }
-        eprintln!("\n*** SKIPPED {test}: mysql-connector-python could not be installed. ***\n");
+    let Some(python) = require_mysql_python(test) else {
         return;
     };
     let policies = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies");
     let s = setup("mysql-prepared", |o| o.policy_dir = Some(policies));
-    // As root inside the cgroup: the venv's interpreter lives under root's home.
-    let mut cmd = s.cgroup.command(None, python.to_str().unwrap());
+    let mut cmd = s.cgroup.command(Some(CLIENT_UID), python.to_str().unwrap());
     cmd.args(["-c", PREPARED_PY])
         .arg(s.db.port.to_string())
         .args([mariadb::USER, mariadb::PASSWORD, mariadb::DATABASE]);
     let out = run_bounded(&mut cmd, LIMIT).unwrap();
-    let lines: Vec<&str> = ok(&out).lines().collect();
+    let lines: Vec<&str> = out.ok().lines().collect();
     assert_eq!(
         lines[..2],
         [r#"["2", "grace"]"#, r#"["3", "edsger"]"#],
@@ -350,7 +300,7 @@ fn prepared_statements_are_decided_at_prepare_and_their_executions_recorded() {
         s.agent.log()
     );
     assert_eq!(lines[3], "1", "the session goes on after the denial");
-    assert_eq!(s.rows_in_t(), "3");
+    assert_eq!(rows_in_t(&s), "3");
 
     let records = s.agent.export().unwrap();
     let statements: Vec<&str> = records
@@ -404,7 +354,7 @@ fn bad_input_gets_a_clear_error_and_the_agent_serves_the_next_client() {
         let mut cmd = s.cgroup.command(Some(CLIENT_UID), "/usr/bin/python3");
         cmd.args(["-c", RAW_PY, &s.db.port.to_string(), hex]);
         let out = run_bounded(&mut cmd, LIMIT).unwrap();
-        let hex = ok(&out).trim().to_string();
+        let hex = out.ok().trim().to_string();
         let bytes: Vec<u8> = (0..hex.len())
             .step_by(2)
             .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
@@ -428,7 +378,7 @@ fn bad_input_gets_a_clear_error_and_the_agent_serves_the_next_client() {
         );
     }
     let out = s.mariadb("select count(*) as n from t");
-    assert_eq!(ok(&out), "n\n3\n", "{}", s.agent.log());
+    assert_eq!(out.ok(), "n\n3\n", "{}", s.agent.log());
     // The refusals are on record too.
     let sessions = s.agent.sessions().unwrap();
     assert_eq!(sessions.len(), 4, "{sessions:#?}");
@@ -453,7 +403,7 @@ fn a_denied_statement_in_a_pipeline_is_answered_in_its_place() {
             "select count(*) from t",
         ]);
     let out = run_bounded(&mut cmd, LIMIT).unwrap();
-    let lines: Vec<&str> = ok(&out).lines().collect();
+    let lines: Vec<&str> = out.ok().lines().collect();
     assert_eq!(lines.len(), 3, "{}", out.stdout);
     assert_eq!(lines[0], "ROWS [['0']]");
     assert!(

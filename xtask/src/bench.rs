@@ -3,7 +3,9 @@
 //! clients, direct and through the agent (release build, eBPF interception of a bench cgroup),
 //! plus pgbouncer (session pooling) as a reference proxy when it is installed, and through a
 //! second agent that decides every statement with the example policies (`policies/`), and
-//! through a third with TLS toward the client and an OIDC token as the password. Then
+//! through a third with TLS toward the client and an OIDC token as the password. MySQL:
+//! sysbench `oltp_read_only` and `oltp_point_select` on MariaDB for 1 and 8 threads, direct
+//! and through the agent. Then
 //! shipping a recorded large result to a local collector (events/s, MB/s), the journal
 //! micro-benchmark (events/s, bytes per row, crash and power-loss durable), and
 //! the policy micro-benchmark: facts + Cedar per statement, cached and uncached. Prints TPS,
@@ -13,13 +15,14 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use sluice_tests::mariadb::{MariaDb, mysql_target, sysbench_run};
 use sluice_tests::{Agent, AgentOptions, Cgroup, Postgres, pg_target, run_bounded};
 
 use crate::util::{cargo, ensure_packages, is_root, target_dir};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Seconds per pgbench run.
+    /// Seconds per pgbench and sysbench run.
     #[arg(long, default_value_t = 10)]
     seconds: u32,
     /// pgbench scale factor.
@@ -44,6 +47,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     ensure_packages(&[
         ("/usr/lib/postgresql", "postgresql"),
         ("/usr/sbin/pgbouncer", "pgbouncer"),
+        ("/usr/sbin/mariadbd", "mariadb-server"),
+        ("/usr/bin/mariadb", "mariadb-client"),
+        ("/usr/bin/sysbench", "sysbench"),
     ])?;
     crate::util::run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
     let bin = target_dir().join("release/sluice");
@@ -191,18 +197,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "-".into()),
         );
     }
-    let sessions = agent.sessions()?;
-    let statements: u64 = sessions
-        .iter()
-        .filter_map(|s| s["statements"].as_u64())
-        .sum();
-    println!(
-        "\nsluice recorded {} sessions, {statements} statements",
-        sessions.len()
-    );
+    let (sessions, statements) = agent.recorded()?;
+    println!("\nsluice recorded {sessions} sessions, {statements} statements");
     drop(pgbouncer);
     drop(policed_agent);
     drop(secured_agent);
+    sysbench(&bin, args.seconds)?;
     large_result(&pg, &bin, &cgroup, args.rows)?;
     drop(agent);
     shipping(&pg, &bin)?;
@@ -210,6 +210,54 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     run_journal(&bin)?;
     println!();
     run_policy()
+}
+
+/// MySQL: sysbench `oltp_read_only` and `oltp_point_select` (prepared statements through
+/// MariaDB Connector/C) against a throwaway MariaDB, for 1 and 8 threads, direct and through
+/// an agent intercepting a bench cgroup.
+fn sysbench(bin: &std::path::Path, seconds: u32) -> anyhow::Result<()> {
+    let (tables, rows) = (4, 10_000);
+    eprintln!("bench: MariaDB, sysbench prepare ({tables} tables of {rows} rows)");
+    let db = MariaDb::start()?;
+    db.sysbench_prepare(tables, rows)?;
+    let cgroup = Cgroup::create("bench-mysql")?;
+    let agent = Agent::start(AgentOptions {
+        bin: Some(bin.to_path_buf()),
+        cgroup: Some(cgroup.path.clone()),
+        targets: vec![mysql_target("bench-mysql", &db.addr().to_string())],
+        ..AgentOptions::default()
+    })?;
+    println!(
+        "\nsysbench on MariaDB, {tables} tables of {rows} rows, {seconds} s per run (TPS; ratio against direct)"
+    );
+    println!(
+        "{:<18} {:>8} {:>10} {:>10} {:>7}",
+        "workload", "threads", "direct", "sluice", "ratio"
+    );
+    for workload in ["oltp_read_only", "oltp_point_select"] {
+        for threads in [1u32, 8] {
+            let run =
+                |cmd: Command| sysbench_run(cmd, workload, db.port, tables, rows, threads, seconds);
+            let direct = run(Command::new("sysbench"))?;
+            let through = run(cgroup.command(None, "sysbench"))?;
+            for (how, r) in [("direct", &direct), ("through sluice", &through)] {
+                if r.ignored_errors > 0 {
+                    bail!("sysbench {workload} {how}: {} errors", r.ignored_errors);
+                }
+            }
+            println!(
+                "{:<18} {:>8} {:>10.0} {:>10.0} {:>7.3}",
+                workload,
+                threads,
+                direct.tps,
+                through.tps,
+                through.tps / direct.tps
+            );
+        }
+    }
+    let (sessions, statements) = agent.recorded()?;
+    println!("\nsluice recorded {sessions} MySQL sessions, {statements} statements");
+    Ok(())
 }
 
 /// Shipper throughput to a local collector: an agent records the large result (`big`) while

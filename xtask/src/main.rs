@@ -24,7 +24,7 @@ enum Command {
     Test(test::Args),
     /// Start a throwaway PostgreSQL and the agent, run psql through it, print the replay.
     Demo(demo::Args),
-    /// pgbench -S direct vs through sluice (1 and 8 clients), with ratios.
+    /// pgbench -S and sysbench (MySQL) direct vs through sluice (1 and 8 clients), with ratios.
     Bench(bench::Args),
 }
 
