@@ -3,16 +3,29 @@
 //! Two kinds of request share one life cycle (`journal::AccessRequest`):
 //! - a **held statement**: a policy annotated `@approval("group")` denied it; its session waits
 //!   on [`Access::hold`]'s receiver until someone decides, the hold times out, or the session
-//!   goes away;
+//!   goes away. A protocol that cannot keep its client waiting past the timeout (MySQL has no
+//!   mid-query notice) *defers* the request instead of timing it out: it stays open for a
+//!   decision, and once approved the same principal's next run of the same statement text on
+//!   the same target, in any session, uses the approval, once ([`Access::take_ready`]);
 //! - **just-in-time access** (`sluice request access`): an approved one is a grant that makes
 //!   `context.jit` true for that principal on that target until it expires or is revoked.
 //!
 //! Rules: only members of the request's approver group decide, and never the requester; a
-//! request is decided once. Every state change is written to the journal's `requests` family
-//! before it takes effect (a waiting session is woken, a grant counts), so what the agent acted
-//! on is what survives a restart. At start, statements still pending belong to sessions that
-//! no longer exist and are marked abandoned; access requests stay pending and grants stay
-//! until they expire.
+//! request is decided once, and a deferred statement's approval is used once. Every state
+//! change is written to the journal's `requests` family before it takes effect (a waiting
+//! session is woken, a grant counts, a re-run is let through), so what the agent acted on is
+//! what survives a restart. At start, statements still pending belong to sessions that no
+//! longer exist and are marked abandoned; deferred statements and unused approvals belong to
+//! no session and stay, like access requests; grants stay until they expire.
+//!
+//! ```text
+//! statement:  Pending --decide--> Approved | Denied          (the waiting session runs it or not)
+//!             Pending --settle--> TimedOut | Abandoned       (the session stopped waiting)
+//!             Pending --settle--> Deferred --decide--> Ready --take_ready--> Used
+//!                                          \--decide--> Denied   \--revoke--> Revoked
+//!             Deferred --hold (same principal, target, text)--> Pending (waited on again)
+//! access:     Pending --decide--> Approved (a grant until expiry) --revoke--> Revoked
+//! ```
 //!
 //! Memory: every request is kept in memory (they are few: people make them); the grants that
 //! policy asks about per statement are a separate short list, checked under a mutex without
@@ -137,10 +150,28 @@ impl Access {
     }
 
     /// Records a held statement and returns its request and the receiver its session waits on.
+    /// The same principal's deferred request for the same statement text on the same target is
+    /// waited on again rather than doubled (its approvers see one request, however often the
+    /// statement is retried before they decide).
     pub fn hold(
         &self,
         h: HoldRequest<'_>,
     ) -> Result<(AccessRequest, oneshot::Receiver<Outcome>), AccessError> {
+        let mut inner = self.lock();
+        let deferred = inner.requests.iter().position(|r| {
+            matches!(r.state, RequestState::Deferred { .. })
+                && same_statement(r, &h.requester.name, h.target, h.sql)
+        });
+        if let Some(i) = deferred {
+            let mut resumed = inner.requests[i].clone();
+            resumed.state = RequestState::Pending;
+            self.journal.put_request(&resumed)?;
+            let (tx, rx) = oneshot::channel();
+            inner.waiters.insert(resumed.id.clone(), tx);
+            inner.requests[i] = resumed.clone();
+            return Ok((resumed, rx));
+        }
+        drop(inner);
         let request = AccessRequest {
             id: new_id(),
             created_ns: now_ns(),
@@ -215,7 +246,8 @@ impl Access {
         let mut inner = self.lock();
         let i = find(&inner.requests, id)?;
         let r = &inner.requests[i];
-        if r.state != RequestState::Pending {
+        let deferred = matches!(r.state, RequestState::Deferred { .. });
+        if r.state != RequestState::Pending && !deferred {
             return Err(AccessError::NotPending {
                 id: r.id.clone(),
                 state: r.state.word(),
@@ -237,7 +269,14 @@ impl Access {
         }
         let at_ns = now_ns();
         let mut updated = r.clone();
-        updated.state = if approve {
+        updated.state = if approve && deferred {
+            // Nobody waits: the approval waits for the statement to be run again.
+            RequestState::Ready {
+                by: by.name.clone(),
+                comment: text.to_string(),
+                at_ns,
+            }
+        } else if approve {
             let expires_ns = match updated.kind {
                 RequestKind::Access { seconds } => {
                     Some(at_ns.saturating_add(seconds.saturating_mul(1_000_000_000)))
@@ -284,7 +323,8 @@ impl Access {
 
     /// A held statement's session stopped waiting (timeout, client gone, shutdown). Returns the
     /// outcome if someone decided in the meantime (the session must honour it), else records
-    /// `state` and returns None.
+    /// `state` (TimedOut, Abandoned, or Deferred to keep the request open for a re-run) and
+    /// returns None.
     pub fn settle(&self, id: &str, state: RequestState) -> Result<Option<Outcome>, AccessError> {
         let mut inner = self.lock();
         inner.waiters.remove(id);
@@ -314,13 +354,48 @@ impl Access {
         Ok(None)
     }
 
-    /// Takes back an active grant: its grantee or a member of its approver group may.
+    /// A run of `sql` by `principal` on `target` that an approval policy would hold: uses the
+    /// oldest unused approval of a deferred request for exactly that statement, if there is one.
+    /// The use is recorded before this returns (so before the statement is forwarded), and a
+    /// second run finds nothing. Err: the use cannot be recorded (the caller holds or denies).
+    pub fn take_ready(
+        &self,
+        principal: &str,
+        target: &str,
+        sql: &str,
+        session: SessionId,
+    ) -> Result<Option<AccessRequest>, AccessError> {
+        let mut inner = self.lock();
+        let Some(i) = inner.requests.iter().position(|r| {
+            matches!(r.state, RequestState::Ready { .. })
+                && same_statement(r, principal, target, sql)
+        }) else {
+            return Ok(None);
+        };
+        let mut used = inner.requests[i].clone();
+        let RequestState::Ready { by, comment, at_ns } = used.state else {
+            return Ok(None);
+        };
+        used.state = RequestState::Used {
+            by,
+            comment,
+            approved_ns: at_ns,
+            at_ns: now_ns(),
+            session,
+        };
+        self.journal.put_request(&used)?;
+        inner.requests[i] = used.clone();
+        Ok(Some(used))
+    }
+
+    /// Takes back an active grant, or an approval no re-run has used yet: its requester or a
+    /// member of its approver group may.
     pub fn revoke(&self, id: &str, by: &Principal) -> Result<AccessRequest, AccessError> {
         let mut inner = self.lock();
         let i = find(&inner.requests, id)?;
         let r = &inner.requests[i];
-        let active =
-            matches!(r.state, RequestState::Approved { expires_ns: Some(e), .. } if e > now_ns());
+        let active = matches!(r.state, RequestState::Ready { .. })
+            || matches!(r.state, RequestState::Approved { expires_ns: Some(e), .. } if e > now_ns());
         if !active {
             return Err(AccessError::NotActive { id: r.id.clone() });
         }
@@ -352,12 +427,13 @@ impl Access {
             .any(|g| g.expires_ns > now && g.principal == principal && g.target == target)
     }
 
-    /// Requests, oldest first: the pending ones, or all.
+    /// Requests, oldest first: the open ones (pending, deferred, approved but not used yet), or
+    /// all.
     pub fn list(&self, all: bool) -> Vec<AccessRequest> {
         self.lock()
             .requests
             .iter()
-            .filter(|r| all || r.state == RequestState::Pending)
+            .filter(|r| all || r.state.is_open())
             .cloned()
             .collect()
     }
@@ -374,6 +450,41 @@ impl Access {
     }
 }
 
+/// Marks a held statement abandoned if its session stops waiting without settling it: the
+/// waiting future is dropped (agent shutdown, the other direction ended) or returns early (the
+/// client hung up). [`HoldGuard::disarm`] once the session settled the request itself.
+pub struct HoldGuard<'a> {
+    access: &'a Access,
+    request: Option<String>,
+}
+
+impl<'a> HoldGuard<'a> {
+    pub fn new(access: &'a Access, request: &str) -> HoldGuard<'a> {
+        HoldGuard {
+            access,
+            request: Some(request.to_string()),
+        }
+    }
+
+    pub fn disarm(&mut self) {
+        self.request = None;
+    }
+}
+
+impl Drop for HoldGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.request.take() {
+            let state = RequestState::Abandoned {
+                at_ns: now_ns(),
+                why: "the session ended while the statement was held".into(),
+            };
+            if let Err(e) = self.access.settle(&id, state) {
+                tracing::warn!(request = %id, error = %e, "cannot mark a held statement abandoned");
+            }
+        }
+    }
+}
+
 /// Is `who` a member of one of `approvers` (one group, or several separated by commas:
 /// `@approval("dba, sre")`)?
 fn is_approver(who: &Principal, approvers: &str) -> bool {
@@ -381,6 +492,13 @@ fn is_approver(who: &Principal, approvers: &str) -> bool {
         .split(',')
         .map(str::trim)
         .any(|g| !g.is_empty() && who.groups.iter().any(|m| m == g))
+}
+
+/// Is `r` a held statement of `principal`'s with exactly this text on `target`?
+fn same_statement(r: &AccessRequest, principal: &str, target: &str, sql: &str) -> bool {
+    matches!(&r.kind, RequestKind::Statement { sql: s, .. } if s == sql)
+        && r.requester.name == principal
+        && r.target == target
 }
 
 fn grant_of(r: &AccessRequest) -> Option<Grant> {
@@ -556,6 +674,224 @@ mod tests {
                 }
             ),
             "{e}"
+        );
+    }
+
+    fn defer(access: &Access, id: &str) {
+        assert!(
+            access
+                .settle(id, RequestState::Deferred { at_ns: now_ns() })
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    const SQL: &str = "delete from t where id = 1";
+
+    #[test]
+    fn a_deferred_statement_approved_later_runs_once_for_its_principal_text_and_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let access = Access::open(Journal::open(dir.path()).unwrap()).unwrap();
+        let ada = who("ada", &["dev"]);
+        let (req, _rx) = hold(&access, &ada);
+        defer(&access, &req.id);
+        // Still open for a decision, listed, and nothing to use yet.
+        assert_eq!(access.list(false).len(), 1);
+        assert!(
+            access
+                .take_ready("ada", "prod-db", SQL, SessionId::new())
+                .unwrap()
+                .is_none()
+        );
+        let r = access
+            .decide(&req.id, &who("cy", &["dba"]), true, "INC-7")
+            .unwrap();
+        assert_eq!(r.state.word(), "ready");
+        assert_eq!(access.list(false).len(), 1, "an unused approval is open");
+
+        // Another principal, text or target does not use it.
+        let later = SessionId::new();
+        for (p, t, sql) in [
+            ("bob", "prod-db", SQL),
+            ("ada", "app-db", SQL),
+            ("ada", "prod-db", "delete from t where id = 2"),
+            ("ada", "prod-db", "DELETE FROM t WHERE id = 1"),
+        ] {
+            assert!(access.take_ready(p, t, sql, later).unwrap().is_none());
+        }
+        let used = access
+            .take_ready("ada", "prod-db", SQL, later)
+            .unwrap()
+            .unwrap();
+        assert_eq!(used.id, req.id);
+        assert!(
+            matches!(&used.state, RequestState::Used { by, comment, session, .. }
+                if by == "cy" && comment == "INC-7" && *session == later),
+            "{:?}",
+            used.state
+        );
+        // Once.
+        assert!(
+            access
+                .take_ready("ada", "prod-db", SQL, later)
+                .unwrap()
+                .is_none()
+        );
+        assert!(access.list(false).is_empty());
+        let e = access
+            .decide(&req.id, &who("dee", &["dba"]), false, "no")
+            .unwrap_err();
+        assert!(
+            matches!(e, AccessError::NotPending { state: "used", .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_deferred_statement_run_again_before_a_decision_is_the_same_request_waited_on_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let access = Access::open(Journal::open(dir.path()).unwrap()).unwrap();
+        let ada = who("ada", &["dev"]);
+        let (first, _rx) = hold(&access, &ada);
+        defer(&access, &first.id);
+        let (again, mut rx) = hold(&access, &ada);
+        assert_eq!(again.id, first.id);
+        assert_eq!(again.state, RequestState::Pending);
+        // Approved while this session waits: it runs there, and is not left to use again.
+        access
+            .decide(&first.id, &who("cy", &["dba"]), true, "")
+            .unwrap();
+        assert!(matches!(rx.try_recv().unwrap(), Outcome::Approved { .. }));
+        assert!(
+            access
+                .take_ready("ada", "prod-db", SQL, SessionId::new())
+                .unwrap()
+                .is_none()
+        );
+        // Someone else's identical statement is a request of its own.
+        let (bobs, _rx) = hold(&access, &who("bob", &["dev"]));
+        assert_ne!(bobs.id, first.id);
+    }
+
+    #[test]
+    fn a_denied_or_revoked_deferred_statement_is_never_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let access = Access::open(Journal::open(dir.path()).unwrap()).unwrap();
+        let ada = who("ada", &["dev"]);
+        let (req, _rx) = hold(&access, &ada);
+        defer(&access, &req.id);
+        access
+            .decide(&req.id, &who("cy", &["dba"]), false, "use the archive job")
+            .unwrap();
+        let (req2, _rx) = hold(&access, &ada);
+        assert_ne!(req2.id, req.id, "a denied request is not waited on again");
+        defer(&access, &req2.id);
+        access
+            .decide(&req2.id, &who("cy", &["dba"]), true, "")
+            .unwrap();
+        let e = access.revoke(&req2.id, &who("bob", &["dev"])).unwrap_err();
+        assert!(matches!(e, AccessError::NotRevoker { .. }), "{e}");
+        assert_eq!(
+            access.revoke(&req2.id, &ada).unwrap().state.word(),
+            "revoked"
+        );
+        assert!(
+            access
+                .take_ready("ada", "prod-db", SQL, SessionId::new())
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn deferred_requests_and_unused_approvals_survive_a_restart_and_a_use_is_not_repeated() {
+        let dir = tempfile::tempdir().unwrap();
+        let ada = who("ada", &["dev"]);
+        let sql2 = "delete from t where id = 2";
+        let (ready, deferred, used) = {
+            let access = Access::open(Journal::open(dir.path()).unwrap()).unwrap();
+            let (a, _rx) = hold(&access, &ada);
+            defer(&access, &a.id);
+            access
+                .decide(&a.id, &who("cy", &["dba"]), true, "")
+                .unwrap();
+            let (b, _rx) = access
+                .hold(HoldRequest {
+                    session: SessionId::new(),
+                    requester: &ada,
+                    target: "prod-db",
+                    sql: sql2,
+                    action: "delete",
+                    policies: &[],
+                    reason: "needs a DBA",
+                    approvers: "dba",
+                })
+                .unwrap();
+            defer(&access, &b.id);
+            let (c, _rx) = access
+                .hold(HoldRequest {
+                    session: SessionId::new(),
+                    requester: &ada,
+                    target: "app-db",
+                    sql: SQL,
+                    action: "delete",
+                    policies: &[],
+                    reason: "needs a DBA",
+                    approvers: "dba",
+                })
+                .unwrap();
+            defer(&access, &c.id);
+            access
+                .decide(&c.id, &who("cy", &["dba"]), true, "")
+                .unwrap();
+            access
+                .take_ready("ada", "app-db", SQL, SessionId::new())
+                .unwrap()
+                .unwrap();
+            (a.id, b.id, c.id)
+        };
+        let access = Access::open(Journal::open(dir.path()).unwrap()).unwrap();
+        let word = |id: &str| {
+            access
+                .list(true)
+                .into_iter()
+                .find(|r| r.id == id)
+                .unwrap()
+                .state
+                .word()
+        };
+        assert_eq!(
+            (word(&ready), word(&deferred), word(&used)),
+            ("ready", "deferred", "used")
+        );
+        assert!(
+            access
+                .take_ready("ada", "app-db", SQL, SessionId::new())
+                .unwrap()
+                .is_none()
+        );
+        // Still decidable after the restart, and usable once.
+        access
+            .decide(&deferred, &who("cy", &["dba"]), true, "")
+            .unwrap();
+        let s = SessionId::new();
+        assert!(
+            access
+                .take_ready("ada", "prod-db", sql2, s)
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            access
+                .take_ready("ada", "prod-db", SQL, s)
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            access
+                .take_ready("ada", "prod-db", SQL, s)
+                .unwrap()
+                .is_none()
         );
     }
 

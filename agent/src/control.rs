@@ -68,7 +68,7 @@ pub enum ControlError {
 pub enum ControlRequest {
     /// Who the agent takes the caller for.
     Whoami,
-    /// Pending requests, or all of them.
+    /// Open requests (pending, deferred, approved but not used yet), or all of them.
     Requests {
         all: bool,
     },

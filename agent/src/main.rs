@@ -162,7 +162,8 @@ enum Command {
         #[command(subcommand)]
         command: JournalCommand,
     },
-    /// List requests for approval (held statements, access requests): pending ones, or --all.
+    /// List requests for approval (held statements, access requests): open ones (pending,
+    /// deferred, approved but not used yet), or --all.
     Requests {
         /// Also decided, timed-out and abandoned ones.
         #[arg(long)]

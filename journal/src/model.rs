@@ -251,10 +251,37 @@ pub enum RequestState {
         at_ns: u64,
         why: String,
     },
-    /// An approved grant taken back before its expiry.
+    /// An approved grant taken back before its expiry, or an unused approval ([`Ready`]) taken
+    /// back before a re-run used it.
+    ///
+    /// [`Ready`]: RequestState::Ready
     Revoked {
         by: String,
         at_ns: u64,
+    },
+    /// Still undecided, but no session waits for it any more: a protocol without a way to keep a
+    /// client waiting (MySQL) gave up at the hold timeout and told the client to run the same
+    /// statement again once it is approved. Survives a restart (added after `Revoked`).
+    Deferred {
+        at_ns: u64,
+    },
+    /// A deferred statement's approval, not used yet: the next run of the same statement by the
+    /// same principal on the same target, in any session, uses it (added after `Deferred`).
+    Ready {
+        by: String,
+        comment: String,
+        at_ns: u64,
+    },
+    /// A [`Ready`] approval that a run of the statement used, once (added after `Ready`).
+    ///
+    /// [`Ready`]: RequestState::Ready
+    Used {
+        by: String,
+        comment: String,
+        approved_ns: u64,
+        at_ns: u64,
+        /// The session the statement ran in.
+        session: SessionId,
     },
 }
 
@@ -268,7 +295,18 @@ impl RequestState {
             RequestState::TimedOut { .. } => "timed-out",
             RequestState::Abandoned { .. } => "abandoned",
             RequestState::Revoked { .. } => "revoked",
+            RequestState::Deferred { .. } => "deferred",
+            RequestState::Ready { .. } => "ready",
+            RequestState::Used { .. } => "used",
         }
+    }
+
+    /// Still waiting for something: a decision (pending, deferred) or a re-run (ready).
+    pub fn is_open(&self) -> bool {
+        matches!(
+            self,
+            RequestState::Pending | RequestState::Deferred { .. } | RequestState::Ready { .. }
+        )
     }
 
     /// Who decided, when a person did.
@@ -276,7 +314,9 @@ impl RequestState {
         match self {
             RequestState::Approved { by, .. }
             | RequestState::Denied { by, .. }
-            | RequestState::Revoked { by, .. } => Some(by),
+            | RequestState::Revoked { by, .. }
+            | RequestState::Ready { by, .. }
+            | RequestState::Used { by, .. } => Some(by),
             _ => None,
         }
     }
@@ -299,6 +339,16 @@ impl RequestState {
             RequestState::TimedOut { .. } => "not decided in time".into(),
             RequestState::Abandoned { why, .. } => with("abandoned".into(), why),
             RequestState::Revoked { by, .. } => format!("revoked by {by}"),
+            RequestState::Deferred { .. } => {
+                "not decided while the session waited; once approved, the same statement runs once when run again".into()
+            }
+            RequestState::Ready { by, comment, .. } => with(
+                format!("approved by {by}, runs once when the same statement is run again"),
+                comment,
+            ),
+            RequestState::Used { by, session, .. } => {
+                format!("approved by {by}, used in session {session}")
+            }
         }
     }
 }

@@ -42,12 +42,18 @@ impl DecisionKind {
         match (self, body) {
             (DecisionKind::Denied, Body::Decision(d)) => !d.allowed,
             (DecisionKind::Allowed, Body::Decision(d)) => d.allowed,
+            // A deferred statement did not run in the session that deferred it.
             (DecisionKind::Denied, Body::Review(r)) => matches!(
                 r.state,
-                RequestState::Denied { .. } | RequestState::TimedOut { .. }
+                RequestState::Denied { .. }
+                    | RequestState::TimedOut { .. }
+                    | RequestState::Deferred { .. }
             ),
             (DecisionKind::Approved, Body::Review(r)) => {
-                matches!(r.state, RequestState::Approved { .. })
+                matches!(
+                    r.state,
+                    RequestState::Approved { .. } | RequestState::Used { .. }
+                )
             }
             (DecisionKind::Held, Body::Review(r)) => matches!(r.state, RequestState::Pending),
             _ => false,
