@@ -1,7 +1,9 @@
 //! Arbitrary bytes as a MySQL/MariaDB stream: framing (with and without sequence-id checks,
 //! 16 MiB reassembly), every payload decoder (handshake, response, auth replies, OK/ERR/EOF,
 //! commands, column definitions, text/binary rows, execute parameters), the response state
-//! machine under two capability sets, and the Transcriber must never panic.
+//! machine under two capability sets, and the Transcriber must never panic. Every payload also
+//! goes through the row rewriter (masking's codec) as a text and a binary row: a rewritten row
+//! must decode with the same columns, keep its NULLs NULL, and a rejected one writes nothing.
 #![no_main]
 
 #[allow(dead_code, unused_imports)]
@@ -15,7 +17,10 @@ use protocol::mysql::handshake::{
     parse_auth_reply, parse_client_handshake, parse_eof, parse_err, parse_handshake, parse_ok,
 };
 use protocol::mysql::response::{Event, ResponseMachine};
-use protocol::mysql::resultset::{ColumnDef, decode_binary_row, decode_text_row, parse_column_def};
+use protocol::mysql::resultset::{
+    ColumnDef, Value, decode_binary_row, decode_text_row, parse_column_def,
+};
+use protocol::mysql::rewrite::{Cell, RowFormat, rewrite_row};
 use protocol::mysql::{Decoder, Transcriber, packet_len, packets, whole_packets};
 
 const MAX: usize = 1 << 20;
@@ -29,6 +34,45 @@ fn machine(caps: Capabilities, data: &[u8]) {
         } else if let Ok(Event::Row(row)) = m.server(&p.payload) {
             let _ = m.row(row).map(|v| v.iter().map(|v| v.render()).count());
         }
+    }
+}
+
+/// Rewrites `payload` as a row of `format` with a masker that replaces, nulls or keeps values
+/// by their first byte, and checks the result.
+fn rewrite(payload: &[u8], format: RowFormat<'_>) {
+    fn decode<'a>(b: &'a [u8], format: RowFormat<'_>) -> Option<Vec<Value<'a>>> {
+        match format {
+            RowFormat::Text { columns } => decode_text_row(b, columns).ok(),
+            RowFormat::Binary { columns } => decode_binary_row(b, columns).ok(),
+        }
+    }
+    let mut out = vec![0xAA];
+    let mut scratch = Vec::new();
+    let result = rewrite_row(
+        payload,
+        format,
+        &mut scratch,
+        |_, v, s| match v.first().map(|b| b % 3) {
+            Some(0) => {
+                s.extend_from_slice(&v[..v.len() / 2]);
+                s.extend_from_slice(b"****");
+                Cell::Replaced
+            }
+            Some(1) => Cell::Null,
+            _ => Cell::Keep,
+        },
+        &mut out,
+    );
+    match result {
+        Ok(true) => {
+            let before = decode(payload, format).expect("a rewritten row was valid");
+            let after = decode(&out[1..], format).expect("the rewritten row decodes");
+            assert_eq!(before.len(), after.len());
+            for (b, a) in before.iter().zip(&after) {
+                assert!(*b != Value::Null || *a == Value::Null, "NULL became a value");
+            }
+        }
+        _ => assert_eq!(out, [0xAA]),
     }
 }
 
@@ -74,6 +118,8 @@ fuzz_target!(|data: &[u8]| {
         let _ = decode_text_row(b, 4);
         let _ = decode_binary_row(b, &columns).map(|v| v.iter().map(|v| v.render()).count());
         let _ = decode_execute_params(b, 3, &[], &[]);
+        rewrite(b, RowFormat::Text { columns: 4 });
+        rewrite(b, RowFormat::Binary { columns: &columns });
     }
     machine(default, data);
     machine(mariadb, data);

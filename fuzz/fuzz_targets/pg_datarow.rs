@@ -16,8 +16,8 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use mask::engine::{ColumnDesc, Format, MaskPlan};
-use mask::pgrow::{DataRow, RowRewrite, rewrite_copy_text, rewrite_data_row};
+use mask::engine::{ColumnDesc, MaskPlan};
+use mask::pgrow::{DataRow, Format, RowRewrite, rewrite_copy_text, rewrite_data_row, value_kind};
 use mask::rules::{Audience, Origin, RuleSet};
 
 const RULES: &str = r#"
@@ -92,9 +92,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     // The column count the body claims (capped), so most inputs reach the masking path.
-    let claimed = body
-        .get(..2)
-        .map_or(0, |b| i16::from_be_bytes([b[0], b[1]]).clamp(0, 64) as usize);
+    let claimed = body.get(..2).map_or(0, |b| {
+        i16::from_be_bytes([b[0], b[1]]).clamp(0, 64) as usize
+    });
     let s = usize::from(sel);
     let cols: Vec<ColumnDesc<'_>> = (0..claimed)
         .map(|i| ColumnDesc {
@@ -102,12 +102,14 @@ fuzz_target!(|data: &[u8]| {
                 name: NAMES[(s + i) % NAMES.len()],
                 ..Origin::default()
             },
-            type_oid: TYPES[(s / 4 + i) % TYPES.len()],
-            format: if (sel >> (i % 8)) & 1 == 1 {
-                Format::Binary
-            } else {
-                Format::Text
-            },
+            kind: value_kind(
+                TYPES[(s / 4 + i) % TYPES.len()],
+                if (sel >> (i % 8)) & 1 == 1 {
+                    Format::Binary
+                } else {
+                    Format::Text
+                },
+            ),
         })
         .collect();
     let mut plan = MaskPlan::new(rules(), "fuzz", Audience::Groups(&[]), &cols);

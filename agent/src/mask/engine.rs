@@ -10,12 +10,16 @@
 //!
 //! Decisions, per column:
 //! - A column rule (by origin or name) masks the whole value with the principal's strategy;
-//!   content detectors then do not run on it.
+//!   content detectors then do not run on it. A rule whose strategy for the principal is
+//!   `clear` (an exempting override) leaves the column as it is, unscanned; a detector whose
+//!   strategy is `clear` is off for that principal.
 //! - Otherwise the target's detectors scan the value and only the findings are replaced.
 //!   Overlapping findings are merged and get the strictest of their strategies; a `null`
 //!   strategy nulls the whole value.
 //! - Types: the replacement must stay a valid value of the column's type, or the column
-//!   becomes NULL. Text-like types (text, varchar, bpchar, name, xml, unknown, and unknown
+//!   becomes NULL. The engine sees types as a protocol-neutral [`ValueKind`]; the PostgreSQL
+//!   mapping (below, by type name) is [`pgrow::value_kind`](super::pgrow::value_kind), the
+//!   MySQL one is in `proxy/mysql/masking.rs`. Text-like types (text, varchar, bpchar, name, xml, unknown, and unknown
 //!   OIDs such as composites, enums, domains in text format) take text masks; json/jsonb get
 //!   a JSON string (`"****"`) for a whole value, and findings outside JSON strings (a card
 //!   number as a JSON number) become JSON strings too, so documents stay valid JSON; binary
@@ -37,21 +41,38 @@ use super::detect::{DetectorId, Finding};
 use super::rules::{Audience, Origin, RuleSet, StrategyId};
 use super::strategy::{Applied, Strategy, StrategyKind};
 
-/// Wire format of a column's values.
+/// What a column's values are, in the engine's terms: the shared vocabulary between the
+/// protocols and the engine. Each protocol maps its own types onto it (PostgreSQL: the type
+/// OID and format, [`pgrow::value_kind`](super::pgrow::value_kind); MySQL: the column
+/// definition, in the proxy's MySQL masking), so the engine knows no protocol's types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Format {
+pub enum ValueKind {
+    /// Text, possibly holding a JSON document: findings are replaced in place; a whole-value
+    /// mask is text (a JSON string when the value looks like a JSON document).
     #[default]
     Text,
-    Binary,
+    /// A JSON document: findings outside strings become strings; a whole-value mask is a
+    /// JSON string.
+    Json,
+    /// A text array literal (`{a,b}`): findings are replaced in place; a whole-value mask,
+    /// which would not be an array, is NULL.
+    TextArray,
+    /// PostgreSQL's binary jsonb: a version byte (1), then JSON text.
+    JsonbBinary,
+    /// Bytes that cannot be rewritten in place (binary composites and unknown binary types,
+    /// network addresses): scanned as raw bytes; NULL when anything is found or a column
+    /// rule applies.
+    ScanThenNull,
+    /// A non-text scalar (numbers, decimals, dates and times, booleans, uuids, bytes, bits):
+    /// never scanned (ids are not card numbers); NULL when a column rule applies.
+    Scalar,
 }
 
 /// One result column, as the proxy knows it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ColumnDesc<'a> {
     pub origin: Origin<'a>,
-    /// PostgreSQL type OID (0 if unknown: treated as text).
-    pub type_oid: u32,
-    pub format: Format,
+    pub kind: ValueKind,
 }
 
 /// What becomes of one value.
@@ -93,46 +114,6 @@ pub struct Firing {
     pub values: u64,
 }
 
-/// PostgreSQL type OIDs the engine treats specially.
-pub mod oid {
-    pub const BOOL: u32 = 16;
-    pub const BYTEA: u32 = 17;
-    pub const CHAR: u32 = 18;
-    pub const NAME: u32 = 19;
-    pub const INT8: u32 = 20;
-    pub const INT2: u32 = 21;
-    pub const INT4: u32 = 23;
-    pub const TEXT: u32 = 25;
-    pub const OID: u32 = 26;
-    pub const JSON: u32 = 114;
-    pub const XML: u32 = 142;
-    pub const JSON_ARRAY: u32 = 199;
-    pub const CIDR: u32 = 650;
-    pub const FLOAT4: u32 = 700;
-    pub const FLOAT8: u32 = 701;
-    pub const UNKNOWN: u32 = 705;
-    pub const MONEY: u32 = 790;
-    pub const INET: u32 = 869;
-    pub const NAME_ARRAY: u32 = 1003;
-    pub const TEXT_ARRAY: u32 = 1009;
-    pub const BPCHAR_ARRAY: u32 = 1014;
-    pub const VARCHAR_ARRAY: u32 = 1015;
-    pub const BPCHAR: u32 = 1042;
-    pub const VARCHAR: u32 = 1043;
-    pub const DATE: u32 = 1082;
-    pub const TIME: u32 = 1083;
-    pub const TIMESTAMP: u32 = 1114;
-    pub const TIMESTAMPTZ: u32 = 1184;
-    pub const INTERVAL: u32 = 1186;
-    pub const TIMETZ: u32 = 1266;
-    pub const BIT: u32 = 1560;
-    pub const VARBIT: u32 = 1562;
-    pub const NUMERIC: u32 = 1700;
-    pub const UUID: u32 = 2950;
-    pub const JSONB: u32 = 3802;
-    pub const JSONB_ARRAY: u32 = 3807;
-}
-
 /// Whether a text value is JSON.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Json {
@@ -160,81 +141,23 @@ enum Handling {
     OpaqueText,
 }
 
-fn is_text_like(oid: u32) -> bool {
-    matches!(
-        oid,
-        0 | oid::TEXT | oid::VARCHAR | oid::BPCHAR | oid::NAME | oid::UNKNOWN | oid::XML
-    )
-}
-
-fn is_json(oid: u32) -> bool {
-    matches!(oid, oid::JSON | oid::JSONB)
-}
-
-fn is_text_array(oid: u32) -> bool {
-    matches!(
-        oid,
-        oid::TEXT_ARRAY
-            | oid::VARCHAR_ARRAY
-            | oid::BPCHAR_ARRAY
-            | oid::NAME_ARRAY
-            | oid::JSON_ARRAY
-            | oid::JSONB_ARRAY
-    )
-}
-
-fn is_address(oid: u32) -> bool {
-    matches!(oid, oid::INET | oid::CIDR)
-}
-
-/// Scalars whose values never carry a sensitive shape as text worth finding: numbers (ids
-/// would look like card numbers), dates and times, booleans, uuids, bytes, bits.
-fn is_plain_scalar(oid: u32) -> bool {
-    matches!(
-        oid,
-        oid::BOOL
-            | oid::BYTEA
-            | oid::CHAR
-            | oid::INT8
-            | oid::INT2
-            | oid::INT4
-            | oid::OID
-            | oid::FLOAT4
-            | oid::FLOAT8
-            | oid::MONEY
-            | oid::DATE
-            | oid::TIME
-            | oid::TIMESTAMP
-            | oid::TIMESTAMPTZ
-            | oid::INTERVAL
-            | oid::TIMETZ
-            | oid::BIT
-            | oid::VARBIT
-            | oid::NUMERIC
-            | oid::UUID
-    )
-}
-
-fn handling(type_oid: u32, format: Format) -> Handling {
-    let text = |json| Handling::Text {
-        json,
-        whole_ok: true,
-    };
-    match format {
-        Format::Text if is_text_like(type_oid) => text(Json::Maybe),
-        Format::Text if is_json(type_oid) => text(Json::Yes),
-        Format::Text if is_text_array(type_oid) => Handling::Text {
+fn handling(kind: ValueKind) -> Handling {
+    match kind {
+        ValueKind::Text => Handling::Text {
+            json: Json::Maybe,
+            whole_ok: true,
+        },
+        ValueKind::Json => Handling::Text {
+            json: Json::Yes,
+            whole_ok: true,
+        },
+        ValueKind::TextArray => Handling::Text {
             json: Json::No,
             whole_ok: false,
         },
-        Format::Text if is_address(type_oid) => Handling::ScanThenNull,
-        Format::Text if is_plain_scalar(type_oid) => Handling::Opaque,
-        Format::Text => text(Json::Maybe),
-        Format::Binary if is_text_like(type_oid) && type_oid != 0 => text(Json::Maybe),
-        Format::Binary if type_oid == oid::JSON => text(Json::Yes),
-        Format::Binary if type_oid == oid::JSONB => Handling::JsonbBinary,
-        Format::Binary if is_plain_scalar(type_oid) || is_address(type_oid) => Handling::Opaque,
-        Format::Binary => Handling::ScanThenNull,
+        ValueKind::JsonbBinary => Handling::JsonbBinary,
+        ValueKind::ScanThenNull => Handling::ScanThenNull,
+        ValueKind::Scalar => Handling::Opaque,
     }
 }
 
@@ -265,6 +188,9 @@ struct ColumnPlan {
     /// The column rule: its name, the strategy for this audience, and whether that is the
     /// rule's strictest.
     rule: Option<(String, StrategyId, bool)>,
+    /// The column rule's strategy for this audience is `clear`: the values pass as they are,
+    /// unscanned.
+    exempt: bool,
 }
 
 /// What a firing counts, internally (no allocation to find one).
@@ -299,6 +225,7 @@ const UNPLANNED: ColumnPlan = ColumnPlan {
         whole_ok: false,
     },
     rule: None,
+    exempt: false,
 };
 
 impl MaskPlan {
@@ -318,10 +245,15 @@ impl MaskPlan {
                     strictest &= s;
                     (r.name.clone(), id, s)
                 });
+                // An exempting override: no rule, and no detector either.
+                let exempt = rule
+                    .as_ref()
+                    .is_some_and(|&(_, id, _)| rules.strategy(id).kind() == StrategyKind::Clear);
                 ColumnPlan {
                     name: c.origin.name.to_string(),
-                    handling: handling(c.type_oid, c.format),
-                    rule,
+                    handling: handling(c.kind),
+                    rule: rule.filter(|_| !exempt),
+                    exempt,
                 }
             })
             .collect();
@@ -330,6 +262,10 @@ impl MaskPlan {
         for (id, r) in rules.detector_rules(target) {
             let (sid, s) = rules.resolve(r.choice(), audience);
             strictest &= s;
+            if rules.strategy(sid).kind() == StrategyKind::Clear {
+                // Exempt from this detector.
+                continue;
+            }
             enabled.push(id);
             if let Some(slot) = detector_strategy.get_mut(usize::from(id.0)) {
                 *slot = Some((sid, s));
@@ -419,6 +355,9 @@ impl MaskPlan {
     }
 
     fn apply_as(&mut self, col: usize, h: Handling, value: &[u8], out: &mut Vec<u8>) -> Change {
+        if self.columns.get(col).is_some_and(|c| c.exempt) {
+            return Change::Unchanged;
+        }
         let rule = self
             .columns
             .get(col)
@@ -827,6 +766,7 @@ fn merge<'f>(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use super::super::pgrow::{Format, oid, value_kind};
     use super::*;
     use proptest::prelude::*;
 
@@ -887,8 +827,7 @@ mod tests {
                 name,
                 ..Origin::default()
             },
-            type_oid,
-            format,
+            kind: value_kind(type_oid, format),
         }
     }
 
@@ -925,6 +864,50 @@ mod tests {
         assert_eq!(r[0].source, Source::Column("email".into()));
         assert_eq!(r[0].strategy, StrategyKind::Partial);
         assert!(!r[0].strictest);
+    }
+
+    #[test]
+    fn a_clear_override_exempts_a_group_from_the_rule_and_the_detectors() {
+        let rules = Arc::new(
+            RuleSet::from_toml(
+                r#"
+                [[column]]
+                name = "email"
+                column = "email"
+                strategy = "redact"
+                [[column.override]]
+                groups = ["dba"]
+                strategy = "clear"
+                [[detector]]
+                name = "email"
+                strategy = "redact"
+                [[detector.override]]
+                groups = ["dba"]
+                strategy = "clear"
+                "#,
+                None,
+            )
+            .unwrap(),
+        );
+        let cols = [
+            col("email", oid::TEXT, Format::Text),
+            col("note", oid::TEXT, Format::Text),
+        ];
+        let dba = vec!["dba".to_string()];
+        let mut p = MaskPlan::new(rules.clone(), "app", Audience::Groups(&dba), &cols);
+        assert!(!p.is_active());
+        assert_eq!(p.apply(0, b"ann@example.com"), Outcome::Unchanged);
+        assert_eq!(p.apply(1, b"ann@example.com"), Outcome::Unchanged);
+        assert!(!p.strictest());
+        let mut p = MaskPlan::new(rules, "app", Audience::Groups(&[]), &cols);
+        assert_eq!(
+            p.apply(0, b"ann@example.com"),
+            Outcome::Replaced(b"****".to_vec())
+        );
+        assert_eq!(
+            p.apply(1, b"ann@example.com"),
+            Outcome::Replaced(b"****".to_vec())
+        );
     }
 
     #[test]
@@ -1034,8 +1017,7 @@ mod tests {
                 name: "e",
                 ..Origin::default()
             },
-            type_oid: oid::JSON,
-            format: Format::Text,
+            kind: value_kind(oid::JSON, Format::Text),
         }];
         let mut p = plan(&["support"], &cols);
         assert_eq!(

@@ -1,8 +1,10 @@
 //! Inline masking of sensitive values in result rows: the pure core (no I/O).
 //!
 //! Owns the masking rule file ([`rules`]), the content detectors ([`detect`]), the masking
-//! strategies ([`strategy`]), the per-result-set engine ([`engine`]) and the PostgreSQL row
-//! rewriters ([`pgrow`]). The proxy builds a [`MaskPlan`] from each RowDescription (or COPY
+//! strategies ([`strategy`]), the per-result-set engine ([`engine`], which sees types only as
+//! protocol-neutral [`ValueKind`]s) and the PostgreSQL row rewriters and type mapping
+//! ([`pgrow`]); MySQL rows are rewritten around the same engine by the proxy's MySQL masking
+//! (with `protocol::mysql::rewrite`). The proxy builds a [`MaskPlan`] from each RowDescription (or COPY
 //! column list) and the principal's groups, runs every DataRow through
 //! [`pgrow::rewrite_data_row`] before the journal and the client see it, and records
 //! [`MaskPlan::report`] per response. Never touches a socket, a file or the journal; the clear
@@ -19,7 +21,7 @@ pub mod pgrow;
 pub mod rules;
 pub mod strategy;
 
-pub use engine::{Change, ColumnDesc, Firing, Format, MaskPlan, Outcome, Source};
-pub use pgrow::{RowError, RowRewrite, rewrite_copy_text, rewrite_data_row};
+pub use engine::{Change, ColumnDesc, Firing, MaskPlan, Outcome, Source, ValueKind};
+pub use pgrow::{Format, RowError, RowRewrite, rewrite_copy_text, rewrite_data_row, value_kind};
 pub use rules::{Audience, Origin, RuleSet, RulesError, RulesFile};
 pub use strategy::StrategyKind;

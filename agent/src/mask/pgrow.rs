@@ -18,7 +18,128 @@
 use bytes::{BufMut, BytesMut};
 use thiserror::Error;
 
-use super::engine::{Change, MaskPlan};
+use super::engine::{Change, MaskPlan, ValueKind};
+
+/// Wire format of a column's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    #[default]
+    Text,
+    Binary,
+}
+
+/// PostgreSQL type OIDs the engine treats specially.
+pub mod oid {
+    pub const BOOL: u32 = 16;
+    pub const BYTEA: u32 = 17;
+    pub const CHAR: u32 = 18;
+    pub const NAME: u32 = 19;
+    pub const INT8: u32 = 20;
+    pub const INT2: u32 = 21;
+    pub const INT4: u32 = 23;
+    pub const TEXT: u32 = 25;
+    pub const OID: u32 = 26;
+    pub const JSON: u32 = 114;
+    pub const XML: u32 = 142;
+    pub const JSON_ARRAY: u32 = 199;
+    pub const CIDR: u32 = 650;
+    pub const FLOAT4: u32 = 700;
+    pub const FLOAT8: u32 = 701;
+    pub const UNKNOWN: u32 = 705;
+    pub const MONEY: u32 = 790;
+    pub const INET: u32 = 869;
+    pub const NAME_ARRAY: u32 = 1003;
+    pub const TEXT_ARRAY: u32 = 1009;
+    pub const BPCHAR_ARRAY: u32 = 1014;
+    pub const VARCHAR_ARRAY: u32 = 1015;
+    pub const BPCHAR: u32 = 1042;
+    pub const VARCHAR: u32 = 1043;
+    pub const DATE: u32 = 1082;
+    pub const TIME: u32 = 1083;
+    pub const TIMESTAMP: u32 = 1114;
+    pub const TIMESTAMPTZ: u32 = 1184;
+    pub const INTERVAL: u32 = 1186;
+    pub const TIMETZ: u32 = 1266;
+    pub const BIT: u32 = 1560;
+    pub const VARBIT: u32 = 1562;
+    pub const NUMERIC: u32 = 1700;
+    pub const UUID: u32 = 2950;
+    pub const JSONB: u32 = 3802;
+    pub const JSONB_ARRAY: u32 = 3807;
+}
+
+fn is_text_like(oid: u32) -> bool {
+    matches!(
+        oid,
+        0 | oid::TEXT | oid::VARCHAR | oid::BPCHAR | oid::NAME | oid::UNKNOWN | oid::XML
+    )
+}
+
+fn is_json(oid: u32) -> bool {
+    matches!(oid, oid::JSON | oid::JSONB)
+}
+
+fn is_text_array(oid: u32) -> bool {
+    matches!(
+        oid,
+        oid::TEXT_ARRAY
+            | oid::VARCHAR_ARRAY
+            | oid::BPCHAR_ARRAY
+            | oid::NAME_ARRAY
+            | oid::JSON_ARRAY
+            | oid::JSONB_ARRAY
+    )
+}
+
+fn is_address(oid: u32) -> bool {
+    matches!(oid, oid::INET | oid::CIDR)
+}
+
+/// Scalars whose values never carry a sensitive shape as text worth finding: numbers (ids
+/// would look like card numbers), dates and times, booleans, uuids, bytes, bits.
+fn is_plain_scalar(oid: u32) -> bool {
+    matches!(
+        oid,
+        oid::BOOL
+            | oid::BYTEA
+            | oid::CHAR
+            | oid::INT8
+            | oid::INT2
+            | oid::INT4
+            | oid::OID
+            | oid::FLOAT4
+            | oid::FLOAT8
+            | oid::MONEY
+            | oid::DATE
+            | oid::TIME
+            | oid::TIMESTAMP
+            | oid::TIMESTAMPTZ
+            | oid::INTERVAL
+            | oid::TIMETZ
+            | oid::BIT
+            | oid::VARBIT
+            | oid::NUMERIC
+            | oid::UUID
+    )
+}
+
+/// How the engine treats values of PostgreSQL type `type_oid` (0: unknown, as text) sent in
+/// `format`.
+pub fn value_kind(type_oid: u32, format: Format) -> ValueKind {
+    match format {
+        Format::Text if is_text_like(type_oid) => ValueKind::Text,
+        Format::Text if is_json(type_oid) => ValueKind::Json,
+        Format::Text if is_text_array(type_oid) => ValueKind::TextArray,
+        Format::Text if is_address(type_oid) => ValueKind::ScanThenNull,
+        Format::Text if is_plain_scalar(type_oid) => ValueKind::Scalar,
+        Format::Text => ValueKind::Text,
+        Format::Binary if is_text_like(type_oid) && type_oid != 0 => ValueKind::Text,
+        Format::Binary if type_oid == oid::JSON => ValueKind::Json,
+        Format::Binary if type_oid == oid::JSONB => ValueKind::JsonbBinary,
+        Format::Binary if is_plain_scalar(type_oid) || is_address(type_oid) => ValueKind::Scalar,
+        Format::Binary => ValueKind::ScanThenNull,
+    }
+}
 
 /// Why a row could not be rewritten.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -376,7 +497,7 @@ mod tests {
 
     use proptest::prelude::*;
 
-    use super::super::engine::{ColumnDesc, Format, oid};
+    use super::super::engine::ColumnDesc;
     use super::super::rules::{Audience, Origin, RuleSet};
     use super::*;
 
@@ -406,8 +527,7 @@ mod tests {
                     name,
                     ..Origin::default()
                 },
-                type_oid,
-                format,
+                kind: value_kind(type_oid, format),
             })
             .collect();
         MaskPlan::new(rules, "t", Audience::Groups(&[]), &descs)

@@ -13,8 +13,9 @@
 //! key_hex  = "..."             # 16+ bytes in hex, or
 //! key_file = "/etc/sluice/masking.key"   # read by the caller (hex text or raw bytes)
 //!
-//! [strategies.NAME]            # named strategies; built in: redact, partial, hash, null
-//! kind = "redact" | "partial" | "hash" | "null"
+//! [strategies.NAME]            # named strategies; built in: redact, partial, hash, null,
+//! kind = "redact" | "partial" | "hash" | "null" | "clear"   # clear (no mask: for overrides
+//!                              # exempting a group; content detectors skip the column too)
 //! mask = "****"                # redact
 //! keep = 4                     # partial: last N alphanumerics kept (at most half the value)
 //! mask_char = "*"              # partial
@@ -161,6 +162,7 @@ pub enum StrategySpec {
     },
     Hash {},
     Null {},
+    Clear {},
 }
 
 /// `[[target]]`.
@@ -360,11 +362,12 @@ pub struct RuleSet {
     targets: Vec<(Glob, bool)>,
 }
 
-const BUILTIN_STRATEGIES: [(&str, StrategyKind); 4] = [
+const BUILTIN_STRATEGIES: [(&str, StrategyKind); 5] = [
     ("redact", StrategyKind::Redact),
     ("partial", StrategyKind::Partial),
     ("hash", StrategyKind::Hash),
     ("null", StrategyKind::Null),
+    ("clear", StrategyKind::Clear),
 ];
 
 /// Default mask of the redact strategy.
@@ -419,6 +422,7 @@ impl RuleSet {
                 },
                 StrategyKind::Hash => StrategySpec::Hash {},
                 StrategyKind::Null => StrategySpec::Null {},
+                StrategyKind::Clear => StrategySpec::Clear {},
             };
             strategies.push((name.to_string(), strategy(name, &spec, key.as_ref())?));
         }
@@ -430,6 +434,7 @@ impl RuleSet {
                         | (StrategyKind::Partial, StrategySpec::Partial { .. })
                         | (StrategyKind::Hash, StrategySpec::Hash {})
                         | (StrategyKind::Null, StrategySpec::Null {})
+                        | (StrategyKind::Clear, StrategySpec::Clear {})
                 );
                 if !same {
                     return Err(RulesError::BuiltinRedefined {
@@ -678,6 +683,7 @@ fn spec_kind(spec: &StrategySpec) -> StrategyKind {
         StrategySpec::Partial { .. } => StrategyKind::Partial,
         StrategySpec::Hash {} => StrategyKind::Hash,
         StrategySpec::Null {} => StrategyKind::Null,
+        StrategySpec::Clear {} => StrategyKind::Clear,
     }
 }
 
@@ -718,6 +724,7 @@ fn strategy(
             },
         },
         StrategySpec::Null {} => Strategy::Null,
+        StrategySpec::Clear {} => Strategy::Clear,
     })
 }
 

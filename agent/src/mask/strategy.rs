@@ -84,6 +84,8 @@ impl std::fmt::Debug for HashKey {
 /// value, hash reveals equality, redact reveals only that a value exists, null reveals nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum StrategyKind {
+    /// No mask: the value as it is (an override exempting a group).
+    Clear,
     Partial,
     Hash,
     Redact,
@@ -93,6 +95,7 @@ pub enum StrategyKind {
 impl StrategyKind {
     pub fn name(self) -> &'static str {
         match self {
+            StrategyKind::Clear => "clear",
             StrategyKind::Partial => "partial",
             StrategyKind::Hash => "hash",
             StrategyKind::Redact => "redact",
@@ -119,6 +122,9 @@ pub enum Strategy {
     Hash(HashKey),
     /// SQL NULL.
     Null,
+    /// The value as it is: for overrides that exempt a group. The engine never applies it
+    /// (a plan leaves exempt columns and detectors out), so `apply` copies the value.
+    Clear,
 }
 
 /// What [`Strategy::apply`] produced.
@@ -137,6 +143,7 @@ impl Strategy {
             Strategy::Partial { .. } => StrategyKind::Partial,
             Strategy::Hash(_) => StrategyKind::Hash,
             Strategy::Null => StrategyKind::Null,
+            Strategy::Clear => StrategyKind::Clear,
         }
     }
 
@@ -164,6 +171,7 @@ impl Strategy {
             }
             Strategy::Hash(key) => hash(key, value, out),
             Strategy::Null => return Applied::Null,
+            Strategy::Clear => out.extend_from_slice(value),
         }
         Applied::Replaced
     }

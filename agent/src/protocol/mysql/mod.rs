@@ -11,6 +11,7 @@
 //!   `caching_sha2_password`, `mysql_clear_password`).
 //! - [`command`]: client commands and COM_STMT_EXECUTE's parameters.
 //! - [`resultset`]: column definitions, text and binary rows, and the values they carry.
+//! - [`rewrite`]: re-encoding a text or binary row whose values the caller changed (masking).
 //! - [`response`]: the [`ResponseMachine`] that, fed both directions in order, knows what each
 //!   server packet of the command phase is.
 //! - [`transcript`]: stateful decoding of a recorded session into shared [`Item`]s.
@@ -26,6 +27,8 @@ pub mod handshake;
 pub mod packet;
 pub mod response;
 pub mod resultset;
+pub mod rewrite;
+pub mod rsa;
 pub mod transcript;
 
 pub use command::{Command, decode_command};

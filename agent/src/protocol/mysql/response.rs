@@ -178,6 +178,8 @@ pub struct ResponseMachine {
     columns: Vec<ColumnDef>,
     statements: HashMap<u32, Stmt>,
     last_prepared: Option<u32>,
+    /// Responses completed so far (see [`Self::responses_completed`]).
+    completed: u64,
 }
 
 impl ResponseMachine {
@@ -191,6 +193,7 @@ impl ResponseMachine {
             columns: Vec::new(),
             statements: HashMap::new(),
             last_prepared: None,
+            completed: 0,
         }
     }
 
@@ -225,6 +228,19 @@ impl ResponseMachine {
     /// The column definitions of prepared statement `stmt_id`, when known.
     pub fn statement_columns(&self, stmt_id: u32) -> Option<&[ColumnDef]> {
         self.statements.get(&stmt_id).map(|s| s.columns.as_slice())
+    }
+
+    /// How many commands' responses have been completed: it changes exactly when a server
+    /// packet ends a command's response (the last result of a multi-result response, an ERR,
+    /// a fetch's EOF), so the sequence ids of the next one start over.
+    pub fn responses_completed(&self) -> u64 {
+        self.completed
+    }
+
+    /// Whether the rows of the current result set are binary (COM_STMT_EXECUTE / FETCH):
+    /// meaningful right after [`Event::Row`], when [`Self::columns`] are the row's columns.
+    pub fn binary_rows(&self) -> bool {
+        self.binary()
     }
 
     /// Whether the current result set is binary (COM_STMT_EXECUTE / FETCH).
@@ -268,6 +284,7 @@ impl ResponseMachine {
 
     /// The current response is complete: move on to the next queued one.
     fn done(&mut self) {
+        self.completed = self.completed.wrapping_add(1);
         self.state = match self.pending.pop_front() {
             Some(e) => State::Start(e),
             None => State::Idle,

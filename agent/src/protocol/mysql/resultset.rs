@@ -35,9 +35,38 @@ pub mod types {
     pub const TIME2: u8 = 0x13;
     pub const JSON: u8 = 0xF5;
     pub const NEWDECIMAL: u8 = 0xF6;
+    pub const ENUM: u8 = 0xF7;
+    pub const SET: u8 = 0xF8;
+    pub const TINY_BLOB: u8 = 0xF9;
+    pub const MEDIUM_BLOB: u8 = 0xFA;
+    pub const LONG_BLOB: u8 = 0xFB;
     pub const BLOB: u8 = 0xFC;
     pub const VAR_STRING: u8 = 0xFD;
     pub const STRING: u8 = 0xFE;
+    pub const GEOMETRY: u8 = 0xFF;
+
+    /// The width in bytes of a binary-protocol value of type `ty` with a fixed width, or
+    /// `None` when it is a length-encoded string (strings, decimals, blobs, JSON, bits, enums,
+    /// geometry; unknown types are read as strings too) or length-prefixed (temporal types:
+    /// a length byte, then that many bytes).
+    pub fn fixed_width(ty: u8) -> Option<usize> {
+        match ty {
+            NULL => Some(0),
+            TINY => Some(1),
+            SHORT | YEAR => Some(2),
+            LONG | INT24 | FLOAT => Some(4),
+            LONGLONG | DOUBLE => Some(8),
+            _ => None,
+        }
+    }
+
+    /// Whether a binary-protocol value of type `ty` is a length byte and that many bytes.
+    pub fn is_temporal(ty: u8) -> bool {
+        matches!(
+            ty,
+            DATE | DATETIME | TIMESTAMP | NEWDATE | TIMESTAMP2 | DATETIME2 | TIME | TIME2
+        )
+    }
 }
 
 /// Column flag: the integer is unsigned.

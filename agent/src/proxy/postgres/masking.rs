@@ -21,8 +21,8 @@ use bytes::{Bytes, BytesMut};
 use sluice_journal::{MaskFiring, MaskReport};
 
 use super::catalog::{CatalogAccess, TableNames};
-use crate::mask::engine::{ColumnDesc, Format, MaskPlan, Source};
-use crate::mask::pgrow::{RowRewrite, rewrite_copy_text, rewrite_data_row};
+use crate::mask::engine::{ColumnDesc, MaskPlan, Source};
+use crate::mask::pgrow::{Format, RowRewrite, rewrite_copy_text, rewrite_data_row, value_kind};
 use crate::mask::rules::{Audience, Origin, RuleSet};
 use crate::protocol::postgres::backend::{Backend, decode_backend};
 use crate::protocol::postgres::body::Format as WireFormat;
@@ -156,11 +156,13 @@ impl Masker {
                                     ..Origin::default()
                                 },
                             },
-                            type_oid: f.type_oid,
-                            format: match f.format {
-                                WireFormat::Binary => Format::Binary,
-                                WireFormat::Text => Format::Text,
-                            },
+                            kind: value_kind(
+                                f.type_oid,
+                                match f.format {
+                                    WireFormat::Binary => Format::Binary,
+                                    WireFormat::Text => Format::Text,
+                                },
+                            ),
                         })
                         .collect();
                     self.start(&columns);
