@@ -426,6 +426,105 @@ impl HandshakeResponse {
     }
 }
 
+/// COM_CHANGE_USER (0x11): log in again as `user` on the same connection.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ChangeUser {
+    pub user: String,
+    pub auth_response: Vec<u8>,
+    pub database: String,
+    /// Absent in the oldest form (no bytes after the database).
+    pub charset: Option<u16>,
+    pub auth_plugin: Option<String>,
+    pub attributes: Vec<(String, String)>,
+}
+
+/// Decodes a COM_CHANGE_USER payload (with its 0x11 command byte) under `caps`.
+pub fn parse_change_user(payload: &[u8], caps: Capabilities) -> Result<ChangeUser, DecodeError> {
+    let mut r = Reader::new("COM_CHANGE_USER", payload);
+    let command = r.u8("command")?;
+    if command != 0x11 {
+        return Err(r.invalid("command", u64::from(command)));
+    }
+    let user = text(r.cstr("user")?);
+    let auth_response = if caps.contains(Capabilities::SECURE_CONNECTION) {
+        let n = r.u8("auth response length")?;
+        r.bytes(usize::from(n), "auth response")?
+    } else {
+        r.cstr("auth response")?
+    }
+    .to_vec();
+    let mut c = ChangeUser {
+        user,
+        auth_response,
+        database: if r.is_empty() {
+            String::new()
+        } else {
+            text(r.cstr_or_rest())
+        },
+        ..ChangeUser::default()
+    };
+    if r.remaining() >= 2 {
+        c.charset = Some(r.u16("character set")?);
+        if caps.contains(Capabilities::PLUGIN_AUTH) && !r.is_empty() {
+            c.auth_plugin = Some(text(r.cstr_or_rest()));
+        }
+        if caps.contains(Capabilities::CONNECT_ATTRS) && !r.is_empty() {
+            let attrs = r.lenenc_bytes("connection attributes")?;
+            let mut a = Reader::new("connection attributes", attrs);
+            while !a.is_empty() {
+                let k = text(a.lenenc_bytes("attribute name")?);
+                let v = text(a.lenenc_bytes("attribute value")?);
+                c.attributes.push((k, v));
+            }
+        }
+    }
+    Ok(c)
+}
+
+impl ChangeUser {
+    /// Encodes the command (as a client) under `caps`.
+    pub fn encode(&self, caps: Capabilities) -> BytesMut {
+        let mut out = BytesMut::with_capacity(64 + self.auth_response.len());
+        out.put_u8(0x11);
+        put_cstr(&mut out, self.user.as_bytes());
+        if caps.contains(Capabilities::SECURE_CONNECTION) {
+            let n = self.auth_response.len().min(255);
+            out.put_u8(n as u8);
+            out.put_slice(&self.auth_response[..n]);
+        } else {
+            put_cstr(&mut out, &self.auth_response);
+        }
+        put_cstr(&mut out, self.database.as_bytes());
+        if let Some(charset) = self.charset {
+            out.put_u16_le(charset);
+            if caps.contains(Capabilities::PLUGIN_AUTH) {
+                put_cstr(
+                    &mut out,
+                    self.auth_plugin.as_deref().unwrap_or("").as_bytes(),
+                );
+            }
+            if caps.contains(Capabilities::CONNECT_ATTRS) {
+                let mut attrs = BytesMut::new();
+                for (k, v) in &self.attributes {
+                    put_lenenc_bytes(&mut attrs, k.as_bytes());
+                    put_lenenc_bytes(&mut attrs, v.as_bytes());
+                }
+                put_lenenc_bytes(&mut out, &attrs);
+            }
+        }
+        out
+    }
+
+    /// The payload with its auth response emptied: the copy a journal may keep.
+    pub fn without_credentials(&self, caps: Capabilities) -> BytesMut {
+        ChangeUser {
+            auth_response: Vec::new(),
+            ..self.clone()
+        }
+        .encode(caps)
+    }
+}
+
 /// AuthSwitchRequest (0xFE): the server asks for another auth plugin with new data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthSwitch {
@@ -678,6 +777,39 @@ pub fn auth_more_data(data: &[u8]) -> BytesMut {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn change_user_round_trips_and_its_journal_copy_has_no_auth_response() {
+        let caps = Capabilities::sluice_default() | Capabilities::CONNECT_ATTRS;
+        let c = ChangeUser {
+            user: "app_ro".into(),
+            auth_response: b"0123456789abcdefghij".to_vec(),
+            database: "shop".into(),
+            charset: Some(45),
+            auth_plugin: Some("mysql_native_password".into()),
+            attributes: vec![("_client_name".into(), "libmariadb".into())],
+        };
+        let wire = c.encode(caps);
+        assert_eq!(parse_change_user(&wire, caps).unwrap(), c);
+        let copy = parse_change_user(&c.without_credentials(caps), caps).unwrap();
+        assert!(copy.auth_response.is_empty());
+        assert_eq!(
+            (copy.user.as_str(), copy.database.as_str()),
+            ("app_ro", "shop")
+        );
+        // The oldest form: user, auth response, database and nothing after.
+        let old = ChangeUser {
+            charset: None,
+            auth_plugin: None,
+            attributes: Vec::new(),
+            ..c
+        };
+        assert_eq!(parse_change_user(&old.encode(caps), caps).unwrap(), old);
+        for cut in 0..wire.len() {
+            let _ = parse_change_user(&wire[..cut], caps);
+        }
+        assert!(parse_change_user(b"\x03select 1", caps).is_err());
+    }
 
     /// Shaped like MariaDB 10.11's greeting: extended capabilities in the filler.
     const MARIADB_GREETING: &[u8] = b"\x0a5.5.5-10.11.19-MariaDB-0+deb12u1\0\x05\0\0\0\

@@ -25,8 +25,8 @@ use crate::protocol::mysql::auth::{
     caching_sha2_more_data,
 };
 use crate::protocol::mysql::handshake::{
-    AuthReply, Capabilities, ErrPacket, Handshake, HandshakeResponse, OkPacket, parse_auth_reply,
-    parse_err, parse_handshake, ssl_request,
+    AuthReply, Capabilities, ChangeUser, ErrPacket, Handshake, HandshakeResponse, OkPacket,
+    parse_auth_reply, parse_err, parse_handshake, ssl_request,
 };
 use crate::protocol::mysql::packet::{
     DecodeError, Decoder, PacketError, encode_packet, packet as frame,
@@ -214,16 +214,9 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     tls: bool,
 ) -> Result<Login, LoginError> {
     let caps = negotiated(greeting, creds, opts, tls);
-    // A plugin sluice does not speak in the greeting: answer as native and let the server
-    // switch us to what the account really uses.
-    let mut plugin = match greeting.auth_plugin.as_str() {
-        NATIVE_PASSWORD | CACHING_SHA2_PASSWORD => greeting.auth_plugin.clone(),
-        auth::CLEAR_PASSWORD if tls => greeting.auth_plugin.clone(),
-        _ => NATIVE_PASSWORD.to_owned(),
-    };
-    // The plugin's data: the greeting's nonce, or an AuthSwitchRequest's.
-    let mut nonce = greeting.nonce.clone();
-    let first = auth_response(&plugin, creds.password, &nonce, tls).map_err(LoginError::Auth)?;
+    let plugin = first_plugin(greeting, tls);
+    let first =
+        auth_response(&plugin, creds.password, &greeting.nonce, tls).map_err(LoginError::Auth)?;
     let response = HandshakeResponse {
         capabilities: caps,
         max_packet: opts.max_packet,
@@ -234,12 +227,72 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         auth_plugin: Some(plugin.clone()),
         attributes: opts.attributes.clone(),
     };
-    let mut seq: u8 = if tls { 2 } else { 1 };
     let mut out = BytesMut::new();
-    seq = encode_packet(seq, &response.encode(), &mut out);
+    let seq = encode_packet(if tls { 2 } else { 1 }, &response.encode(), &mut out);
     s.write_all(&out).await.map_err(LoginError::Io)?;
     s.flush().await.map_err(LoginError::Io)?;
+    rounds(s, seq, caps, plugin, greeting.nonce.clone(), creds, tls).await
+}
 
+/// The plugin sluice answers a greeting with: the server's when sluice speaks it, else native
+/// (the server then switches us to what the account really uses).
+fn first_plugin(greeting: &Handshake, tls: bool) -> String {
+    match greeting.auth_plugin.as_str() {
+        NATIVE_PASSWORD | CACHING_SHA2_PASSWORD => greeting.auth_plugin.clone(),
+        auth::CLEAR_PASSWORD if tls => greeting.auth_plugin.clone(),
+        _ => NATIVE_PASSWORD.to_owned(),
+    }
+}
+
+/// Logs in again on an authenticated connection in its command phase (COM_CHANGE_USER), as
+/// `creds` with the connection's `caps`, `charset` and `attributes`, bounded by `timeout`. The
+/// first response is scrambled with the greeting's nonce, as the server expects; the server
+/// then answers OK, ERR or an AuthSwitchRequest as at login.
+#[allow(clippy::too_many_arguments)]
+pub async fn change_user<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    greeting: &Handshake,
+    caps: Capabilities,
+    creds: &Credentials<'_>,
+    charset: u16,
+    attributes: Vec<(String, String)>,
+    tls: bool,
+    timeout: Duration,
+) -> Result<Login, LoginError> {
+    let work = async {
+        let plugin = first_plugin(greeting, tls);
+        let command = ChangeUser {
+            user: creds.user.to_owned(),
+            auth_response: auth_response(&plugin, creds.password, &greeting.nonce, tls)
+                .map_err(LoginError::Auth)?,
+            database: creds.database.unwrap_or("").to_owned(),
+            charset: Some(charset),
+            auth_plugin: Some(plugin.clone()),
+            attributes,
+        };
+        let mut out = BytesMut::new();
+        let seq = encode_packet(0, &command.encode(caps), &mut out);
+        s.write_all(&out).await.map_err(LoginError::Io)?;
+        s.flush().await.map_err(LoginError::Io)?;
+        rounds(s, seq, caps, plugin, greeting.nonce.clone(), creds, tls).await
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| LoginError::Timeout(timeout))?
+}
+
+/// The auth rounds after the first response (sent as packet `seq - 1`): AuthSwitchRequest and
+/// AuthMoreData answered until OK or ERR, at most [`MAX_ROUNDS`].
+async fn rounds<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    mut seq: u8,
+    caps: Capabilities,
+    mut plugin: String,
+    // The plugin's data: the greeting's nonce, or an AuthSwitchRequest's.
+    mut nonce: Vec<u8>,
+    creds: &Credentials<'_>,
+    tls: bool,
+) -> Result<Login, LoginError> {
     let mut buf = BytesMut::with_capacity(256);
     let mut dec = Decoder::new(PRE_AUTH_MAX);
     for _ in 0..MAX_ROUNDS {
