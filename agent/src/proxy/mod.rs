@@ -93,6 +93,8 @@ pub(crate) enum End {
     },
     Journal(sluice_journal::JournalError),
     Shutdown,
+    /// sluice refused something mid-session that ends it (the client was told why).
+    Refused(String),
 }
 
 impl End {
@@ -110,11 +112,15 @@ impl End {
             End::Io { from, error } => format!("i/o error on the {from} connection: {error}"),
             End::Journal(e) => format!("journal write failed: {e}"),
             End::Shutdown => "agent shutdown".into(),
+            End::Refused(reason) => reason.clone(),
         }
     }
 
     fn normal(&self) -> bool {
-        matches!(self, End::ClientClosed | End::ServerClosed | End::Shutdown)
+        matches!(
+            self,
+            End::ClientClosed | End::ServerClosed | End::Shutdown | End::Refused(_)
+        )
     }
 
     /// Logs how the session ended, notes an abnormal end in the journal (unless the journal

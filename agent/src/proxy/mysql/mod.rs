@@ -1,24 +1,39 @@
-//! One MySQL/MariaDB session through the proxy (issue 6): the connection phase with
-//! passthrough authentication, then a packet-framed relay that decides every statement before
-//! it reaches the backend and journals every chunk of whole packets **before** forwarding it.
+//! One MySQL/MariaDB session through the proxy (issue 6): the connection phase (passthrough
+//! authentication, or `auth = "sluice"`), then a packet-framed relay that decides every
+//! statement before it reaches the backend and journals every chunk of whole packets
+//! **before** forwarding it.
 //!
 //! **Connection phase.** The server speaks first, so sluice dials the backend (SO_MARK,
 //! [`upstream::dial`]) and reads its greeting ([`login::read_greeting`]) before it greets the
-//! client with the same version string, connection id, nonce and plugin, and the backend's
-//! capabilities minus COMPRESS, ZSTD and LOCAL_FILES (and SSL, which is offered only when the
-//! target has `tls_cert`; TLS is then terminated here with the target's rustls config). The
-//! client's HandshakeResponse is forwarded to the backend with the same bits cleared and its
-//! sequence id set to 1 (the backend leg is plaintext), so both legs negotiate the same
-//! capabilities and command-phase packets pass unchanged. The auth exchange that follows
-//! (AuthSwitch, AuthMoreData, the client's replies) is relayed until the backend's OK or ERR,
-//! its sequence ids shifted by one when only the client leg did TLS.
+//! client with the same version string and connection id (so `KILL <id>` and the CLI's Ctrl-C
+//! reach the right backend thread), and the backend's capabilities minus COMPRESS, ZSTD and
+//! LOCAL_FILES (and SSL, which is offered only when the target has `tls_cert`; TLS is then
+//! terminated here with the target's rustls config).
+//! - *Passthrough*: the greeting also carries the backend's nonce and plugin. The client's
+//!   HandshakeResponse is forwarded to the backend with the same bits cleared, as packet 1
+//!   (or, when the target's `backend_tls` asks for TLS, as packet 2 with CLIENT_SSL after
+//!   sluice's own SSLRequest and TLS handshake, [`backend_leg`]), so both legs negotiate the
+//!   same capabilities and command-phase packets pass unchanged. The auth exchange that
+//!   follows is relayed until the backend's OK or ERR, its sequence ids shifted by the
+//!   difference between the legs.
+//! - *`auth = "sluice"`*: the greeting carries sluice's own nonce and `mysql_native_password`.
+//!   The client is identified ([`identify`]: `sluice login` binding, workload identity, or an
+//!   OIDC token, asked for with an AuthSwitchRequest to `mysql_clear_password` unless the
+//!   response already carries it, over TLS or from this host); its user name is the role.
+//!   Refusals are ERR 1045 with what to do. sluice then logs in to the backend itself
+//!   ([`login::authenticate`]: the role's user and password, the client's capabilities,
+//!   charset and database, over TLS per `backend_tls`), and answers the client's login with an
+//!   OK carrying the backend's status. The client never sees the backend's auth exchange.
 //!
-//! **Journal.** The session starts once the client's response names user and database (the
-//! greeting, sluice's own bytes derived from the backend's, is the first server event; a
-//! client that leaves before responding leaves no session). The response is journaled without
+//! **Journal.** The session starts once the client's response names user and database, and
+//! the client is identified: sluice's greeting, the response and sluice's auth exchange are
+//! then journaled in order as the session's first events (they are sluice's own bytes and the
+//! client's login, sent before a session could exist, as PostgreSQL's startup and password
+//! messages are). A client that leaves before responding leaves no session; a refused one
+//! leaves a session with the refusal as its note and end. The response is journaled without
 //! its auth data ([`HandshakeResponse::without_credentials`]) and every client packet of the
 //! auth exchange with an empty payload (a scramble and the nonce allow offline guessing; a
-//! clear-text reply is the password itself). Server packets are journaled as forwarded.
+//! clear-text reply is a password or token). Server packets are journaled as forwarded.
 //!
 //! **Command phase.** Two pumps run concurrently in the connection's task, sharing the
 //! [`ResponseMachine`] behind a lock never held across an await. The client pump gates each
@@ -37,11 +52,22 @@
 //! at `max_message_bytes` after, in both directions; a larger declared length closes the
 //! session with a reason. Every way a session ends after it started writes its end event.
 //!
-//! Not yet (issue 6): `auth = "sluice"` (config refuses it), backend TLS, masking of rows (a
-//! MySQL session is refused while masking rules are loaded), approvals (an approval policy's
-//! deny is a deny), KILL mapping.
+//! **Masking.** With masking rules loaded, the server pump hands each chunk to the session's
+//! [`masking::Masker`], which places the packets in the machine and rewrites text and binary
+//! rows before the chunk is journaled and forwarded. A target in strict masking mode is
+//! refused (strict mode's statement checks are not wired into the MySQL gate yet).
+//!
+//! **Approvals.** A command an `@approval` policy denies is held (`hold.rs`): the chunk is cut
+//! after it and journaled, what came before is forwarded, and nothing after it is gated until
+//! the hold ends. Approved, it is placed in the machine and forwarded; otherwise its ERR goes
+//! the way of a denial's. A hold nobody decides in time is deferred: once approved, the same
+//! principal's next run of the same text on the same target runs once (`Gate::decide` asks
+//! [`Access::take_ready`] before holding).
 
+mod hold;
 pub mod login;
+mod masking;
+mod reauth;
 
 use std::sync::{Arc, Mutex};
 
@@ -52,14 +78,16 @@ use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc};
 use tracing::{Span, debug, info, warn};
 
-use super::{End, Routed, Shared, upstream};
+use super::{End, Routed, Shared, identify, upstream};
 use crate::access::Access;
-use crate::config::{ClientTls, Unparsed};
+use crate::config::{AuthMode, ClientTls, Role, Unparsed};
 use crate::policy::facts::Dialect;
 use crate::policy::{Policy, PrincipalRef, SessionPolicy, Source, principal};
+use crate::protocol::mysql::auth::{CLEAR_PASSWORD, NATIVE_PASSWORD};
 use crate::protocol::mysql::command::{Command, decode_command};
 use crate::protocol::mysql::handshake::{
-    Capabilities, ClientHandshake, ErrPacket, Handshake, HandshakeResponse, parse_client_handshake,
+    AuthSwitch, Capabilities, ClientHandshake, ErrPacket, Handshake, HandshakeResponse, NONCE_LEN,
+    parse_client_handshake,
 };
 use crate::protocol::mysql::packet::{Decoder, HEADER_LEN, packet, packets, whole_packets};
 use crate::protocol::mysql::response::{ClientEvent, ResponseMachine};
@@ -128,6 +156,8 @@ pub(crate) async fn serve(
         gate,
         caps,
         client_seq,
+        backend_seq,
+        authenticated,
     } = login;
     let mut session = Session {
         client,
@@ -136,15 +166,24 @@ pub(crate) async fn serve(
         gate: gate.as_ref(),
         machine: ResponseMachine::new(caps),
         max: shared.config.max_message_bytes,
+        // Masking applies to the principal's groups (none known: nobody's overrides).
+        masker: shared.masking.as_ref().map(|rules| {
+            let groups = gate.as_ref().map(|g| g.principal.groups.as_slice());
+            masking::Masker::new(rules.clone(), &routed.target.name, groups.unwrap_or(&[]))
+        }),
     };
-    let authenticated = tokio::select! {
-        r = tokio::time::timeout(shared.config.startup_timeout(), session.authenticate(client_seq)) => {
+    let authenticated = if authenticated {
+        Ok(true)
+    } else {
+        tokio::select! {
+        r = tokio::time::timeout(shared.config.startup_timeout(), session.authenticate(client_seq, backend_seq)) => {
             r.unwrap_or_else(|_| Err(End::Malformed {
                 from: "client",
                 reason: "the login did not complete in time".into(),
             }))
         }
         _ = stop.recv() => Err(End::Shutdown),
+        }
     };
     let end = match authenticated {
         Ok(true) => {
@@ -171,6 +210,11 @@ struct Connected {
     caps: Capabilities,
     /// The sequence id of the client's HandshakeResponse (1, or 2 after TLS).
     client_seq: u8,
+    /// The same on the backend leg.
+    backend_seq: u8,
+    /// The login is complete (`auth = "sluice"`); otherwise the backend's auth exchange with
+    /// the client is relayed next.
+    authenticated: bool,
 }
 
 /// The connection phase up to the client's HandshakeResponse. None: the connection is over
@@ -181,9 +225,13 @@ async fn connect(mut tcp: TcpStream, routed: &Routed, shared: &Shared) -> Option
         let _ = tcp.write_all(&err(0, code::SPOOL_FULL, &refusal)).await;
         return None;
     }
-    if shared.masking.is_some() {
+    if shared
+        .masking
+        .as_ref()
+        .is_some_and(|r| r.is_strict(&routed.target.name))
+    {
         let text = format!(
-            "sluice: target \"{}\" is MySQL, whose results sluice cannot mask yet, and this agent has masking rules: sessions are refused rather than shown unmasked",
+            "sluice: target \"{}\" is MySQL and masks in strict mode, which sluice does not enforce for MySQL yet: sessions are refused rather than risk unmasked aliases",
             routed.target.name
         );
         refuse(
@@ -239,10 +287,23 @@ async fn connect(mut tcp: TcpStream, routed: &Routed, shared: &Shared) -> Option
     if routed.target.tls.is_some() {
         offered = offered | Capabilities::SSL;
     }
+    // With `auth = "sluice"` the client answers sluice, not the backend: its own nonce, and
+    // the plugin every client starts with (a token is asked for by switching to clear text).
+    let sluice_auth = routed.target.auth == AuthMode::Sluice;
     let hello = packet(
         0,
         &Handshake {
             capabilities: offered,
+            nonce: if sluice_auth {
+                own_nonce()
+            } else {
+                greeting.nonce.clone()
+            },
+            auth_plugin: if sluice_auth {
+                NATIVE_PASSWORD.into()
+            } else {
+                greeting.auth_plugin.clone()
+            },
             ..greeting.clone()
         }
         .encode(),
@@ -349,6 +410,43 @@ async fn connect(mut tcp: TcpStream, routed: &Routed, shared: &Shared) -> Option
         .await;
         return None;
     }
+    // `auth = "sluice"`: who this is, and the role they asked for (the user name).
+    let mut exchange = Vec::new();
+    let mut signed_in = None;
+    if sluice_auth {
+        let chosen = match identify_client(
+            &mut client,
+            &response,
+            client_seq,
+            routed,
+            shared,
+            &mut exchange,
+        )
+        .await
+        {
+            Ok((who, seq)) => identify::choose_role(&routed.target, Some(&response.username), &who)
+                .map(|role| (who.clone(), role.clone(), seq))
+                .map_err(|r| (r, seq)),
+            Err(e) => Err(e),
+        };
+        match chosen {
+            Ok((who, role, seq)) => signed_in = Some(SignedIn { who, role, seq }),
+            Err((r, seq)) => {
+                warn!(code = r.code, reason = %r.message, "client authentication refused");
+                refuse(
+                    client,
+                    seq,
+                    r.mysql_code(),
+                    &r.message,
+                    shared,
+                    routed,
+                    params,
+                )
+                .await;
+                return None;
+            }
+        }
+    }
     // What the backend gets: the client's response with the never-offered bits (and SSL: the
     // backend leg is plaintext) cleared, as packet 1. Only the flag bytes and the sequence id
     // change.
@@ -366,19 +464,120 @@ async fn connect(mut tcp: TcpStream, routed: &Routed, shared: &Shared) -> Option
     Some(Handshaken {
         client,
         server,
+        greeting,
         hello,
         response,
         forward: Bytes::from(forward),
         params,
         caps,
         client_seq,
+        exchange,
+        signed_in,
     })
 }
 
-/// The connection phase so far: the client answered sluice's greeting.
+/// A client `auth = "sluice"` identified, the role it may use, and the sequence id of the
+/// server's next packet to it.
+struct SignedIn {
+    who: identify::Who,
+    role: Role,
+    seq: u8,
+}
+
+/// 20 random printable bytes: the nonce in sluice's own greeting.
+fn own_nonce() -> Vec<u8> {
+    let mut bytes = [0u8; NONCE_LEN];
+    // SystemRandom fails only without an OS random source; the nonce then still differs per
+    // connection through the clock, and nothing sluice checks depends on it.
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = (t >> (i % 16 * 8)) as u8;
+        }
+    }
+    bytes.iter().map(|b| 0x21 + b % 94).collect()
+}
+
+/// `auth = "sluice"`: identifies the client by its `sluice login` binding or workload
+/// identity, or else by the OIDC token it sends with `mysql_clear_password` (asked for with an
+/// AuthSwitchRequest unless its response already carries it). The exchange's packets are
+/// added to `exchange` for the journal, the client's with empty payloads. Ok: who, and the
+/// sequence id of the next server packet; Err: the refusal, and the sequence id to send it as.
+async fn identify_client(
+    client: &mut Stream,
+    response: &HandshakeResponse,
+    client_seq: u8,
+    routed: &Routed,
+    shared: &Shared,
+    exchange: &mut Vec<(bool, Bytes)>,
+) -> Result<(identify::Who, u8), (identify::Refusal, u8)> {
+    let process = routed.process.as_ref();
+    let mut seq = client_seq.wrapping_add(1);
+    if let Some(who) = identify::without_password(shared, process) {
+        return Ok((who, seq));
+    }
+    let local_or_tls = client.is_tls() || routed.client_addr.ip().is_loopback();
+    identify::may_send_token(
+        shared,
+        process,
+        local_or_tls,
+        "connect with --ssl (mariadb) or --ssl-mode=REQUIRED (mysql)",
+    )
+    .map_err(|r| (r, seq))?;
+    let clear = if response.auth_plugin.as_deref() == Some(CLEAR_PASSWORD) {
+        response.auth_response.clone()
+    } else {
+        let switch = packet(
+            seq,
+            &AuthSwitch {
+                plugin: CLEAR_PASSWORD.into(),
+                data: Vec::new(),
+            }
+            .encode(),
+        )
+        .freeze();
+        exchange.push((true, switch.clone()));
+        let gone = || identify::Refusal::new("08006", "client went away");
+        client.write_all(&switch).await.map_err(|_| (gone(), seq))?;
+        let mut dec = Decoder::new(login::PRE_AUTH_MAX);
+        dec.expect(Some(seq.wrapping_add(1)));
+        let mut buf = BytesMut::with_capacity(1024);
+        let payload = match read_packet(client, &mut buf, &mut dec).await {
+            Ok(Some((_, payload))) => payload,
+            Ok(None) => return Err((gone(), seq)),
+            Err(reason) => {
+                let r =
+                    identify::Refusal::new("08P01", format!("sluice: bad auth reply: {reason}"));
+                return Err((r, seq.wrapping_add(2)));
+            }
+        };
+        exchange.push((false, packet(seq.wrapping_add(1), &[]).freeze()));
+        seq = seq.wrapping_add(2);
+        payload
+    };
+    let text = clear.strip_suffix(&[0]).unwrap_or(&clear);
+    let token = String::from_utf8(text.to_vec()).map_err(|_| {
+        (
+            identify::Refusal::new("28P01", "sluice: the password is not UTF-8"),
+            seq,
+        )
+    })?;
+    let who = identify::verify_token(shared, process, token)
+        .await
+        .map_err(|r| (r, seq))?;
+    Ok((who, seq))
+}
+
+/// The connection phase so far: the client answered sluice's greeting (and, with
+/// `auth = "sluice"`, was identified).
 struct Handshaken {
     client: Stream,
     server: TcpStream,
+    /// The backend's greeting.
+    greeting: Handshake,
     /// sluice's greeting as sent.
     hello: Bytes,
     /// The client's response, capabilities as forwarded.
@@ -388,27 +587,44 @@ struct Handshaken {
     params: Vec<(String, String)>,
     caps: Capabilities,
     client_seq: u8,
+    /// The packets of sluice's own auth exchange with the client (true: sluice's), for the
+    /// journal; client payloads emptied.
+    exchange: Vec<(bool, Bytes)>,
+    /// `auth = "sluice"`: who, as which role.
+    signed_in: Option<SignedIn>,
 }
 
-/// Starts the session's record, asks policy whether the principal may connect, and forwards
-/// the response to the backend. Not cancelled by a timeout or shutdown once started, so a
-/// started session always gets its end: it only writes (a few bytes each way).
+/// Starts the session's record (journaling the connection phase so far), asks policy whether
+/// the principal may connect, and logs in to the backend: passthrough forwards the client's
+/// response (the auth exchange is relayed next, by [`Session::authenticate`]);
+/// `auth = "sluice"` logs in with the role's credentials and answers the client's login with
+/// OK. Not cancelled by a timeout or shutdown once started, so a started session always gets
+/// its end; the backend login is bounded by its own timeout.
 async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connected> {
     let Handshaken {
         mut client,
         server,
+        greeting,
         hello,
         response,
         forward,
         params,
         caps,
         client_seq,
+        exchange,
+        signed_in,
     } = h;
-    let reply_seq = client_seq.wrapping_add(1);
-    let principal = shared
-        .policy
+    let reply_seq = signed_in
         .as_ref()
-        .map(|_| principal::resolve(&shared.identities, routed.process.as_ref()));
+        .map(|s| s.seq)
+        .unwrap_or(client_seq.wrapping_add(1));
+    let principal = match &signed_in {
+        Some(s) => Some(s.who.principal.clone()),
+        None => shared
+            .policy
+            .as_ref()
+            .map(|_| principal::resolve(&shared.identities, routed.process.as_ref())),
+    };
     Span::current().record(
         "principal",
         tracing::field::display(principal.as_ref().map(|p| p.name.as_str()).unwrap_or("-")),
@@ -425,7 +641,16 @@ async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connec
     };
     Span::current().record("session", tracing::field::display(recorder.id()));
     let journal_copy = packet(client_seq, &response.without_credentials()).freeze();
-    if recorder.server(hello).is_err() || recorder.client(journal_copy, 0).is_err() {
+    let mut journaled = recorder.server(hello).is_ok() && recorder.client(journal_copy, 0).is_ok();
+    for (from_server, bytes) in exchange {
+        journaled = journaled
+            && if from_server {
+                recorder.server(bytes).is_ok()
+            } else {
+                recorder.client(bytes, 0).is_ok()
+            };
+    }
+    if !journaled {
         let _ = recorder.end("journal write failed");
         return None;
     }
@@ -474,6 +699,9 @@ async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connec
                     access: shared.access.clone(),
                     principal: who,
                     target: routed.target.name.clone(),
+                    session_id: recorder.id(),
+                    hold_timeout: shared.config.approval_timeout(),
+                    waiting: hold::Waiting::default(),
                 }),
                 _ => {
                     let text = connect.message();
@@ -489,18 +717,100 @@ async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connec
         _ => None,
     };
 
-    let mut server = Stream::Plain(server);
-    if let Err(e) = server.write_all(&forward).await {
-        let _ = recorder.end(format!("i/o error on the server connection: {e}"));
-        return None;
-    }
+    let timeout = shared.config.connect_timeout() * 2;
+    let backend = backend_leg(server, &greeting, routed, caps, timeout).await;
+    let mut server = match backend {
+        Ok(s) => s,
+        Err(e) => {
+            let text = format!(
+                "sluice: cannot reach target \"{}\" at {}: {e}",
+                routed.target.name, routed.backend
+            );
+            warn!(reason = %text, "backend TLS failed");
+            let _ = recorder.note(NoteLevel::Error, text.clone());
+            let bytes = err(reply_seq, code::SLUICE, &text);
+            let _ = recorder.server(bytes.clone());
+            let _ = client.write_all(&bytes).await;
+            let _ = recorder.end("backend unreachable");
+            return None;
+        }
+    };
+    let backend_seq = if server.is_tls() { 2 } else { 1 };
+    let authenticated = match &signed_in {
+        None => {
+            // Passthrough: the client's response, as the backend's packet 1 (2 after TLS).
+            let mut forward = forward.to_vec();
+            if server.is_tls() {
+                set_ssl(&mut forward);
+            }
+            if let Some(seq) = forward.get_mut(3) {
+                *seq = backend_seq;
+            }
+            if let Err(e) = server.write_all(&forward).await {
+                let _ = recorder.end(format!("i/o error on the server connection: {e}"));
+                return None;
+            }
+            false
+        }
+        Some(SignedIn { who, role, .. }) => {
+            let tls = server.is_tls();
+            let mut attributes = response.attributes.clone();
+            if shared.config.tag_application_name {
+                attributes.push(("sluice_principal".into(), who.principal.name.clone()));
+            }
+            let opts = login::LoginOptions {
+                capabilities: caps | Capabilities::CONNECT_ATTRS,
+                charset: response.charset,
+                max_packet: response.max_packet,
+                attributes,
+                timeout,
+            };
+            let creds = login::Credentials {
+                user: &role.user,
+                password: role.password.0.as_bytes(),
+                database: response.database.as_deref(),
+            };
+            let ok = match login::authenticate(&mut server, &greeting, &creds, &opts, tls).await {
+                Ok(l) => l.ok,
+                Err(e) => {
+                    let text = format!(
+                        "sluice: cannot log in to target \"{}\" as role \"{}\": {}",
+                        routed.target.name,
+                        role.name,
+                        crate::error_chain(&e)
+                    );
+                    warn!(reason = %text, "backend login failed");
+                    let _ = recorder.note(NoteLevel::Error, text.clone());
+                    let bytes = err(reply_seq, code::ACCESS_DENIED, &text);
+                    let _ = recorder.server(bytes.clone());
+                    let _ = client.write_all(&bytes).await;
+                    let _ = recorder.end("backend login failed");
+                    return None;
+                }
+            };
+            // The client's login succeeds with sluice's OK carrying the backend's status.
+            let ok = packet(reply_seq, &ok.encode(0x00, caps)).freeze();
+            if recorder.server(ok.clone()).is_err() {
+                let _ = recorder.end("journal write failed");
+                return None;
+            }
+            if client.write_all(&ok).await.is_err() {
+                let _ = recorder.end("client closed the connection");
+                return None;
+            }
+            true
+        }
+    };
     let _ = recorder.auth(AuthInfo {
-        method: "passthrough".into(),
-        role: None,
-        backend_user: None,
+        method: signed_in
+            .as_ref()
+            .map(|s| s.who.method.to_string())
+            .unwrap_or_else(|| "passthrough".into()),
+        role: signed_in.as_ref().map(|s| s.role.name.clone()),
+        backend_user: signed_in.as_ref().map(|s| s.role.user.clone()),
         client_tls: client.describe(),
         backend_tls: server.describe(),
-        expires_ns: None,
+        expires_ns: signed_in.as_ref().and_then(|s| s.who.expires_ns),
     });
     Some(Connected {
         client,
@@ -509,7 +819,40 @@ async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connec
         gate,
         caps,
         client_seq,
+        backend_seq,
+        authenticated,
     })
+}
+
+/// The backend connection after its greeting: TLS when the target's `backend_tls` asks for it
+/// (an SSLRequest with the session's capabilities, then the handshake), else as it is.
+async fn backend_leg(
+    mut server: TcpStream,
+    greeting: &Handshake,
+    routed: &Routed,
+    caps: Capabilities,
+    timeout: std::time::Duration,
+) -> Result<Stream, String> {
+    let Some(config) = routed.target.backend_tls.clone() else {
+        return Ok(Stream::Plain(server));
+    };
+    let opts = login::LoginOptions {
+        capabilities: caps,
+        ..login::LoginOptions::default()
+    };
+    login::request_tls(&mut server, greeting, &opts)
+        .await
+        .map_err(|e| crate::error_chain(&e))?;
+    upstream::tls(server, &routed.target, routed.backend, config, timeout).await
+}
+
+/// Sets CLIENT_SSL in a framed HandshakeResponse41's capability flags.
+fn set_ssl(framed: &mut [u8]) {
+    if let Some(flags) = framed.get_mut(HEADER_LEN..HEADER_LEN + 4) {
+        let lower = u32::from_le_bytes([flags[0], flags[1], flags[2], flags[3]])
+            | Capabilities::SSL.lower();
+        flags.copy_from_slice(&lower.to_le_bytes());
+    }
 }
 
 /// Reads one packet checked by `dec`: its wire bytes and payload, None when the peer closed
@@ -610,6 +953,12 @@ struct Gate {
     access: Arc<Access>,
     principal: Principal,
     target: String,
+    /// The session held statements' requests name.
+    session_id: sluice_journal::SessionId,
+    /// How long a held statement waits for a decision (`agent.approval_timeout_secs`).
+    hold_timeout: std::time::Duration,
+    /// Set while a statement is held.
+    waiting: hold::Waiting,
 }
 
 /// A statement's fate.
@@ -617,6 +966,10 @@ struct Ruling {
     decision: Option<Decision>,
     /// The client's error when denied.
     denied: Option<String>,
+    /// Held for approval (no decision recorded yet: the hold's outcome makes it).
+    held: Option<hold::Held>,
+    /// This run used a deferred request's approval.
+    used: Option<sluice_journal::Review>,
 }
 
 impl Gate {
@@ -627,12 +980,49 @@ impl Gate {
             .decide_sql(&self.session, Dialect::MySql, sql, self.unparsed, jit);
         let mut verdict = d.verdict;
         let mut text = verdict.message();
-        if !verdict.allowed && verdict.approval.is_some() {
-            text.push_str(" (approvals are not available for MySQL targets yet)");
-            verdict.reason = format!(
-                "{} (approvals are not available for MySQL targets yet)",
-                verdict.reason
-            );
+        let mut used = None;
+        if let (false, Some(approvers)) = (verdict.allowed, &verdict.approval) {
+            // Run again after a deferred hold: an unused approval of exactly this text lets it
+            // through once (recorded as used before it is forwarded).
+            match self
+                .access
+                .take_ready(&self.principal.name, &self.target, sql, self.session_id)
+            {
+                Ok(Some(r)) => {
+                    if let sluice_journal::RequestState::Used { by, comment, .. } = &r.state {
+                        info!(request = %r.id, %by, "statement runs on its deferred request's approval");
+                        verdict.allowed = true;
+                        verdict.reason = approved_reason(&r.id, by, comment);
+                    }
+                    used = Some(sluice_journal::Review {
+                        request: r.id,
+                        state: r.state,
+                    });
+                }
+                Ok(None) => {
+                    return Ruling {
+                        decision: None,
+                        denied: None,
+                        held: Some(hold::Held {
+                            sql: sql.to_string(),
+                            action: d.action,
+                            facts: d.facts,
+                            policies: verdict.policies,
+                            reason: verdict.reason,
+                            approvers: approvers.clone(),
+                            reply_seq: 0,
+                        }),
+                        used: None,
+                    };
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot record the use of an approval: the statement is denied");
+                    text = format!(
+                        "sluice: the statement needs approval, and the use of its approval cannot be recorded ({e}), so it is denied"
+                    );
+                    verdict.reason = text.clone();
+                }
+            }
         }
         if d.unparsed_allowed {
             warn!(
@@ -658,7 +1048,63 @@ impl Gate {
                 policies: verdict.policies,
                 reason: verdict.reason,
             }),
+            held: None,
+            used,
         }
+    }
+
+    /// The decision on a held statement once its hold ended, and the client's error when it is
+    /// not to run. Decided again: a reload to a plain forbid during the hold still denies.
+    fn after_hold(
+        &self,
+        held: &hold::Held,
+        outcome: hold::HoldOutcome,
+    ) -> (Decision, Option<String>) {
+        let mut decision = Decision {
+            sql: held.sql.clone(),
+            action: held.action.to_string(),
+            facts: held.facts.clone(),
+            allowed: false,
+            policies: held.policies.clone(),
+            reason: String::new(),
+        };
+        let denied = match outcome {
+            hold::HoldOutcome::Approved {
+                request,
+                by,
+                comment,
+            } => {
+                let jit = self.access.has_grant(&self.principal.name, &self.target);
+                let v = self
+                    .policy
+                    .decide_sql(&self.session, Dialect::MySql, &held.sql, self.unparsed, jit)
+                    .verdict;
+                if v.allowed || v.approval.is_some() {
+                    decision.allowed = true;
+                    decision.reason = approved_reason(&request, &by, &comment);
+                    None
+                } else {
+                    info!(request = %request, policies = ?v.policies, "approved statement denied by policies loaded during the hold");
+                    decision.policies = v.policies.clone();
+                    decision.reason = v.reason.clone();
+                    Some(v.message())
+                }
+            }
+            hold::HoldOutcome::Refused(text) => {
+                decision.reason = text.clone();
+                Some(text)
+            }
+        };
+        (decision, denied)
+    }
+}
+
+/// A decision's reason when a person's approval let the statement through.
+fn approved_reason(request: &str, by: &str, comment: &str) -> String {
+    if comment.is_empty() {
+        format!("request {request} approved by {by}")
+    } else {
+        format!("request {request} approved by {by}: {comment}")
     }
 }
 
@@ -675,6 +1121,8 @@ fn builtin_denial(sql: &str, action: &str, policy: &str, reason: &str) -> Ruling
             policies: vec![policy.to_string()],
             reason: reason.to_string(),
         }),
+        held: None,
+        used: None,
     }
 }
 
@@ -700,26 +1148,33 @@ struct Session<'a> {
     gate: Option<&'a Gate>,
     machine: ResponseMachine,
     max: usize,
+    /// Rewrites result rows when masking rules are loaded.
+    masker: Option<masking::Masker>,
 }
 
 /// One client chunk after policy.
 struct Gated {
-    /// Where the chunk ends in the client buffer (after a denied packet, if any).
+    /// Where the chunk ends in the client buffer (after a denied or held packet, if any).
     len: usize,
-    /// The bytes before the denied packet (all of them when none is denied).
+    /// The bytes before the denied or held packet (all of them when none is).
     forward_len: usize,
     statements: u64,
     decisions: Vec<Decision>,
     /// The ERR packet for a denied command.
     denied: Option<Bytes>,
+    /// A command held for approval: the chunk's last packet, from `forward_len` on, neither
+    /// forwarded nor placed in the machine yet.
+    held: Option<hold::Held>,
+    /// Deferred requests whose approval a run in this chunk used.
+    used: Vec<sluice_journal::Review>,
 }
 
 impl Session<'_> {
     /// Relays the auth exchange after the forwarded HandshakeResponse until the backend's OK
     /// (true) or ERR (false). Client packets are journaled with empty payloads.
-    async fn authenticate(&mut self, client_seq: u8) -> Result<bool, End> {
-        // The backend numbers the exchange from 1, the client from `client_seq`.
-        let shift = client_seq.wrapping_sub(1);
+    async fn authenticate(&mut self, client_seq: u8, backend_seq: u8) -> Result<bool, End> {
+        // Each leg numbers the exchange from its response's sequence id (2 after TLS).
+        let shift = client_seq.wrapping_sub(backend_seq);
         let mut cbuf = BytesMut::new();
         let mut sbuf = BytesMut::new();
         let mut relayed = 0usize;
@@ -822,6 +1277,7 @@ async fn relay(session: Session<'_>, stop: &mut broadcast::Receiver<()>) -> End 
         gate,
         machine,
         max,
+        masker,
     } = session;
     let machine = Mutex::new(machine);
     let (mut client_rd, mut client_wr) = tokio::io::split(client);
@@ -851,6 +1307,7 @@ async fn relay(session: Session<'_>, stop: &mut broadcast::Receiver<()>) -> End 
             },
             deny_rx,
             sent_tx,
+            masker,
         );
         tokio::select! {
             e = c2s => e,
@@ -862,8 +1319,9 @@ async fn relay(session: Session<'_>, stop: &mut broadcast::Receiver<()>) -> End 
     // command, or at once) or waits for the answer to a bad command (packet 1).
     let idle = lock(&machine).is_idle();
     let parting = match &end {
+        // A client whose command is held waits for that command's answer.
         End::Shutdown if idle => Some(err(
-            0,
+            gate.and_then(|g| g.waiting.reply_seq()).unwrap_or(0),
             code::SHUTDOWN,
             "sluice: the connection is closed because the agent is shutting down",
         )),
@@ -971,6 +1429,11 @@ where
             {
                 return End::Journal(e);
             }
+            for review in gated.used {
+                if let Err(e) = p.recorder.review(review) {
+                    return End::Journal(e);
+                }
+            }
             if gated.forward_len > 0
                 && let Err(error) = to.write_all(&chunk[..gated.forward_len]).await
             {
@@ -979,7 +1442,49 @@ where
                     error,
                 };
             }
-            if let Some(error) = gated.denied
+            let mut refusal = gated.denied;
+            if let (Some(held), Some(gate)) = (gated.held, gate) {
+                // Nothing after the held command is gated until its hold ends.
+                let outcome = match hold::hold(&held, gate, p.recorder, from, &mut buf, p.max).await
+                {
+                    Ok(o) => o,
+                    Err(end) => return end,
+                };
+                let (decision, denied) = gate.after_hold(&held, outcome);
+                if let Err(e) = p.recorder.decision(decision) {
+                    return End::Journal(e);
+                }
+                let command = chunk.slice(gated.forward_len..);
+                match denied {
+                    Some(text) => refusal = Some(err(held.reply_seq, code::DENIED, &text)),
+                    None => {
+                        // Placed before it is forwarded, so its response finds it awaited.
+                        let placed = packets(&command, p.max)
+                            .next()
+                            .ok_or_else(|| "a held packet does not frame".to_string())
+                            .and_then(|pk| {
+                                let pk = pk.map_err(|e| e.to_string())?;
+                                lock(p.machine)
+                                    .client(pk.seq, &pk.payload)
+                                    .map(|_| ())
+                                    .map_err(|e| e.to_string())
+                            });
+                        if let Err(reason) = placed {
+                            return End::Malformed {
+                                from: "client",
+                                reason,
+                            };
+                        }
+                        if let Err(error) = to.write_all(&command).await {
+                            return End::Io {
+                                from: "server",
+                                error,
+                            };
+                        }
+                    }
+                }
+            }
+            if let Some(error) = refusal
                 && (deny.send(error).await.is_err() || sent.recv().await.is_none())
             {
                 return End::ServerClosed;
@@ -988,8 +1493,9 @@ where
     }
 }
 
-/// Server -> client: the only writer to the client. Places each packet in the machine,
-/// journals each chunk, forwards it unchanged; writes a denied command's ERR once every
+/// Server -> client: the only writer to the client. Places each packet in the machine (through
+/// the masker, which rewrites rows, when there is one), journals each chunk with its masking
+/// reports, forwards it; writes a denied command's ERR once every
 /// earlier command is answered.
 async fn server_pump<R, W>(
     from: &mut R,
@@ -997,6 +1503,7 @@ async fn server_pump<R, W>(
     p: Pump<'_>,
     mut deny: mpsc::Receiver<Bytes>,
     sent: mpsc::Sender<()>,
+    mut masker: Option<masking::Masker>,
 ) -> End
 where
     R: AsyncRead + Unpin,
@@ -1038,7 +1545,20 @@ where
             },
         };
         let chunk = buf.split_to(whole).freeze();
-        {
+        // Masked before anything records or forwards it: the clear value stays here.
+        let (chunk, reports) = match masker.as_mut() {
+            Some(m) => match m.chunk(chunk, &mut lock(p.machine), p.max) {
+                Ok(x) => x,
+                Err(reason) => {
+                    return End::Malformed {
+                        from: "server",
+                        reason,
+                    };
+                }
+            },
+            None => (chunk, Vec::new()),
+        };
+        if masker.is_none() {
             let mut machine = lock(p.machine);
             for packet in packets(&chunk, p.max) {
                 let placed = packet.map_err(|e| e.to_string()).and_then(|pk| {
@@ -1057,6 +1577,11 @@ where
         }
         if let Err(e) = p.recorder.server(chunk.clone()) {
             return End::Journal(e);
+        }
+        for report in reports {
+            if let Err(e) = p.recorder.masked(report) {
+                return End::Journal(e);
+            }
         }
         if let Err(error) = to.write_all(&chunk).await {
             return End::Io {
@@ -1086,6 +1611,8 @@ fn gate_packets(
         statements: 0,
         decisions: Vec::new(),
         denied: None,
+        held: None,
+        used: Vec::new(),
     };
     let mut offset = 0usize;
     let caps = machine.capabilities();
@@ -1128,12 +1655,30 @@ fn gate_packets(
         } else {
             None
         };
-        if let Some(Ruling { decision, denied }) = ruling {
+        if let Some(Ruling {
+            decision,
+            denied,
+            held,
+            used,
+        }) = ruling
+        {
             out.decisions.extend(decision);
+            out.used.extend(used);
             if let Some(text) = denied {
                 out.len = offset;
                 out.forward_len = start;
                 out.denied = Some(err(p.last_seq.wrapping_add(1), code::DENIED, &text));
+                return Ok(Some(out));
+            }
+            if let Some(mut held) = held {
+                held.reply_seq = p.last_seq.wrapping_add(1);
+                // Journaled now, so counted now (a COM_QUERY, as the transcript counts it).
+                if p.payload.first() == Some(&0x03) {
+                    out.statements += 1;
+                }
+                out.len = offset;
+                out.forward_len = start;
+                out.held = Some(held);
                 return Ok(Some(out));
             }
         }
@@ -1180,6 +1725,7 @@ fn command_name(cmd: &Command<'_>) -> &'static str {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use sluice_journal::Journal;
 
     fn query(sql: &str) -> BytesMut {
         let mut p = vec![0x03];
@@ -1262,5 +1808,218 @@ mod tests {
         assert_eq!(&e[3..5], &[3, 0xff]);
         assert_eq!(u16::from_le_bytes([e[5], e[6]]), 1142);
         assert_eq!(&e[7..13], b"#42000");
+    }
+
+    /// A gate on `prod-db` with the example policies (DELETE there needs a "dba"'s approval),
+    /// for principal "dev", and a second principal who may approve.
+    fn prod_gate(hold_timeout: std::time::Duration) -> (Gate, Journal, tempfile::TempDir) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let policy = Policy::load(&dir).unwrap();
+        let session = policy
+            .engine()
+            .session(
+                PrincipalRef {
+                    name: "dev",
+                    groups: &[],
+                },
+                "prod-db",
+                Source {
+                    uid: Some(1000),
+                    comm: "mariadb",
+                },
+            )
+            .unwrap();
+        let journal_dir = tempfile::tempdir().unwrap();
+        let journal = sluice_journal::Journal::open(journal_dir.path()).unwrap();
+        let gate = Gate {
+            policy,
+            session,
+            unparsed: Unparsed::Deny,
+            access: Arc::new(Access::open(journal.clone()).unwrap()),
+            principal: Principal {
+                name: "dev".into(),
+                groups: Vec::new(),
+            },
+            target: "prod-db".into(),
+            session_id: sluice_journal::SessionId::new(),
+            hold_timeout,
+            waiting: hold::Waiting::default(),
+        };
+        (gate, journal, journal_dir)
+    }
+
+    fn recorder(journal: &Journal) -> SessionRecorder {
+        journal
+            .start_session(SessionStart {
+                target: "prod-db".into(),
+                protocol: "mysql".into(),
+                orig_dst: "127.0.0.1:3306".into(),
+                client_addr: "127.0.0.1:50000".into(),
+                process: None,
+                params: Vec::new(),
+                principal: None,
+            })
+            .unwrap()
+    }
+
+    fn dba() -> Principal {
+        Principal {
+            name: "cy".into(),
+            groups: vec!["dba".into()],
+        }
+    }
+
+    const DELETE: &str = "delete from t where id = 1";
+
+    #[test]
+    fn a_held_command_ends_the_chunk_unforwarded_and_unawaited_after_what_came_before() {
+        let (gate, _journal, _dir) = prod_gate(std::time::Duration::from_secs(1));
+        let mut machine = ResponseMachine::new(Capabilities::sluice_default());
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&query("select 1"));
+        let before = buf.len();
+        buf.extend_from_slice(&query(DELETE));
+        let after = buf.len();
+        buf.extend_from_slice(&query("select 2"));
+        let g = gate_packets(&buf, 1 << 20, &mut machine, Some(&gate))
+            .unwrap()
+            .unwrap();
+        assert_eq!((g.len, g.forward_len), (after, before));
+        assert!(g.denied.is_none());
+        let held = g.held.unwrap();
+        assert_eq!(
+            (held.sql.as_str(), held.approvers.as_str(), held.reply_seq),
+            (DELETE, "dba", 1)
+        );
+        assert_eq!(held.policies, ["prod-delete-needs-dba"]);
+        // The select's decision only; the held one's is recorded when its hold ends.
+        assert_eq!(g.decisions.len(), 1);
+        assert_eq!(
+            g.statements, 2,
+            "the held COM_QUERY is journaled, so counted"
+        );
+        // Only the select is awaited.
+        assert!(!machine.is_idle());
+        machine
+            .server(&[0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00])
+            .unwrap();
+        assert!(machine.is_idle(), "the held command is not placed");
+    }
+
+    #[test]
+    fn a_deferred_request_approved_later_lets_the_same_statement_through_once() {
+        let (gate, _journal, _dir) = prod_gate(std::time::Duration::from_secs(1));
+        let r = gate.decide(DELETE);
+        let held = r.held.unwrap();
+        let (req, _rx) = gate
+            .access
+            .hold(crate::access::HoldRequest {
+                session: gate.session_id,
+                requester: &gate.principal,
+                target: &gate.target,
+                sql: DELETE,
+                action: held.action,
+                policies: &held.policies,
+                reason: &held.reason,
+                approvers: &held.approvers,
+            })
+            .unwrap();
+        gate.access
+            .settle(
+                &req.id,
+                sluice_journal::RequestState::Deferred {
+                    at_ns: sluice_journal::now_ns(),
+                },
+            )
+            .unwrap();
+        assert!(gate.decide(DELETE).held.is_some(), "undecided: held again");
+        // That re-run waits on the same request; its session gives up again.
+        gate.access
+            .settle(
+                &req.id,
+                sluice_journal::RequestState::Deferred {
+                    at_ns: sluice_journal::now_ns(),
+                },
+            )
+            .unwrap();
+        gate.access.decide(&req.id, &dba(), true, "INC-7").unwrap();
+
+        let mut machine = ResponseMachine::new(Capabilities::sluice_default());
+        let g = gate_packets(&query(DELETE), 1 << 20, &mut machine, Some(&gate))
+            .unwrap()
+            .unwrap();
+        assert!(g.held.is_none() && g.denied.is_none());
+        assert_eq!(g.forward_len, g.len);
+        assert!(g.decisions[0].allowed);
+        assert_eq!(
+            g.decisions[0].reason,
+            format!("request {} approved by cy: INC-7", req.id)
+        );
+        assert_eq!(g.used.len(), 1);
+        assert_eq!(g.used[0].state.word(), "used");
+        // Once: the next run is held anew.
+        assert!(gate.decide(DELETE).held.is_some());
+    }
+
+    #[test]
+    fn after_a_hold_an_approval_runs_the_statement_and_anything_else_is_an_error() {
+        let (gate, _journal, _dir) = prod_gate(std::time::Duration::from_secs(1));
+        let held = gate.decide(DELETE).held.unwrap();
+        let (d, denied) = gate.after_hold(
+            &held,
+            hold::HoldOutcome::Approved {
+                request: "abcd1234".into(),
+                by: "cy".into(),
+                comment: String::new(),
+            },
+        );
+        assert!(d.allowed && denied.is_none());
+        assert_eq!(d.reason, "request abcd1234 approved by cy");
+        let (d, denied) = gate.after_hold(&held, hold::HoldOutcome::Refused("sluice: no".into()));
+        assert!(!d.allowed);
+        assert_eq!(denied.as_deref(), Some("sluice: no"));
+    }
+
+    #[tokio::test]
+    async fn a_hold_nobody_decides_in_time_defers_the_request_and_names_the_approve_command() {
+        let (gate, journal, _dir) = prod_gate(std::time::Duration::from_millis(200));
+        let rec = recorder(&journal);
+        let held = gate.decide(DELETE).held.unwrap();
+        let (mut client, _keep) = tokio::io::duplex(64);
+        let mut buf = BytesMut::new();
+        let outcome = hold::hold(&held, &gate, &rec, &mut client, &mut buf, 1 << 20)
+            .await
+            .unwrap();
+        let hold::HoldOutcome::Refused(text) = outcome else {
+            panic!("{outcome:?}")
+        };
+        let open = gate.access.list(false);
+        assert_eq!(open.len(), 1);
+        assert_eq!(open[0].state.word(), "deferred");
+        let id = &open[0].id;
+        assert!(
+            text.contains(&format!("`sluice approve {id}`"))
+                && text.contains("run the same statement again"),
+            "{text}"
+        );
+        assert_eq!(gate.waiting.reply_seq(), None);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_hangs_up_during_a_hold_withdraws_it() {
+        let (gate, journal, _dir) = prod_gate(std::time::Duration::from_secs(30));
+        let rec = recorder(&journal);
+        let mut held = gate.decide(DELETE).held.unwrap();
+        held.reply_seq = 1;
+        let (mut client, peer) = tokio::io::duplex(64);
+        drop(peer);
+        let mut buf = BytesMut::new();
+        let end = hold::hold(&held, &gate, &rec, &mut client, &mut buf, 1 << 20)
+            .await
+            .unwrap_err();
+        assert!(matches!(end, End::ClientClosed), "{}", end.text("packet"));
+        let all = gate.access.list(true);
+        assert_eq!(all[0].state.word(), "abandoned");
+        assert!(gate.access.list(false).is_empty());
     }
 }
