@@ -274,7 +274,8 @@ pub struct AgentConfig {
     pub bpf_pin_dir: PathBuf,
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// Largest single protocol message accepted after authentication.
+    /// Largest single protocol message (a MySQL packet after reassembly) accepted after
+    /// authentication (default 64 MiB); it bounds each session's buffers.
     #[serde(default = "default_max_message")]
     pub max_message_bytes: usize,
     /// Time a client gets to send its startup message.
@@ -473,7 +474,8 @@ fn default_max_connections() -> usize {
     1024
 }
 fn default_max_message() -> usize {
-    16 << 20
+    // MySQL 8's default max_allowed_packet: a client that works directly works through sluice.
+    64 << 20
 }
 fn default_startup_timeout() -> u64 {
     10

@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use sluice_tests::mariadb::{MariaDb, require_mariadb};
+use sluice_tests::mariadb::{MariaDb, require_mariadb, require_mysql_python};
 use sluice_tests::oidc::{self, Provider};
 use sluice_tests::{
     Agent, AgentOptions, CLIENT_UID, Cgroup, Output, TestCa, require_root, run_bounded,
@@ -146,6 +146,30 @@ impl Setup {
         }
         cmd.args(["shop", "-e", sql]);
         run_bounded(&mut cmd, LIMIT).unwrap()
+    }
+
+    /// `tests/clients/mysql_change_user.py` (mysql-connector-python) as `uid` in `cgroup`:
+    /// logs in as `user`, then COM_CHANGE_USER to `new_user`; its `name=value` lines.
+    #[allow(clippy::too_many_arguments)]
+    fn change_user(
+        &self,
+        python: &std::path::Path,
+        cgroup: &Cgroup,
+        uid: u32,
+        (user, password): (&str, &str),
+        (new_user, new_password): (&str, &str),
+        tls: bool,
+    ) -> String {
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/mysql_change_user.py");
+        let mut cmd = cgroup.command(Some(uid), &python.display().to_string());
+        cmd.arg(script)
+            .arg(self.db.port.to_string())
+            .args([user, password, new_user, new_password])
+            .arg(if tls { "1" } else { "0" });
+        let out = run_bounded(&mut cmd, LIMIT).unwrap();
+        assert!(out.status.success(), "{}\n{}", out.stderr, self.agent.log());
+        out.stdout
     }
 
     fn token(&self, account: &str) -> String {
@@ -450,4 +474,104 @@ fn passthrough_logins_are_relayed_over_a_tls_backend_leg_with_either_client_leg(
         "{auth:?}"
     );
     assert!(!contains(&s.journal_bytes(), RW_SECRET));
+}
+
+#[test]
+fn com_change_user_logs_in_again_as_another_role_of_the_same_person() {
+    let test = "com_change_user_logs_in_again_as_another_role_of_the_same_person";
+    let Some(python) = require_mysql_python(test) else {
+        return;
+    };
+    let Some(s) = setup("my-id-chuser") else {
+        return;
+    };
+    // The workload (no `sluice login` for its uid yet) may not change to ada's role: refused with 1045 and what it may use, and
+    // the session ends (as a failed COM_CHANGE_USER leaves nobody logged in).
+    let out = s.change_user(
+        &python,
+        &s.svc,
+        CLIENT_UID,
+        ("app_rw", ""),
+        ("app_ro", ""),
+        true,
+    );
+    assert!(
+        out.starts_with(
+            "before=app_rw@%\nchange=ERR 1045 sluice: billing-svc may not use role \"app_ro\""
+        ),
+        "{out}"
+    );
+    let sessions = s.agent.sessions().unwrap();
+    assert_eq!(sessions.len(), 1);
+    let replay = s
+        .agent
+        .read(&["replay", sessions[0]["id"].as_str().unwrap()])
+        .unwrap();
+    assert!(replay.contains("COM_CHANGE_USER refused"), "{replay}");
+
+    // ada, bound by `sluice login`, may use both roles: sluice changes the backend's user
+    // with the new role's credentials; the server resets the session.
+    let text = oidc::sluice_login(&s.agent, s.idp, "ada");
+    assert!(text.contains("logged in: ada@example.com"), "{text}");
+    let out = s.change_user(
+        &python,
+        &s.cgroup,
+        CLIENT_UID,
+        ("app_ro", ""),
+        ("app_rw", ""),
+        true,
+    );
+    assert_eq!(
+        out,
+        "before=app_ro@%\nchange=ok\nafter=app_rw@% rows=2\nprepared=gone 1243\n",
+        "{}",
+        s.agent.log()
+    );
+    let auth = s.auth_events();
+    let roles: Vec<&str> = auth.iter().map(|a| a["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, ["app_rw", "app_ro", "app_rw"], "{auth:?}");
+    assert_eq!(auth[2]["backend_user"], "app_rw");
+    assert_eq!(auth[2]["method"], "login");
+    assert_eq!(s.agent.sessions().unwrap().len(), 2);
+
+    assert!(!contains(&s.journal_bytes(), RW_SECRET));
+    assert!(!contains(&s.journal_bytes(), RO_SECRET));
+}
+
+#[test]
+fn com_change_user_is_relayed_to_the_backend_in_passthrough() {
+    let test = "com_change_user_is_relayed_to_the_backend_in_passthrough";
+    let Some(python) = require_mysql_python(test) else {
+        return;
+    };
+    let Some(s) = setup_with("my-id-chpass", false) else {
+        return;
+    };
+    let out = s.change_user(
+        &python,
+        &s.cgroup,
+        CLIENT_UID,
+        ("app_rw", RW_SECRET),
+        ("app_ro", RO_SECRET),
+        true,
+    );
+    assert_eq!(
+        out,
+        "before=app_rw@%\nchange=ok\nafter=app_ro@% rows=2\nprepared=gone 1243\n",
+        "{}",
+        s.agent.log()
+    );
+    // A wrong password is the backend's refusal, relayed.
+    let out = s.change_user(
+        &python,
+        &s.cgroup,
+        CLIENT_UID,
+        ("app_rw", RW_SECRET),
+        ("app_ro", "wrong"),
+        true,
+    );
+    assert!(out.contains("change=ERR 1045 Access denied"), "{out}");
+    // The journal keeps the command without its scramble: the replay names the user.
+    let sessions = s.agent.sessions().unwrap();
+    assert_eq!(sessions.len(), 2);
 }

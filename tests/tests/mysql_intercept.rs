@@ -414,3 +414,57 @@ fn a_denied_statement_in_a_pipeline_is_answered_in_its_place() {
     );
     assert_eq!(lines[2], "ROWS [['3']]");
 }
+
+#[test]
+fn a_packet_over_max_message_bytes_gets_error_1153_naming_the_setting() {
+    let test = "a_packet_over_max_message_bytes_gets_error_1153_naming_the_setting";
+    if skip(test) {
+        return;
+    }
+    let s = setup("mysql-too-large", |o| o.max_message_bytes = 1 << 20);
+    // A 2 MiB statement, read by the CLI from a file `nobody` can read.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let file = dir.path().join("big.sql");
+    std::fs::write(
+        &file,
+        format!("select length('{}');\n", "x".repeat(2 << 20)),
+    )
+    .unwrap();
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out = s.mariadb(&format!("source {}", file.display()));
+    assert!(
+        out.stderr.contains("ERROR 1153 (08S01)")
+            && out
+                .stderr
+                .contains("exceeds this agent's max_message_bytes (1048576 bytes)")
+            && out.stderr.contains("raise `max_message_bytes`"),
+        "{}",
+        out.stderr
+            .chars()
+            .rev()
+            .take(600)
+            .collect::<String>()
+            .chars()
+            .rev()
+            .collect::<String>()
+    );
+    let ends: Vec<String> = s
+        .agent
+        .sessions()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x["end_reason"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        ends.iter()
+            .any(|e| e.contains("exceeds max_message_bytes (1048576 bytes)")),
+        "{ends:?}"
+    );
+    // The agent serves the next client.
+    assert_eq!(s.mariadb("select 1 as one").ok(), "one\n1\n");
+}

@@ -95,6 +95,12 @@ pub(crate) enum End {
     Shutdown,
     /// sluice refused something mid-session that ends it (the client was told why).
     Refused(String),
+    /// A message or packet declared longer than `max_message_bytes`.
+    TooLarge {
+        from: &'static str,
+        len: usize,
+        max: usize,
+    },
 }
 
 impl End {
@@ -113,6 +119,9 @@ impl End {
             End::Journal(e) => format!("journal write failed: {e}"),
             End::Shutdown => "agent shutdown".into(),
             End::Refused(reason) => reason.clone(),
+            End::TooLarge { from, len, max } => format!(
+                "a {unit} of {len} bytes from the {from} exceeds max_message_bytes ({max} bytes)"
+            ),
         }
     }
 

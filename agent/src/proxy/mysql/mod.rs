@@ -38,15 +38,23 @@
 //! **Command phase.** Two pumps run concurrently in the connection's task, sharing the
 //! [`ResponseMachine`] behind a lock never held across an await. The client pump gates each
 //! chunk of whole packets: COM_QUERY and COM_STMT_PREPARE text goes to [`Policy::decide_sql`]
-//! with the MySQL dialect; `LOAD DATA LOCAL` and COM_CHANGE_USER are denied whatever the
-//! policies say (not offered / not supported yet); a command packet whose sequence id is not 0
-//! closes the session rather than skip policy. The chunk is cut right after the first denied
+//! with the MySQL dialect; `LOAD DATA LOCAL` is denied whatever the policies say (never
+//! offered); a command packet whose sequence id is not 0 closes the session rather than skip
+//! policy. The chunk is cut right after the first denied
 //! packet; it is journaled with its decisions, the packets before the denied one are placed in
 //! the machine and forwarded, and the denied one's ERR 1142 (SQLSTATE 42000, naming the policy)
 //! goes to the server pump, which writes it once the machine says every earlier command is
 //! answered; the client pump reads nothing more until then, so replies keep command order. The
 //! server pump, the only writer to the client, places each packet in the machine, journals each
 //! chunk and forwards it unchanged.
+//!
+//! **COM_CHANGE_USER.** Passthrough relays it like the first login (the backend
+//! authenticates; the journal copy has no auth response, and the exchange's client packets
+//! are journaled empty). With `auth = "sluice"` the client pump stops the chunk before it and,
+//! once every earlier command is answered (an empty "denial" is the barrier the server pump
+//! acknowledges), both pumps stop: sluice holds both streams and answers it itself
+//! ([`reauth`]: same person, a role they may use, the backend's user changed with the role's
+//! credentials), then the pumps start again with the buffers they had.
 //!
 //! Memory is bounded: packets are capped at [`login::PRE_AUTH_MAX`] before the backend's OK and
 //! at `max_message_bytes` after, in both directions; a larger declared length closes the
@@ -89,7 +97,9 @@ use crate::protocol::mysql::handshake::{
     AuthSwitch, Capabilities, ClientHandshake, ErrPacket, Handshake, HandshakeResponse, NONCE_LEN,
     parse_client_handshake,
 };
-use crate::protocol::mysql::packet::{Decoder, HEADER_LEN, packet, packets, whole_packets};
+use crate::protocol::mysql::packet::{
+    Decoder, HEADER_LEN, PacketError, packet, packets, whole_packets,
+};
 use crate::protocol::mysql::response::{ClientEvent, ResponseMachine};
 use crate::tls::Stream;
 
@@ -99,8 +109,6 @@ const READ_CHUNK: usize = 64 * 1024;
 const MAX_AUTH_PACKETS: usize = 16;
 /// The policy id `LOAD DATA LOCAL` is denied by.
 const LOCAL_INFILE_POLICY: &str = "sluice-local-infile";
-/// The policy id COM_CHANGE_USER is denied by (re-authentication is not relayed yet).
-const CHANGE_USER_POLICY: &str = "sluice-change-user";
 /// Capabilities never offered to a client nor asked of a backend.
 const NEVER: Capabilities = Capabilities(
     Capabilities::COMPRESS.0 | Capabilities::ZSTD_COMPRESSION.0 | Capabilities::LOCAL_FILES.0,
@@ -118,6 +126,8 @@ mod code {
     pub const MALFORMED: (u16, &str) = (1156, "08S01");
     /// ER_DISK_FULL: the journal's spool is full.
     pub const SPOOL_FULL: (u16, &str) = (1021, "HY000");
+    /// ER_NET_PACKET_TOO_LARGE.
+    pub const TOO_LARGE: (u16, &str) = (1153, "08S01");
     /// ER_SERVER_SHUTDOWN.
     pub const SHUTDOWN: (u16, &str) = (1053, "08S01");
     /// ER_UNKNOWN_ERROR: sluice itself cannot go on (backend unreachable, journal).
@@ -158,6 +168,8 @@ pub(crate) async fn serve(
         client_seq,
         backend_seq,
         authenticated,
+        principal,
+        greeting,
     } = login;
     let mut session = Session {
         client,
@@ -168,9 +180,18 @@ pub(crate) async fn serve(
         max: shared.config.max_message_bytes,
         // Masking applies to the principal's groups (none known: nobody's overrides).
         masker: shared.masking.as_ref().map(|rules| {
-            let groups = gate.as_ref().map(|g| g.principal.groups.as_slice());
+            let groups = principal.as_ref().map(|p| p.groups.as_slice());
             masking::Masker::new(rules.clone(), &routed.target.name, groups.unwrap_or(&[]))
         }),
+        reauth: match (routed.target.auth, &principal) {
+            (AuthMode::Sluice, Some(p)) => Some(Reauth {
+                routed: &routed,
+                shared,
+                principal: p.name.clone(),
+                greeting,
+            }),
+            _ => None,
+        },
     };
     let authenticated = if authenticated {
         Ok(true)
@@ -215,6 +236,10 @@ struct Connected {
     /// The login is complete (`auth = "sluice"`); otherwise the backend's auth exchange with
     /// the client is relayed next.
     authenticated: bool,
+    /// Who the session is (policy's principal, or the identity `auth = "sluice"` found).
+    principal: Option<Principal>,
+    /// The backend's greeting.
+    greeting: Handshake,
 }
 
 /// The connection phase up to the client's HandshakeResponse. None: the connection is over
@@ -656,7 +681,7 @@ async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connec
     }
 
     // Policy: may this principal connect at all.
-    let gate = match (&shared.policy, principal) {
+    let gate = match (&shared.policy, principal.clone()) {
         (Some(policy), Some(who)) => {
             let session = policy.engine().session(
                 PrincipalRef {
@@ -821,6 +846,8 @@ async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connec
         client_seq,
         backend_seq,
         authenticated,
+        principal,
+        greeting,
     })
 }
 
@@ -1150,6 +1177,56 @@ struct Session<'a> {
     max: usize,
     /// Rewrites result rows when masking rules are loaded.
     masker: Option<masking::Masker>,
+    /// `auth = "sluice"`: what answering a COM_CHANGE_USER needs.
+    reauth: Option<Reauth<'a>>,
+}
+
+/// What sluice needs to answer a COM_CHANGE_USER itself.
+struct Reauth<'a> {
+    routed: &'a Routed,
+    shared: &'a Shared,
+    /// The session's principal.
+    principal: String,
+    /// The backend's greeting.
+    greeting: Handshake,
+}
+
+/// Answers the COM_CHANGE_USER first in `cbuf` ([`reauth::change_user`]), with both streams
+/// held and every earlier command answered.
+async fn change_user_now(
+    client: &mut Stream,
+    server: &mut Stream,
+    cbuf: &mut BytesMut,
+    r: &Reauth<'_>,
+    recorder: &SessionRecorder,
+    machine: &Mutex<ResponseMachine>,
+    max: usize,
+) -> Result<(), End> {
+    let malformed = |reason: String| End::Malformed {
+        from: "client",
+        reason,
+    };
+    let wire = crate::protocol::mysql::packet::packet_len(cbuf, max)
+        .map_err(|e| malformed(e.to_string()))?
+        .ok_or_else(|| malformed("COM_CHANGE_USER is not whole".into()))?;
+    let command = cbuf.split_to(wire);
+    let payload = match packets(&command, max).next() {
+        Some(Ok(p)) => p.payload.into_owned(),
+        Some(Err(e)) => return Err(malformed(e.to_string())),
+        None => return Err(malformed("COM_CHANGE_USER does not frame".into())),
+    };
+    let ctx = reauth::Context {
+        routed: r.routed,
+        shared: r.shared,
+        principal: &r.principal,
+        greeting: &r.greeting,
+        recorder,
+    };
+    // The machine is only touched here while the pumps are stopped.
+    let mut m = std::mem::replace(&mut *lock(machine), ResponseMachine::new(Capabilities(0)));
+    let result = reauth::change_user(client, server, &payload, &ctx, &mut m).await;
+    *lock(machine) = m;
+    result
 }
 
 /// One client chunk after policy.
@@ -1167,6 +1244,10 @@ struct Gated {
     held: Option<hold::Held>,
     /// Deferred requests whose approval a run in this chunk used.
     used: Vec<sluice_journal::Review>,
+    /// What the journal gets instead of the chunk, when it carries credentials.
+    journal: Option<Bytes>,
+    /// The chunk stops before a COM_CHANGE_USER that sluice answers itself.
+    change_user: bool,
 }
 
 impl Session<'_> {
@@ -1271,50 +1352,88 @@ impl Session<'_> {
 /// share the response machine behind a lock that is never held across an await.
 async fn relay(session: Session<'_>, stop: &mut broadcast::Receiver<()>) -> End {
     let Session {
-        client,
-        server,
+        mut client,
+        mut server,
         recorder,
         gate,
         machine,
         max,
-        masker,
+        mut masker,
+        reauth,
     } = session;
+    let change_user = if reauth.is_some() {
+        ChangeUserBy::Sluice
+    } else {
+        ChangeUserBy::Backend
+    };
     let machine = Mutex::new(machine);
-    let (mut client_rd, mut client_wr) = tokio::io::split(client);
-    let (mut server_rd, mut server_wr) = tokio::io::split(server);
-    let (deny_tx, deny_rx) = mpsc::channel::<Bytes>(1);
-    let (sent_tx, sent_rx) = mpsc::channel::<()>(1);
-    let end = {
-        let c2s = client_pump(
-            &mut client_rd,
-            &mut server_wr,
-            Pump {
-                recorder,
-                machine: &machine,
-                max,
-            },
-            gate,
-            deny_tx,
-            sent_rx,
-        );
-        let s2c = server_pump(
-            &mut server_rd,
-            &mut client_wr,
-            Pump {
-                recorder,
-                machine: &machine,
-                max,
-            },
-            deny_rx,
-            sent_tx,
-            masker,
-        );
-        tokio::select! {
-            e = c2s => e,
-            e = s2c => e,
-            _ = stop.recv() => End::Shutdown,
+    // Owned here, not by the pumps, so nothing read is lost when they stop for a
+    // COM_CHANGE_USER and start again after it.
+    let mut cbuf = BytesMut::with_capacity(READ_CHUNK);
+    let mut sbuf = BytesMut::with_capacity(READ_CHUNK);
+    let end = loop {
+        let (mut client_rd, mut client_wr) = tokio::io::split(client);
+        let (mut server_rd, mut server_wr) = tokio::io::split(server);
+        let (deny_tx, deny_rx) = mpsc::channel::<Bytes>(1);
+        let (sent_tx, sent_rx) = mpsc::channel::<()>(1);
+        let stopped = {
+            let c2s = client_pump(
+                &mut client_rd,
+                &mut server_wr,
+                Pump {
+                    recorder,
+                    machine: &machine,
+                    max,
+                    change_user,
+                },
+                gate,
+                &mut cbuf,
+                deny_tx,
+                sent_rx,
+            );
+            let s2c = server_pump(
+                &mut server_rd,
+                &mut client_wr,
+                Pump {
+                    recorder,
+                    machine: &machine,
+                    max,
+                    change_user,
+                },
+                deny_rx,
+                sent_tx,
+                &mut masker,
+                &mut sbuf,
+            );
+            tokio::select! {
+                s = c2s => s,
+                e = s2c => Stopped::End(e),
+                _ = stop.recv() => Stopped::End(End::Shutdown),
+            }
+        };
+        client = client_rd.unsplit(client_wr);
+        server = server_rd.unsplit(server_wr);
+        match (stopped, &reauth) {
+            (Stopped::ChangeUser, Some(r)) => {
+                let changed = tokio::select! {
+                    c = change_user_now(&mut client, &mut server, &mut cbuf, r, recorder, &machine, max) => c,
+                    _ = stop.recv() => Err(End::Shutdown),
+                };
+                if let Err(e) = changed {
+                    break e;
+                }
+            }
+            (Stopped::ChangeUser, None) => {
+                break End::Malformed {
+                    from: "client",
+                    reason: "COM_CHANGE_USER stopped a relay that does not answer it".into(),
+                };
+            }
+            (Stopped::End(e), _) => break e,
         }
     };
+    let mut client_wr = client;
+    let mut server_wr = server;
     // A parting error only where the client is idle (it reads it as the answer to its next
     // command, or at once) or waits for the answer to a bad command (packet 1).
     let idle = lock(&machine).is_idle();
@@ -1338,8 +1457,31 @@ async fn relay(session: Session<'_>, stop: &mut broadcast::Receiver<()>) -> End 
             code::SLUICE,
             "sluice: the journal rejected a write, so the session is closed",
         )),
+        End::TooLarge {
+            from: "client",
+            len,
+            max,
+        } if idle => Some(err(
+            1,
+            code::TOO_LARGE,
+            &format!(
+                "sluice: a packet of {len} bytes exceeds this agent's max_message_bytes ({max} bytes); \
+                 raise `max_message_bytes` in the [agent] section of sluice's configuration"
+            ),
+        )),
         _ => None,
     };
+    if let End::TooLarge {
+        from: "client",
+        len,
+        ..
+    } = &end
+        && parting.is_some()
+    {
+        // Read what the client is still sending of it (bounded), so that closing does not
+        // reset the connection before the client has read why.
+        drain(&mut client_wr, cbuf.len(), *len).await;
+    }
     if let Some(bytes) = parting {
         let _ = recorder.server(bytes.clone());
         let _ = client_wr.write_all(&bytes).await;
@@ -1349,12 +1491,28 @@ async fn relay(session: Session<'_>, stop: &mut broadcast::Receiver<()>) -> End 
     end
 }
 
+/// Reads and discards up to `len` bytes from `client` (`buffered` of them already read), for at
+/// most two seconds.
+async fn drain(client: &mut Stream, buffered: usize, len: usize) {
+    let mut left = len.saturating_sub(buffered);
+    let mut scratch = vec![0u8; READ_CHUNK];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    while left > 0 {
+        match tokio::time::timeout_at(deadline, client.read(&mut scratch)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => return,
+        }
+    }
+}
+
 /// What both pumps share.
 #[derive(Clone, Copy)]
 struct Pump<'a> {
     recorder: &'a SessionRecorder,
     machine: &'a Mutex<ResponseMachine>,
     max: usize,
+    /// Who answers a COM_CHANGE_USER (the client pump's concern).
+    change_user: ChangeUserBy,
 }
 
 fn lock(machine: &Mutex<ResponseMachine>) -> std::sync::MutexGuard<'_, ResponseMachine> {
@@ -1371,9 +1529,16 @@ async fn read_whole<R: AsyncRead + Unpin>(
     side: &'static str,
 ) -> Result<usize, End> {
     loop {
-        let whole = whole_packets(buf, max).map_err(|e| End::Malformed {
-            from: side,
-            reason: e.to_string(),
+        let whole = whole_packets(buf, max).map_err(|e| match e {
+            PacketError::TooLong { len, max } => End::TooLarge {
+                from: side,
+                len,
+                max,
+            },
+            e => End::Malformed {
+                from: side,
+                reason: e.to_string(),
+            },
         })?;
         if whole > 0 {
             return Ok(whole);
@@ -1399,60 +1564,63 @@ async fn client_pump<R, W>(
     to: &mut W,
     p: Pump<'_>,
     gate: Option<&Gate>,
+    buf: &mut BytesMut,
     deny: mpsc::Sender<Bytes>,
     mut sent: mpsc::Receiver<()>,
-) -> End
+) -> Stopped
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let end = |e: End| Stopped::End(e);
     loop {
-        if let Err(end) = read_whole(from, &mut buf, p.max, "client").await {
-            return end;
+        if let Err(e) = read_whole(from, buf, p.max, "client").await {
+            return end(e);
         }
         loop {
-            let gated = match gate_packets(&buf, p.max, &mut lock(p.machine), gate) {
+            let gated = match gate_packets(buf, p.max, &mut lock(p.machine), gate, p.change_user) {
                 Ok(Some(g)) => g,
                 Ok(None) => break,
                 Err(reason) => {
-                    return End::Malformed {
+                    return end(End::Malformed {
                         from: "client",
                         reason,
-                    };
+                    });
                 }
             };
             let chunk = buf.split_to(gated.len).freeze();
-            if let Err(e) =
-                p.recorder
-                    .client_with_decisions(chunk.clone(), gated.statements, gated.decisions)
+            if !chunk.is_empty()
+                && let Err(e) = p.recorder.client_with_decisions(
+                    gated.journal.clone().unwrap_or_else(|| chunk.clone()),
+                    gated.statements,
+                    gated.decisions,
+                )
             {
-                return End::Journal(e);
+                return end(End::Journal(e));
             }
             for review in gated.used {
                 if let Err(e) = p.recorder.review(review) {
-                    return End::Journal(e);
+                    return end(End::Journal(e));
                 }
             }
             if gated.forward_len > 0
                 && let Err(error) = to.write_all(&chunk[..gated.forward_len]).await
             {
-                return End::Io {
+                return end(End::Io {
                     from: "server",
                     error,
-                };
+                });
             }
             let mut refusal = gated.denied;
             if let (Some(held), Some(gate)) = (gated.held, gate) {
                 // Nothing after the held command is gated until its hold ends.
-                let outcome = match hold::hold(&held, gate, p.recorder, from, &mut buf, p.max).await
-                {
+                let outcome = match hold::hold(&held, gate, p.recorder, from, buf, p.max).await {
                     Ok(o) => o,
-                    Err(end) => return end,
+                    Err(e) => return end(e),
                 };
                 let (decision, denied) = gate.after_hold(&held, outcome);
                 if let Err(e) = p.recorder.decision(decision) {
-                    return End::Journal(e);
+                    return end(End::Journal(e));
                 }
                 let command = chunk.slice(gated.forward_len..);
                 match denied {
@@ -1470,16 +1638,16 @@ where
                                     .map_err(|e| e.to_string())
                             });
                         if let Err(reason) = placed {
-                            return End::Malformed {
+                            return end(End::Malformed {
                                 from: "client",
                                 reason,
-                            };
+                            });
                         }
                         if let Err(error) = to.write_all(&command).await {
-                            return End::Io {
+                            return end(End::Io {
                                 from: "server",
                                 error,
-                            };
+                            });
                         }
                     }
                 }
@@ -1487,10 +1655,26 @@ where
             if let Some(error) = refusal
                 && (deny.send(error).await.is_err() || sent.recv().await.is_none())
             {
-                return End::ServerClosed;
+                return end(End::ServerClosed);
+            }
+            if gated.change_user {
+                // An empty "error" is a barrier: the server pump acknowledges it once every
+                // earlier command is answered, and then sluice holds both streams.
+                if deny.send(Bytes::new()).await.is_err() || sent.recv().await.is_none() {
+                    return end(End::ServerClosed);
+                }
+                return Stopped::ChangeUser;
             }
         }
     }
+}
+
+/// Why the client pump stopped.
+enum Stopped {
+    End(End),
+    /// A COM_CHANGE_USER for sluice to answer is first in the client buffer, and every
+    /// earlier command is answered.
+    ChangeUser,
 }
 
 /// Server -> client: the only writer to the client. Places each packet in the machine (through
@@ -1503,18 +1687,19 @@ async fn server_pump<R, W>(
     p: Pump<'_>,
     mut deny: mpsc::Receiver<Bytes>,
     sent: mpsc::Sender<()>,
-    mut masker: Option<masking::Masker>,
+    masker: &mut Option<masking::Masker>,
+    buf: &mut BytesMut,
 ) -> End
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut pending: Option<Bytes> = None;
     let mut deny_open = true;
     loop {
         if pending.is_some() && lock(p.machine).is_idle() {
-            if let Some(bytes) = pending.take() {
+            // An empty one is the client pump's barrier: nothing to send, only the answer.
+            if let Some(bytes) = pending.take().filter(|b| !b.is_empty()) {
                 if let Err(e) = p.recorder.server(bytes.clone()) {
                     return End::Journal(e);
                 }
@@ -1524,9 +1709,9 @@ where
                         error,
                     };
                 }
-                if sent.send(()).await.is_err() {
-                    return End::ClientClosed;
-                }
+            }
+            if sent.send(()).await.is_err() {
+                return End::ClientClosed;
             }
             continue;
         }
@@ -1539,7 +1724,7 @@ where
                 }
                 continue;
             }
-            r = read_whole(from, &mut buf, p.max, "server") => match r {
+            r = read_whole(from, buf, p.max, "server") => match r {
                 Ok(n) => n,
                 Err(end) => return end,
             },
@@ -1600,6 +1785,7 @@ fn gate_packets(
     max: usize,
     machine: &mut ResponseMachine,
     gate: Option<&Gate>,
+    change_user: ChangeUserBy,
 ) -> Result<Option<Gated>, String> {
     let whole = whole_packets(buf, max).map_err(|e| e.to_string())?;
     if whole == 0 {
@@ -1613,7 +1799,11 @@ fn gate_packets(
         denied: None,
         held: None,
         used: Vec::new(),
+        journal: None,
+        change_user: false,
     };
+    // The journal's copy, once a packet in the chunk carries credentials.
+    let mut journal: Option<BytesMut> = None;
     let mut offset = 0usize;
     let caps = machine.capabilities();
     let mut rest = buf.get(..whole).unwrap_or_default();
@@ -1644,12 +1834,14 @@ fn gate_packets(
                         gate.map(|g| g.decide(&sql))
                     }
                 }
-                Command::ChangeUser { .. } => Some(builtin_denial(
-                    "",
-                    "other",
-                    CHANGE_USER_POLICY,
-                    "changing the user inside a session is not supported through sluice yet; open a new connection as that user",
-                )),
+                Command::ChangeUser { .. } if change_user == ChangeUserBy::Sluice => {
+                    // sluice runs this login itself, once every earlier command is answered.
+                    out.len = start;
+                    out.forward_len = start;
+                    out.change_user = true;
+                    out.journal = journal.map(BytesMut::freeze);
+                    return Ok(Some(out));
+                }
                 _ => None,
             }
         } else {
@@ -1668,6 +1860,10 @@ fn gate_packets(
                 out.len = offset;
                 out.forward_len = start;
                 out.denied = Some(err(p.last_seq.wrapping_add(1), code::DENIED, &text));
+                out.journal = journal.map(|mut j| {
+                    j.extend_from_slice(buf.get(start..offset).unwrap_or_default());
+                    j.freeze()
+                });
                 return Ok(Some(out));
             }
             if let Some(mut held) = held {
@@ -1679,12 +1875,34 @@ fn gate_packets(
                 out.len = offset;
                 out.forward_len = start;
                 out.held = Some(held);
+                out.journal = journal.map(|mut j| {
+                    j.extend_from_slice(buf.get(start..offset).unwrap_or_default());
+                    j.freeze()
+                });
                 return Ok(Some(out));
             }
         }
         let event = machine
             .client(p.seq, &p.payload)
             .map_err(|e| e.to_string())?;
+        // A relayed COM_CHANGE_USER and its auth exchange are journaled without credentials
+        // (LOCAL INFILE is never offered, so client data packets are auth data).
+        let redacted = match &event {
+            ClientEvent::Command(Command::ChangeUser { .. }) => {
+                Some(reauth::journal_copy(&p.payload, caps).unwrap_or_default())
+            }
+            ClientEvent::Data(_) => Some(Vec::new()),
+            ClientEvent::Command(_) => None,
+        };
+        match (redacted, &mut journal) {
+            (Some(payload), j) => {
+                let j =
+                    j.get_or_insert_with(|| BytesMut::from(buf.get(..start).unwrap_or_default()));
+                j.extend_from_slice(&packet(p.seq, &payload));
+            }
+            (None, Some(j)) => j.extend_from_slice(buf.get(start..offset).unwrap_or_default()),
+            (None, None) => {}
+        }
         if let ClientEvent::Command(cmd) = &event
             && p.seq != 0
         {
@@ -1707,7 +1925,16 @@ fn gate_packets(
             out.statements += 1;
         }
     }
+    out.journal = journal.map(BytesMut::freeze);
     Ok(Some(out))
+}
+
+/// Who answers a COM_CHANGE_USER: the backend (passthrough: relayed like the first login), or
+/// sluice itself (`auth = "sluice"`: [`reauth::change_user`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChangeUserBy {
+    Backend,
+    Sluice,
 }
 
 /// A command's name for error messages.
@@ -1750,7 +1977,7 @@ mod tests {
         buf.extend_from_slice(&query("LOAD DATA LOCAL INFILE 'x' INTO TABLE t"));
         let after = buf.len();
         buf.extend_from_slice(&query("select 1"));
-        let g = gate_packets(&buf, 1 << 20, &mut machine, None)
+        let g = gate_packets(&buf, 1 << 20, &mut machine, None, ChangeUserBy::Backend)
             .unwrap()
             .unwrap();
         assert_eq!((g.len, g.forward_len), (after, 0));
@@ -1768,7 +1995,7 @@ mod tests {
 
         // The rest is gated next: allowed, forwarded whole, and awaited.
         let rest = buf.split_off(after);
-        let g = gate_packets(&rest, 1 << 20, &mut machine, None)
+        let g = gate_packets(&rest, 1 << 20, &mut machine, None, ChangeUserBy::Backend)
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -1784,11 +2011,67 @@ mod tests {
         let mut machine = ResponseMachine::new(Capabilities::sluice_default());
         let q = query("select 1");
         assert!(
-            gate_packets(&q[..5], 1 << 20, &mut machine, None)
+            gate_packets(&q[..5], 1 << 20, &mut machine, None, ChangeUserBy::Backend)
                 .unwrap()
                 .is_none()
         );
-        assert!(gate_packets(&[0xff, 0xff, 0xff, 0], 1024, &mut machine, None).is_err());
+        assert!(
+            gate_packets(
+                &[0xff, 0xff, 0xff, 0],
+                1024,
+                &mut machine,
+                None,
+                ChangeUserBy::Backend
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_change_user_is_journaled_without_its_scramble_or_stops_the_chunk_for_sluice() {
+        use crate::protocol::mysql::handshake::{ChangeUser, parse_change_user};
+        let caps = Capabilities::sluice_default();
+        let scramble = b"0123456789abcdefghij".to_vec();
+        let change = ChangeUser {
+            user: "app_ro".into(),
+            auth_response: scramble.clone(),
+            database: "shop".into(),
+            charset: Some(45),
+            auth_plugin: Some("mysql_native_password".into()),
+            attributes: Vec::new(),
+        };
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&query("select 1"));
+        let before = buf.len();
+        buf.extend_from_slice(&packet(0, &change.encode(caps)));
+
+        // Passthrough: relayed whole, journaled with the auth response emptied.
+        let mut machine = ResponseMachine::new(caps);
+        let g = gate_packets(&buf, 1 << 20, &mut machine, None, ChangeUserBy::Backend)
+            .unwrap()
+            .unwrap();
+        assert_eq!((g.len, g.forward_len), (buf.len(), buf.len()));
+        let journal = g.journal.unwrap();
+        assert_eq!(&journal[..before], &buf[..before]);
+        let copy = packets(&journal[before..], 1 << 20)
+            .next()
+            .unwrap()
+            .unwrap();
+        let copy = parse_change_user(&copy.payload, caps).unwrap();
+        assert_eq!(copy.user, "app_ro");
+        assert!(copy.auth_response.is_empty());
+        assert!(!journal.windows(scramble.len()).any(|w| w == scramble));
+
+        // sluice answers it: the chunk stops before it, which stays buffered.
+        let mut machine = ResponseMachine::new(caps);
+        let g = gate_packets(&buf, 1 << 20, &mut machine, None, ChangeUserBy::Sluice)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (g.len, g.forward_len, g.change_user),
+            (before, before, true)
+        );
+        assert!(g.journal.is_none());
     }
 
     #[test]
@@ -1796,9 +2079,15 @@ mod tests {
         let mut machine = ResponseMachine::new(Capabilities::sluice_default());
         let mut p = vec![0x03];
         p.extend_from_slice(b"delete from t");
-        let e = gate_packets(&packet(1, &p), 1 << 20, &mut machine, None)
-            .err()
-            .unwrap();
+        let e = gate_packets(
+            &packet(1, &p),
+            1 << 20,
+            &mut machine,
+            None,
+            ChangeUserBy::Backend,
+        )
+        .err()
+        .unwrap();
         assert!(e.contains("sequence id 1"), "{e}");
     }
 
@@ -1881,9 +2170,15 @@ mod tests {
         buf.extend_from_slice(&query(DELETE));
         let after = buf.len();
         buf.extend_from_slice(&query("select 2"));
-        let g = gate_packets(&buf, 1 << 20, &mut machine, Some(&gate))
-            .unwrap()
-            .unwrap();
+        let g = gate_packets(
+            &buf,
+            1 << 20,
+            &mut machine,
+            Some(&gate),
+            ChangeUserBy::Backend,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!((g.len, g.forward_len), (after, before));
         assert!(g.denied.is_none());
         let held = g.held.unwrap();
@@ -1945,9 +2240,15 @@ mod tests {
         gate.access.decide(&req.id, &dba(), true, "INC-7").unwrap();
 
         let mut machine = ResponseMachine::new(Capabilities::sluice_default());
-        let g = gate_packets(&query(DELETE), 1 << 20, &mut machine, Some(&gate))
-            .unwrap()
-            .unwrap();
+        let g = gate_packets(
+            &query(DELETE),
+            1 << 20,
+            &mut machine,
+            Some(&gate),
+            ChangeUserBy::Backend,
+        )
+        .unwrap()
+        .unwrap();
         assert!(g.held.is_none() && g.denied.is_none());
         assert_eq!(g.forward_len, g.len);
         assert!(g.decisions[0].allowed);
