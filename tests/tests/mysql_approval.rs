@@ -430,3 +430,41 @@ fn a_denied_hold_is_an_error_with_the_reason_and_the_session_and_its_transaction
     );
     assert_eq!(ids(&s), "1,2,3,10");
 }
+
+#[test]
+fn a_kill_query_from_the_same_person_withdraws_a_held_statement_with_error_1317() {
+    let test = "a_kill_query_from_the_same_person_withdraws_a_held_statement_with_error_1317";
+    if skip(test) {
+        return;
+    }
+    let s = setup("mysql-kill-hold", 60);
+    let cli = Background::start(
+        &s,
+        "delete from t where id = 1; select count(*) as n from t",
+    );
+    let r = pending_request(&s);
+    let id = r["id"].as_str().unwrap().to_string();
+    // The held client's backend connection: idle there, as its statement never arrived.
+    let connection =
+        s.db.sql("select id from information_schema.processlist where user = 'app'")
+            .unwrap()
+            .trim()
+            .to_string();
+    assert!(connection.parse::<u32>().is_ok(), "{connection:?}");
+    // What the CLI's Ctrl-C does: KILL QUERY on a new connection, by the same person.
+    let kill = s.mariadb(&format!("kill query {connection}"));
+    assert!(kill.status.success(), "{}", kill.stderr);
+    let (_, out, err) = cli.finish();
+    assert!(
+        err.contains("ERROR 1317 (70100)") && err.contains(&format!("request {id} is withdrawn")),
+        "{err}"
+    );
+    // The session goes on (--force): the next statement ran; the row is still there.
+    assert!(out.contains("n\n3\n"), "{out}");
+    assert_eq!(ids(&s), "1,2,3");
+    let r = requests(&s.agent, true)
+        .into_iter()
+        .find(|r| r["id"] == id.as_str())
+        .unwrap();
+    assert_eq!(state(&r), "Abandoned", "{r}");
+}

@@ -91,8 +91,12 @@ struct Setup {
 }
 
 fn setup(name: &str, extra: impl FnOnce(&mut AgentOptions)) -> Setup {
+    setup_rules(name, RULES, extra)
+}
+
+fn setup_rules(name: &str, text: &str, extra: impl FnOnce(&mut AgentOptions)) -> Setup {
     let rules = tempfile::tempdir().unwrap();
-    std::fs::write(rules.path().join("masking.toml"), RULES).unwrap();
+    std::fs::write(rules.path().join("masking.toml"), text).unwrap();
     let path = rules.path().join("masking.toml");
     let s = Intercepted::start(name, |o| {
         o.agent_config = format!("masking_file = \"{}\"\n", path.display());
@@ -366,4 +370,51 @@ fn a_group_exempted_by_an_override_sees_clear_values() {
         sessions.iter().all(|x| x["principal"] == "dba"),
         "{sessions:#?}"
     );
+}
+
+#[test]
+fn a_strict_target_denies_what_it_cannot_track_and_masks_what_it_can() {
+    let test = "a_strict_target_denies_what_it_cannot_track_and_masks_what_it_can";
+    if skip(test) {
+        return;
+    }
+    let rules = format!("{RULES}\n[[target]]\nname = \"app-db\"\nstrict = true\n");
+    let setup = setup_rules("mysql-mask-strict", &rules, |_| {});
+    // Tracked: masked by name, as on any target; no policies, so nothing else is decided.
+    let out = setup.cli("select id, email, ssn from customers order by id");
+    assert_no_clear("tracked", &out);
+    assert!(out.starts_with("id\temail\tssn\n1\t****\tNULL\n"), "{out}");
+    assert_eq!(setup.cli("select count(*) as n from customers"), "n\n2\n");
+    // Untracked shapes that return masked columns are denied before they reach the server,
+    // even the one content detection cannot catch (three digits of an SSN).
+    for sql in [
+        "select substr(ssn, 1, 3) from customers",
+        "select email as contact from customers",
+        "select lower(email) from customers",
+        "select * from (select email from customers) x",
+        "select email from customers union all select ssn from customers",
+    ] {
+        let out = setup.s.mariadb(sql);
+        assert!(!out.status.success(), "{sql}: should be denied");
+        assert!(
+            out.stderr.contains("ERROR 1142") && out.stderr.contains("sluice-masking-strict"),
+            "{sql}: {}",
+            out.stderr
+        );
+        assert_no_clear(sql, &out.stdout);
+    }
+    let decisions: Vec<Value> = setup
+        .s
+        .agent
+        .export()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r["kind"] == "decision")
+        .collect();
+    assert_eq!(
+        decisions.len(),
+        5,
+        "only the denials are recorded: {decisions:?}"
+    );
+    assert!(decisions.iter().all(|d| d["allowed"] == false));
 }

@@ -75,6 +75,9 @@ pub struct RunOptions {
     pub no_ebpf: bool,
 }
 
+/// The policy id of a statement strict masking denies (both protocols).
+pub(crate) const STRICT_MASKING_POLICY: &str = "sluice-masking-strict";
+
 /// Why a proxied session ended, whatever its protocol; the text goes to the journal's end
 /// event and the log.
 #[derive(Debug)]
@@ -162,6 +165,8 @@ pub(crate) struct Shared {
     pub access: Arc<Access>,
     /// PostgreSQL sessions by backend key, for CancelRequests.
     pub pg_cancels: Arc<postgres::CancelKeys>,
+    /// MySQL sessions by backend connection id, for KILLs of held statements.
+    pub mysql_kills: Arc<mysql::KillTargets>,
     /// Token validation and `sluice login` bindings.
     pub identity: Arc<Identity>,
     /// Masking rules (None: results pass unmasked).
@@ -324,6 +329,7 @@ pub async fn run(
         identities: config.identities.clone(),
         access,
         pg_cancels: Arc::default(),
+        mysql_kills: Arc::default(),
         identity: identity.clone(),
         masking,
         pg_catalogs: Arc::default(),

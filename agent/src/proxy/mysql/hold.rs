@@ -13,7 +13,8 @@
 //! order; the server pump keeps relaying earlier commands' responses) but keeps reading the
 //! client into its buffer, bounded by one packet's worth, so a hang-up is noticed: it withdraws
 //! the request ([`HoldGuard`] marks it abandoned), as does the session ending for any other
-//! reason (agent shutdown drops the waiting future). Never touches the server socket or writes to
+//! reason (agent shutdown drops the waiting future), and so does a KILL of the session's
+//! connection id from the same principal ([`super::kill`]; ERR 1317). Never touches the server socket or writes to
 //! the client: the caller does, through the server pump.
 
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -51,6 +52,8 @@ pub(super) enum HoldOutcome {
     },
     /// Denied, deferred, withdrawn or not recordable: the client's error text.
     Refused(String),
+    /// Withdrawn by a KILL of its connection (the client's error text).
+    Interrupted(String),
 }
 
 /// The sequence id of the answer a client waits for while one of its commands is held, for the
@@ -116,8 +119,18 @@ pub(super) async fn hold<R: AsyncRead + Unpin>(
         .map_err(End::Journal)?;
     let timeout = gate.hold_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut kill = gate.kill.clone();
+    kill.borrow_and_update();
+    let mut interrupted = false;
     let waited: Result<Outcome, RequestState> = loop {
         tokio::select! {
+            Ok(()) = kill.changed() => {
+                interrupted = true;
+                break Err(RequestState::Abandoned {
+                    at_ns: now_ns(),
+                    why: "interrupted by a KILL of its connection".into(),
+                });
+            }
             o = &mut decided => break o.map_err(|_| RequestState::Abandoned {
                 at_ns: now_ns(),
                 why: "the request was dropped".into(),
@@ -144,6 +157,12 @@ pub(super) async fn hold<R: AsyncRead + Unpin>(
                         state: state.clone(),
                     })
                     .map_err(End::Journal)?;
+                if interrupted {
+                    info!(request = %id, "held statement interrupted by KILL: withdrawn");
+                    return Ok(HoldOutcome::Interrupted(format!(
+                        "sluice: query execution was interrupted: request {id} is withdrawn (KILL of this connection), so the statement did not run"
+                    )));
+                }
                 if matches!(state, RequestState::Deferred { .. }) {
                     info!(request = %id, "held statement not decided in time: deferred to a re-run");
                     return Ok(HoldOutcome::Refused(format!(

@@ -62,8 +62,9 @@
 //!
 //! **Masking.** With masking rules loaded, the server pump hands each chunk to the session's
 //! [`masking::Masker`], which places the packets in the machine and rewrites text and binary
-//! rows before the chunk is journaled and forwarded. A target in strict masking mode is
-//! refused (strict mode's statement checks are not wired into the MySQL gate yet).
+//! rows before the chunk is journaled and forwarded. On a target in strict masking mode the
+//! gate (present then even without policies) denies, as `sluice-masking-strict`, a statement
+//! that would return a masked column sluice cannot recognise by name, as for PostgreSQL.
 //!
 //! **Approvals.** A command an `@approval` policy denies is held (`hold.rs`): the chunk is cut
 //! after it and journaled, what came before is forwarded, and nothing after it is gated until
@@ -73,6 +74,7 @@
 //! [`Access::take_ready`] before holding).
 
 mod hold;
+mod kill;
 pub mod login;
 mod masking;
 mod reauth;
@@ -86,7 +88,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc};
 use tracing::{Span, debug, info, warn};
 
-use super::{End, Routed, Shared, identify, upstream};
+use super::{End, Routed, STRICT_MASKING_POLICY, Shared, identify, upstream};
 use crate::access::Access;
 use crate::config::{AuthMode, ClientTls, Role, Unparsed};
 use crate::policy::facts::Dialect;
@@ -126,6 +128,8 @@ mod code {
     pub const MALFORMED: (u16, &str) = (1156, "08S01");
     /// ER_DISK_FULL: the journal's spool is full.
     pub const SPOOL_FULL: (u16, &str) = (1021, "HY000");
+    /// ER_QUERY_INTERRUPTED.
+    pub const INTERRUPTED: (u16, &str) = (1317, "70100");
     /// ER_NET_PACKET_TOO_LARGE.
     pub const TOO_LARGE: (u16, &str) = (1153, "08S01");
     /// ER_SERVER_SHUTDOWN.
@@ -138,6 +142,8 @@ mod code {
 fn err(seq: u8, (code, state): (u16, &str), text: &str) -> Bytes {
     packet(seq, &ErrPacket::new(code, state, text).encode()).freeze()
 }
+
+pub(crate) use kill::KillTargets;
 
 pub(crate) async fn serve(
     tcp: TcpStream,
@@ -170,6 +176,8 @@ pub(crate) async fn serve(
         authenticated,
         principal,
         greeting,
+        // Kept for the session's lifetime: dropping it removes the session from KillTargets.
+        kill_registration: _kill_registration,
     } = login;
     let mut session = Session {
         client,
@@ -240,6 +248,8 @@ struct Connected {
     principal: Option<Principal>,
     /// The backend's greeting.
     greeting: Handshake,
+    /// This session in [`KillTargets`], for its lifetime.
+    kill_registration: kill::KillRegistration,
 }
 
 /// The connection phase up to the client's HandshakeResponse. None: the connection is over
@@ -248,27 +258,6 @@ async fn connect(mut tcp: TcpStream, routed: &Routed, shared: &Shared) -> Option
     if let Err(refusal) = shared.admit_session() {
         warn!("journal spool full: session refused");
         let _ = tcp.write_all(&err(0, code::SPOOL_FULL, &refusal)).await;
-        return None;
-    }
-    if shared
-        .masking
-        .as_ref()
-        .is_some_and(|r| r.is_strict(&routed.target.name))
-    {
-        let text = format!(
-            "sluice: target \"{}\" is MySQL and masks in strict mode, which sluice does not enforce for MySQL yet: sessions are refused rather than risk unmasked aliases",
-            routed.target.name
-        );
-        refuse(
-            Stream::Plain(tcp),
-            0,
-            code::ACCESS_DENIED,
-            &text,
-            shared,
-            routed,
-            Vec::new(),
-        )
-        .await;
         return None;
     }
     // The backend's greeting first: its capabilities are what the client is offered.
@@ -680,6 +669,19 @@ async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connec
         return None;
     }
 
+    // A KILL of this connection id from the same principal withdraws a held statement.
+    let (kill_registration, kill_rx) = kill::KillRegistration::new(
+        shared.mysql_kills.clone(),
+        routed.backend,
+        greeting.connection_id,
+        principal.as_ref().map(|p| p.name.as_str()).unwrap_or(""),
+    );
+    // Masking's strict mode needs statements checked even without policies.
+    let strict = shared
+        .masking
+        .as_ref()
+        .filter(|r| r.is_strict(&routed.target.name))
+        .cloned();
     // Policy: may this principal connect at all.
     let gate = match (&shared.policy, principal.clone()) {
         (Some(policy), Some(who)) => {
@@ -718,8 +720,8 @@ async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connec
             });
             match session {
                 Ok(session) if connect.allowed => Some(Gate {
-                    policy: policy.clone(),
-                    session,
+                    policy: Some((policy.clone(), session)),
+                    strict: strict.clone(),
                     unparsed: routed.target.unparsed,
                     access: shared.access.clone(),
                     principal: who,
@@ -727,6 +729,9 @@ async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connec
                     session_id: recorder.id(),
                     hold_timeout: shared.config.approval_timeout(),
                     waiting: hold::Waiting::default(),
+                    kill: kill_rx.clone(),
+                    kills: shared.mysql_kills.clone(),
+                    backend: routed.backend,
                 }),
                 _ => {
                     let text = connect.message();
@@ -739,7 +744,24 @@ async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connec
                 }
             }
         }
-        _ => None,
+        // Strict masking checks statements even without policies.
+        (_, who) => strict.map(|rules| Gate {
+            policy: None,
+            strict: Some(rules),
+            unparsed: routed.target.unparsed,
+            access: shared.access.clone(),
+            principal: who.unwrap_or_else(|| Principal {
+                name: "unknown".into(),
+                groups: Vec::new(),
+            }),
+            target: routed.target.name.clone(),
+            session_id: recorder.id(),
+            hold_timeout: shared.config.approval_timeout(),
+            waiting: hold::Waiting::default(),
+            kill: kill_rx.clone(),
+            kills: shared.mysql_kills.clone(),
+            backend: routed.backend,
+        }),
     };
 
     let timeout = shared.config.connect_timeout() * 2;
@@ -848,6 +870,7 @@ async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connec
         authenticated,
         principal,
         greeting,
+        kill_registration,
     })
 }
 
@@ -974,8 +997,11 @@ fn start(
 
 /// What a session needs to decide statements (present when `agent.policy_dir` is set).
 struct Gate {
-    policy: Arc<Policy>,
-    session: SessionPolicy,
+    /// The policies and this session's request to them (absent: no `policy_dir`, and the gate
+    /// exists for strict masking alone).
+    policy: Option<(Arc<Policy>, SessionPolicy)>,
+    /// Masking rules, when the target masks in strict mode.
+    strict: Option<Arc<crate::mask::rules::RuleSet>>,
     unparsed: Unparsed,
     access: Arc<Access>,
     principal: Principal,
@@ -986,7 +1012,16 @@ struct Gate {
     hold_timeout: std::time::Duration,
     /// Set while a statement is held.
     waiting: hold::Waiting,
+    /// Changes when a KILL of this session's connection id arrives ([`kill`]).
+    kill: tokio::sync::watch::Receiver<u64>,
+    /// Where this session's own KILLs of held statements go.
+    kills: Arc<KillTargets>,
+    /// The backend, which with a connection id names a session.
+    backend: std::net::SocketAddr,
 }
+
+/// An error for the client: the MySQL error number and SQLSTATE, and the text.
+type Refusal = ((u16, &'static str), String);
 
 /// A statement's fate.
 struct Ruling {
@@ -1001,10 +1036,25 @@ struct Ruling {
 
 impl Gate {
     fn decide(&self, sql: &str) -> Ruling {
-        let jit = self.access.has_grant(&self.principal.name, &self.target);
-        let d = self
-            .policy
-            .decide_sql(&self.session, Dialect::MySql, sql, self.unparsed, jit);
+        let mut d = self.decide_sql(sql);
+        if d.verdict.allowed
+            && let Some(rules) = &self.strict
+            && let Some(why) = crate::policy::tracking::untracked(sql, Dialect::MySql, &|c| {
+                rules.masks_column_name(&self.target, c)
+            })
+        {
+            d.verdict = crate::policy::Verdict {
+                allowed: false,
+                policies: vec![STRICT_MASKING_POLICY.into()],
+                reason: format!(
+                    "target \"{}\" masks in strict mode and the statement would return {why}; select masked columns by their own names",
+                    self.target
+                ),
+                approval: None,
+            };
+        }
+        // Without policies, only what strict masking denies is worth a record.
+        let record = self.policy.is_some() || !d.verdict.allowed;
         let mut verdict = d.verdict;
         let mut text = verdict.message();
         let mut used = None;
@@ -1067,7 +1117,7 @@ impl Gate {
         }
         Ruling {
             denied: (!verdict.allowed).then_some(text),
-            decision: Some(Decision {
+            decision: record.then(|| Decision {
                 sql: sql.to_string(),
                 action: d.action.to_string(),
                 facts,
@@ -1080,13 +1130,35 @@ impl Gate {
         }
     }
 
+    /// A KILL of connection `id` from this session: withdraws that session's held statement
+    /// when it is the same principal's.
+    fn interrupt(&self, id: u32) {
+        if self.kills.interrupt(self.backend, id, &self.principal.name) {
+            info!(
+                connection = id,
+                "KILL of a connection of the same principal: its held statement, if any, is withdrawn"
+            );
+        }
+    }
+
+    /// The policies' decision on `sql` (allowed when there are none).
+    fn decide_sql(&self, sql: &str) -> crate::policy::SqlDecision {
+        match &self.policy {
+            Some((policy, session)) => {
+                let jit = self.access.has_grant(&self.principal.name, &self.target);
+                policy.decide_sql(session, Dialect::MySql, sql, self.unparsed, jit)
+            }
+            None => crate::policy::SqlDecision::allowed(),
+        }
+    }
+
     /// The decision on a held statement once its hold ended, and the client's error when it is
     /// not to run. Decided again: a reload to a plain forbid during the hold still denies.
     fn after_hold(
         &self,
         held: &hold::Held,
         outcome: hold::HoldOutcome,
-    ) -> (Decision, Option<String>) {
+    ) -> (Decision, Option<Refusal>) {
         let mut decision = Decision {
             sql: held.sql.clone(),
             action: held.action.to_string(),
@@ -1101,11 +1173,7 @@ impl Gate {
                 by,
                 comment,
             } => {
-                let jit = self.access.has_grant(&self.principal.name, &self.target);
-                let v = self
-                    .policy
-                    .decide_sql(&self.session, Dialect::MySql, &held.sql, self.unparsed, jit)
-                    .verdict;
+                let v = self.decide_sql(&held.sql).verdict;
                 if v.allowed || v.approval.is_some() {
                     decision.allowed = true;
                     decision.reason = approved_reason(&request, &by, &comment);
@@ -1114,12 +1182,16 @@ impl Gate {
                     info!(request = %request, policies = ?v.policies, "approved statement denied by policies loaded during the hold");
                     decision.policies = v.policies.clone();
                     decision.reason = v.reason.clone();
-                    Some(v.message())
+                    Some((code::DENIED, v.message()))
                 }
             }
             hold::HoldOutcome::Refused(text) => {
                 decision.reason = text.clone();
-                Some(text)
+                Some((code::DENIED, text))
+            }
+            hold::HoldOutcome::Interrupted(text) => {
+                decision.reason = text.clone();
+                Some((code::INTERRUPTED, text))
             }
         };
         (decision, denied)
@@ -1624,7 +1696,7 @@ where
                 }
                 let command = chunk.slice(gated.forward_len..);
                 match denied {
-                    Some(text) => refusal = Some(err(held.reply_seq, code::DENIED, &text)),
+                    Some((code, text)) => refusal = Some(err(held.reply_seq, code, &text)),
                     None => {
                         // Placed before it is forwarded, so its response finds it awaited.
                         let placed = packets(&command, p.max)
@@ -1831,6 +1903,9 @@ fn gate_packets(
                             "LOAD DATA LOCAL would read a file from the client's host; sluice does not relay it",
                         ))
                     } else {
+                        if let (Some(g), Some(id)) = (gate, kill::killed_id(&sql)) {
+                            g.interrupt(id);
+                        }
                         gate.map(|g| g.decide(&sql))
                     }
                 }
@@ -1841,6 +1916,12 @@ fn gate_packets(
                     out.change_user = true;
                     out.journal = journal.map(BytesMut::freeze);
                     return Ok(Some(out));
+                }
+                Command::ProcessKill(id) => {
+                    if let Some(g) = gate {
+                        g.interrupt(id);
+                    }
+                    None
                 }
                 _ => None,
             }
@@ -2121,8 +2202,8 @@ mod tests {
         let journal_dir = tempfile::tempdir().unwrap();
         let journal = sluice_journal::Journal::open(journal_dir.path()).unwrap();
         let gate = Gate {
-            policy,
-            session,
+            policy: Some((policy, session)),
+            strict: None,
             unparsed: Unparsed::Deny,
             access: Arc::new(Access::open(journal.clone()).unwrap()),
             principal: Principal {
@@ -2133,6 +2214,9 @@ mod tests {
             session_id: sluice_journal::SessionId::new(),
             hold_timeout,
             waiting: hold::Waiting::default(),
+            kill: tokio::sync::watch::channel(0).1,
+            kills: Arc::default(),
+            backend: "127.0.0.1:3306".parse().unwrap(),
         };
         (gate, journal, journal_dir)
     }
@@ -2278,7 +2362,16 @@ mod tests {
         assert_eq!(d.reason, "request abcd1234 approved by cy");
         let (d, denied) = gate.after_hold(&held, hold::HoldOutcome::Refused("sluice: no".into()));
         assert!(!d.allowed);
-        assert_eq!(denied.as_deref(), Some("sluice: no"));
+        assert_eq!(denied, Some((code::DENIED, "sluice: no".to_string())));
+        let (d, denied) = gate.after_hold(
+            &held,
+            hold::HoldOutcome::Interrupted("sluice: killed".into()),
+        );
+        assert!(!d.allowed);
+        assert_eq!(
+            denied,
+            Some((code::INTERRUPTED, "sluice: killed".to_string()))
+        );
     }
 
     #[tokio::test]

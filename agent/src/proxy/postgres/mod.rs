@@ -73,7 +73,7 @@ mod catalog;
 mod login;
 mod masking;
 
-use super::{End, Routed, Shared, upstream};
+use super::{End, Routed, STRICT_MASKING_POLICY, Shared, upstream};
 use crate::access::{Access, HoldRequest, Outcome};
 use crate::config::{AuthMode, ClientTls, Unparsed};
 use crate::mask::rules::RuleSet;
@@ -106,8 +106,6 @@ const INJECT_QUEUE: usize = 64;
 const SYNC: &[u8] = &[b'S', 0, 0, 0, 4];
 /// The policy id a legacy FunctionCall ('F') is denied by.
 const FASTPATH_POLICY: &str = "sluice-fastpath";
-/// The policy id of a statement strict masking denies.
-const STRICT_MASKING_POLICY: &str = "sluice-masking-strict";
 
 pub(crate) async fn serve(
     tcp: TcpStream,
