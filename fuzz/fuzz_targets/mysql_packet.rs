@@ -1,6 +1,7 @@
 //! Arbitrary bytes as a MySQL/MariaDB stream: framing (with and without sequence-id checks,
 //! 16 MiB reassembly), every payload decoder (handshake, response, auth replies, OK/ERR/EOF,
-//! commands, column definitions, text/binary rows, execute parameters), the response state
+//! commands and COM_CHANGE_USER, column definitions, text/binary rows, execute parameters,
+//! a server's RSA public key), the response state
 //! machine under two capability sets, and the Transcriber must never panic. Every payload also
 //! goes through the row rewriter (masking's codec) as a text and a binary row: a rewritten row
 //! must decode with the same columns, keep its NULLs NULL, and a rejected one writes nothing.
@@ -14,8 +15,10 @@ use libfuzzer_sys::fuzz_target;
 use protocol::mysql::Capabilities;
 use protocol::mysql::command::{decode_command, decode_execute_params};
 use protocol::mysql::handshake::{
-    parse_auth_reply, parse_client_handshake, parse_eof, parse_err, parse_handshake, parse_ok,
+    parse_auth_reply, parse_change_user, parse_client_handshake, parse_eof, parse_err,
+    parse_handshake, parse_ok,
 };
+use protocol::mysql::rsa::PublicKey;
 use protocol::mysql::response::{Event, ResponseMachine};
 use protocol::mysql::resultset::{
     ColumnDef, Value, decode_binary_row, decode_text_row, parse_column_def,
@@ -112,6 +115,16 @@ fuzz_target!(|data: &[u8]| {
             let _ = parse_ok(b, caps).map(|ok| ok.encode(0, caps));
             let _ = decode_command(b, caps);
             let _ = parse_column_def(b, caps);
+            // A change-user command that decodes re-encodes to something that decodes the same.
+            if let Ok(c) = parse_change_user(b, caps) {
+                let again = parse_change_user(&c.encode(caps), caps).expect("re-encoded");
+                assert_eq!(again.user, c.user);
+                let _ = c.without_credentials(caps);
+            }
+        }
+        // A server's RSA key (caching_sha2 full auth without TLS) is PEM from the backend.
+        if let Ok(key) = PublicKey::from_pem(b) {
+            let _ = key.encrypt_oaep_sha1(b"password\0");
         }
         let _ = parse_err(b).map(|e| e.encode());
         let _ = parse_eof(b);

@@ -670,6 +670,22 @@ impl Agent {
         }
     }
 
+    /// Every file of the journal directory, as bytes (to look for what must not be there).
+    pub fn journal_bytes(&self) -> Vec<u8> {
+        let mut all = Vec::new();
+        for e in std::fs::read_dir(self.journal_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let p = e.path();
+            if p.is_file() {
+                all.extend(std::fs::read(p).unwrap_or_default());
+            }
+        }
+        all
+    }
+
     pub fn journal_dir(&self) -> PathBuf {
         self.journal.clone()
     }
@@ -853,4 +869,11 @@ pub fn psql_session_args(port: u16, sql: &[&str]) -> Vec<String> {
         args.push(s.to_string());
     }
     args
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains_bytes(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
 }

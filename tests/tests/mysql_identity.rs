@@ -15,7 +15,8 @@ use serde_json::Value;
 use sluice_tests::mariadb::{MariaDb, require_mariadb, require_mysql_python};
 use sluice_tests::oidc::{self, Provider};
 use sluice_tests::{
-    Agent, AgentOptions, CLIENT_UID, Cgroup, Output, TestCa, require_root, run_bounded,
+    Agent, AgentOptions, CLIENT_UID, Cgroup, Output, TestCa, contains_bytes, require_root,
+    run_bounded,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -184,24 +185,6 @@ impl Setup {
             .filter(|r| r["kind"] == "auth")
             .collect()
     }
-
-    /// Every file of the journal, as bytes.
-    fn journal_bytes(&self) -> Vec<u8> {
-        let mut all = Vec::new();
-        for e in std::fs::read_dir(self.agent.journal_dir()).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_file() {
-                all.extend(std::fs::read(p).unwrap());
-            }
-        }
-        all
-    }
-}
-
-fn contains(haystack: &[u8], needle: &str) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|w| w == needle.as_bytes())
 }
 
 #[test]
@@ -256,11 +239,11 @@ fn a_token_over_tls_logs_in_as_the_role_with_credentials_only_sluice_holds() {
     }
     // No credential anywhere: not in the export, not in the journal's files.
     let export = serde_json::to_string(&s.agent.export().unwrap()).unwrap();
-    let raw = s.journal_bytes();
+    let raw = s.agent.journal_bytes();
     for secret in [RW_SECRET, RO_SECRET, token.as_str()] {
         assert!(!export.contains(secret), "a credential is in the export");
         assert!(
-            !contains(&raw, secret),
+            !contains_bytes(&raw, secret),
             "a credential is in the journal files"
         );
     }
@@ -338,7 +321,10 @@ fn a_workload_and_a_sluice_login_need_no_password() {
         .map(|s| s["principal"].as_str().unwrap_or(""))
         .collect();
     assert!(principals.contains(&"billing-svc"), "{sessions:?}");
-    assert!(principals.contains(&"ada@example.com"), "{sessions:?}");
+    assert!(
+        principals.contains(&"ada@example.com"),
+        "{sessions:?}"
+    );
 }
 
 #[test]
@@ -419,7 +405,7 @@ fn bad_tokens_missing_identities_and_plaintext_are_refused_with_1045_and_what_to
     // Each refusal is journaled as a session with its reason; none holds the token.
     let sessions = s.agent.sessions().unwrap();
     assert_eq!(sessions.len(), 5, "{sessions:?}");
-    assert!(!contains(&s.journal_bytes(), &token));
+    assert!(!contains_bytes(&s.agent.journal_bytes(), &token));
     // The agent serves the next client.
     let out = s.mariadb(&s.svc, CLIENT_UID, "app_rw", None, false, "select 1");
     assert!(out.status.success(), "{}", out.stderr);
@@ -473,7 +459,7 @@ fn passthrough_logins_are_relayed_over_a_tls_backend_leg_with_either_client_leg(
             .starts_with("TLSv1"),
         "{auth:?}"
     );
-    assert!(!contains(&s.journal_bytes(), RW_SECRET));
+    assert!(!contains_bytes(&s.agent.journal_bytes(), RW_SECRET));
 }
 
 #[test]
@@ -534,8 +520,8 @@ fn com_change_user_logs_in_again_as_another_role_of_the_same_person() {
     assert_eq!(auth[2]["method"], "login");
     assert_eq!(s.agent.sessions().unwrap().len(), 2);
 
-    assert!(!contains(&s.journal_bytes(), RW_SECRET));
-    assert!(!contains(&s.journal_bytes(), RO_SECRET));
+    assert!(!contains_bytes(&s.agent.journal_bytes(), RW_SECRET));
+    assert!(!contains_bytes(&s.agent.journal_bytes(), RO_SECRET));
 }
 
 #[test]

@@ -19,8 +19,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::Value;
 use sluice_tests::oidc::{self, Provider};
 use sluice_tests::{
-    Agent, AgentOptions, CLIENT_UID, Cgroup, Output, PgOptions, Postgres, TestCa, pg_target,
-    require_root, run_bounded,
+    Agent, AgentOptions, CLIENT_UID, Cgroup, Output, PgOptions, Postgres, TestCa, contains_bytes,
+    pg_target, require_root, run_bounded,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -142,24 +142,6 @@ impl Setup {
     fn export(&self) -> Vec<Value> {
         self.agent.export().unwrap()
     }
-
-    /// Every file of the journal, as bytes.
-    fn journal_bytes(&self) -> Vec<u8> {
-        let mut all = Vec::new();
-        for e in std::fs::read_dir(self.agent.journal_dir()).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_file() {
-                all.extend(std::fs::read(p).unwrap());
-            }
-        }
-        all
-    }
-}
-
-fn contains(haystack: &[u8], needle: &str) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|w| w == needle.as_bytes())
 }
 
 #[test]
@@ -222,11 +204,11 @@ fn psql_with_a_token_over_tls_reaches_the_backend_as_the_role_with_injected_cred
     );
     // No credential anywhere: not in the export, not in the journal's files.
     let export = serde_json::to_string(&s.export()).unwrap();
-    let raw = s.journal_bytes();
+    let raw = s.agent.journal_bytes();
     for secret in [RW_SECRET, MD5_SECRET, token.as_str()] {
         assert!(!export.contains(secret), "a credential is in the export");
         assert!(
-            !contains(&raw, secret),
+            !contains_bytes(&raw, secret),
             "a credential is in the journal files"
         );
     }
@@ -738,6 +720,9 @@ fn a_relayed_scram_login_leaves_no_guessable_material_in_the_journal() {
     }
     for secret in [salt.as_str(), "Scram-Pass-55e1"] {
         assert!(!export.contains(secret), "{secret} in the export");
-        assert!(!contains(&raw, secret), "{secret} in the journal files");
+        assert!(
+            !contains_bytes(&raw, secret),
+            "{secret} in the journal files"
+        );
     }
 }

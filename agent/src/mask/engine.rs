@@ -318,6 +318,25 @@ impl MaskPlan {
             .collect()
     }
 
+    /// What the journal records of [`MaskPlan::report`] (both protocols record the same).
+    pub fn journal_report(&self) -> sluice_journal::MaskReport {
+        sluice_journal::MaskReport {
+            fired: self
+                .report()
+                .into_iter()
+                .map(|f| sluice_journal::MaskFiring {
+                    column: f.column_name,
+                    rule: match f.source {
+                        Source::Column(r) => format!("column:{r}"),
+                        Source::Detector(d) => format!("detector:{d}"),
+                    },
+                    strategy: format!("{:?}", f.strategy).to_lowercase(),
+                    values: f.values,
+                })
+                .collect(),
+        }
+    }
+
     /// Total values masked since the plan was built or last reset.
     pub fn masked_values(&self) -> u64 {
         self.firings.iter().map(|(_, f)| f.values).sum()

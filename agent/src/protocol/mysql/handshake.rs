@@ -340,13 +340,7 @@ pub fn parse_client_handshake(payload: &[u8]) -> Result<ClientHandshake, DecodeE
         resp.auth_plugin = Some(text(r.cstr_or_rest()));
     }
     if capabilities.contains(Capabilities::CONNECT_ATTRS) && !r.is_empty() {
-        let attrs = r.lenenc_bytes("connection attributes")?;
-        let mut a = Reader::new("connection attributes", attrs);
-        while !a.is_empty() {
-            let k = text(a.lenenc_bytes("attribute name")?);
-            let v = text(a.lenenc_bytes("attribute value")?);
-            resp.attributes.push((k, v));
-        }
+        resp.attributes = read_attributes(&mut r)?;
     }
     Ok(ClientHandshake::Response(resp))
 }
@@ -402,15 +396,32 @@ impl HandshakeResponse {
             );
         }
         if caps.contains(Capabilities::CONNECT_ATTRS) {
-            let mut attrs = BytesMut::new();
-            for (k, v) in &self.attributes {
-                put_lenenc_bytes(&mut attrs, k.as_bytes());
-                put_lenenc_bytes(&mut attrs, v.as_bytes());
-            }
-            put_lenenc_bytes(&mut out, &attrs);
+            put_attributes(&mut out, &self.attributes);
         }
         out
     }
+}
+
+/// Connection attributes (CLIENT_CONNECT_ATTRS): a length-encoded block of name/value pairs.
+fn read_attributes(r: &mut Reader<'_>) -> Result<Vec<(String, String)>, DecodeError> {
+    let attrs = r.lenenc_bytes("connection attributes")?;
+    let mut a = Reader::new("connection attributes", attrs);
+    let mut out = Vec::new();
+    while !a.is_empty() {
+        let k = text(a.lenenc_bytes("attribute name")?);
+        let v = text(a.lenenc_bytes("attribute value")?);
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+fn put_attributes(out: &mut BytesMut, attributes: &[(String, String)]) {
+    let mut attrs = BytesMut::new();
+    for (k, v) in attributes {
+        put_lenenc_bytes(&mut attrs, k.as_bytes());
+        put_lenenc_bytes(&mut attrs, v.as_bytes());
+    }
+    put_lenenc_bytes(out, &attrs);
 }
 
 impl HandshakeResponse {
@@ -469,13 +480,7 @@ pub fn parse_change_user(payload: &[u8], caps: Capabilities) -> Result<ChangeUse
             c.auth_plugin = Some(text(r.cstr_or_rest()));
         }
         if caps.contains(Capabilities::CONNECT_ATTRS) && !r.is_empty() {
-            let attrs = r.lenenc_bytes("connection attributes")?;
-            let mut a = Reader::new("connection attributes", attrs);
-            while !a.is_empty() {
-                let k = text(a.lenenc_bytes("attribute name")?);
-                let v = text(a.lenenc_bytes("attribute value")?);
-                c.attributes.push((k, v));
-            }
+            c.attributes = read_attributes(&mut r)?;
         }
     }
     Ok(c)
@@ -504,12 +509,7 @@ impl ChangeUser {
                 );
             }
             if caps.contains(Capabilities::CONNECT_ATTRS) {
-                let mut attrs = BytesMut::new();
-                for (k, v) in &self.attributes {
-                    put_lenenc_bytes(&mut attrs, k.as_bytes());
-                    put_lenenc_bytes(&mut attrs, v.as_bytes());
-                }
-                put_lenenc_bytes(&mut out, &attrs);
+                put_attributes(&mut out, &self.attributes);
             }
         }
         out

@@ -31,9 +31,9 @@
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use sluice_journal::{MaskFiring, MaskReport};
+use sluice_journal::MaskReport;
 
-use crate::mask::engine::{Change, ColumnDesc, MaskPlan, Source, ValueKind};
+use crate::mask::engine::{Change, ColumnDesc, MaskPlan, ValueKind};
 use crate::mask::rules::{Audience, Origin, RuleSet};
 use crate::protocol::mysql::packet::{Decoder, encode_packet};
 use crate::protocol::mysql::response::{Event, ResponseMachine};
@@ -223,28 +223,9 @@ impl Masker {
         if let Plan::Active(plan) = &self.plan
             && plan.masked_values() > 0
         {
-            reports.push(journal_report(plan));
+            reports.push(plan.journal_report());
         }
         self.plan = Plan::Unplanned;
-    }
-}
-
-/// What the journal records of a plan's counters (as PostgreSQL sessions record them).
-fn journal_report(plan: &MaskPlan) -> MaskReport {
-    MaskReport {
-        fired: plan
-            .report()
-            .into_iter()
-            .map(|f| MaskFiring {
-                column: f.column_name,
-                rule: match f.source {
-                    Source::Column(r) => format!("column:{r}"),
-                    Source::Detector(d) => format!("detector:{d}"),
-                },
-                strategy: format!("{:?}", f.strategy).to_lowercase(),
-                values: f.values,
-            })
-            .collect(),
     }
 }
 

@@ -18,10 +18,10 @@
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use sluice_journal::{MaskFiring, MaskReport};
+use sluice_journal::MaskReport;
 
 use super::catalog::{CatalogAccess, TableNames};
-use crate::mask::engine::{ColumnDesc, MaskPlan, Source};
+use crate::mask::engine::{ColumnDesc, MaskPlan};
 use crate::mask::pgrow::{Format, RowRewrite, rewrite_copy_text, rewrite_data_row, value_kind};
 use crate::mask::rules::{Audience, Origin, RuleSet};
 use crate::protocol::postgres::backend::{Backend, decode_backend};
@@ -74,21 +74,7 @@ impl Masker {
         if plan.masked_values() == 0 {
             return;
         }
-        reports.push(MaskReport {
-            fired: plan
-                .report()
-                .into_iter()
-                .map(|f| MaskFiring {
-                    column: f.column_name,
-                    rule: match f.source {
-                        Source::Column(r) => format!("column:{r}"),
-                        Source::Detector(d) => format!("detector:{d}"),
-                    },
-                    strategy: format!("{:?}", f.strategy).to_lowercase(),
-                    values: f.values,
-                })
-                .collect(),
-        });
+        reports.push(plan.journal_report());
         plan.reset_counts();
     }
 
