@@ -321,10 +321,7 @@ fn a_workload_and_a_sluice_login_need_no_password() {
         .map(|s| s["principal"].as_str().unwrap_or(""))
         .collect();
     assert!(principals.contains(&"billing-svc"), "{sessions:?}");
-    assert!(
-        principals.contains(&"ada@example.com"),
-        "{sessions:?}"
-    );
+    assert!(principals.contains(&"ada@example.com"), "{sessions:?}");
 }
 
 #[test]
