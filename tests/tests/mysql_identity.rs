@@ -284,6 +284,13 @@ fn a_workload_and_a_sluice_login_need_no_password() {
         replay.contains("ERROR 42S02 (1146): Table 'shop.nope' doesn't exist"),
         "{replay}"
     );
+    // The CLI quits, and the server closes its TLS leg without close_notify: a close, not
+    // an i/o error.
+    let end = sessions[1]["end_reason"].as_str().unwrap_or("");
+    assert!(
+        end.contains("closed the connection") && !end.contains("i/o error"),
+        "{end}"
+    );
     // It may not use ada's role: refused with what it may use.
     let out = s.mariadb(&s.svc, CLIENT_UID, "app_ro", None, false, "select 1");
     assert!(!out.status.success());

@@ -10,7 +10,10 @@
 //! DELETE with one is held until that second person approves it. The agent is enrolled with a
 //! local collector and ships everything it recorded; the sessions and replays are read from
 //! the collector's store, and the sessions touching `customers` are exported as CSV with a
-//! verification bundle that `sluice verify` checks offline. Everything it started is stopped
+//! verification bundle that `sluice verify` checks offline. The same agent also protects a
+//! throwaway MariaDB (`orders-db`, MySQL protocol, same identity, TLS, policies and journal):
+//! the `mariadb` CLI, given no password, is logged in by sluice, a DELETE without WHERE is
+//! denied, and the session is replayed from the collector. Everything it started is stopped
 //! and removed at the end; the collector's store, the export and the bundle stay in
 //! `target/sluice-demo/`.
 
@@ -19,6 +22,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use sluice_tests::collector::Collector;
+use sluice_tests::mariadb::{self, MariaDb, mysql_target};
 use sluice_tests::{
     Agent, AgentOptions, CLIENT_UID, Cgroup, Postgres, pg_target, psql_args, run_bounded,
 };
@@ -44,6 +48,13 @@ const STATEMENTS: &[&str] = &[
     "select * from no_such_table",
 ];
 const HELD: &str = "delete from customers where id = 2 returning name";
+const MYSQL: &[&str] = &[
+    "create table orders (id int primary key, customer varchar(40), total decimal(8,2))",
+    "insert into orders values (1, 'Ada Lovelace', 12.50), (2, 'Alan Turing', 99.00)",
+    "select id, customer, total from orders order by id",
+    "delete from orders",
+    "select * from no_such_table",
+];
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     if !is_root() {
@@ -55,6 +66,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ("/usr/bin/psql", "postgresql"),
         ("/usr/lib/postgresql", "postgresql"),
         ("/usr/bin/openssl", "openssl"),
+        ("/usr/sbin/mariadbd", "mariadb-server"),
+        ("/usr/bin/mariadb", "mariadb-client"),
     ])?;
     step("building sluice");
     crate::util::run(cargo().args(["build", "--workspace", "--all-targets"]))?;
@@ -68,6 +81,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         pg.port,
         pg.port
     );
+
+    step("starting a throwaway MariaDB");
+    let my = MariaDb::start()?;
+    println!("    MariaDB listening on 127.0.0.1:{}", my.port);
 
     step("making a throwaway CA and a certificate for sluice (openssl)");
     let ca = sluice_tests::TestCa::new()?;
@@ -115,14 +132,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // TLS required toward clients; sluice authenticates them itself (here: by uid, as
         // workloads) and logs in to the server as role postgres (the demo server trusts
         // local logins, so the configured password is never asked for).
-        targets: vec![format!(
-            "{}jit_approvers = \"dba\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nclient_tls = \"required\"\nauth = \"sluice\"\n\
-             [[target.role]]\nname = \"postgres\"\npassword_env = \"SLUICE_DEMO_PG_PASSWORD\"\nallow = [\"group:admins\"]\n",
-            pg_target("prod-db", &target),
-            cert.display(),
-            key.display()
-        )],
-        env: vec![("SLUICE_DEMO_PG_PASSWORD".into(), "unused-by-trust".into())],
+        targets: vec![
+            format!(
+                "{}jit_approvers = \"dba\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nclient_tls = \"required\"\nauth = \"sluice\"\n\
+                 [[target.role]]\nname = \"postgres\"\npassword_env = \"SLUICE_DEMO_PG_PASSWORD\"\nallow = [\"group:admins\"]\n",
+                pg_target("prod-db", &target),
+                cert.display(),
+                key.display()
+            ),
+            // The MariaDB: the same, with the server's password user as role `app`, whose
+            // password only the agent has.
+            format!(
+                "{}tls_cert = \"{}\"\ntls_key = \"{}\"\nclient_tls = \"required\"\nauth = \"sluice\"\n\
+                 [[target.role]]\nname = \"{}\"\npassword_env = \"SLUICE_DEMO_MY_PASSWORD\"\nallow = [\"group:admins\"]\n",
+                mysql_target("orders-db", &format!("127.0.0.1:{}", my.port)),
+                cert.display(),
+                key.display(),
+                mariadb::USER
+            ),
+        ],
+        env: demo_env(),
         ..AgentOptions::default()
     })?;
     println!(
@@ -150,7 +179,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ])
             .arg(&agent.config)
             // The config is checked whole, credentials included.
-            .env("SLUICE_DEMO_PG_PASSWORD", "unused-by-trust"),
+            .envs(demo_env()),
         Duration::from_secs(30),
     )?;
     println!(
@@ -342,6 +371,57 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("the exported bundle does not verify");
     }
 
+    step(
+        "the same agent protects MariaDB: the mariadb CLI (TLS, no password) as `nobody` in the cgroup",
+    );
+    println!(
+        "    (sluice knows the uid, checks role `{}`, logs in with the password only it holds)",
+        mariadb::USER
+    );
+    for sql in MYSQL {
+        let mut cmd = cgroup.command(Some(CLIENT_UID), "mariadb");
+        cmd.args([
+            "--no-defaults",
+            "-h",
+            "127.0.0.1",
+            "--protocol=tcp",
+            "--ssl",
+            "-t",
+        ])
+        .arg(format!("--ssl-ca={}", ca.cert.display()))
+        .arg(format!("-P{}", my.port))
+        .arg(format!("-u{}", mariadb::USER))
+        .args([mariadb::DATABASE, "-e", sql]);
+        let out = run_bounded(&mut cmd, Duration::from_secs(60))?;
+        println!("    mariadb> {sql}");
+        for line in out.stderr.lines().chain(out.stdout.lines()) {
+            println!("          {line}");
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mysql_session = loop {
+        // One session per statement, in order; the fourth is the DELETE.
+        let stored: Vec<serde_json::Value> = collector
+            .sessions()?
+            .into_iter()
+            .filter(|s| s["target"] == "orders-db")
+            .collect();
+        if stored.len() == MYSQL.len()
+            && stored.iter().all(|s| !s["end"].is_null())
+            && let Some(id) = stored[3]["id"].as_str()
+        {
+            break id.to_string();
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the MariaDB sessions did not reach the collector within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    step(&format!(
+        "sluice replay {mysql_session} (the denied DELETE, from the collector)"
+    ));
+    print!("{}", read(&["replay", &mysql_session])?);
+
     if args.keep {
         println!("Agent and server keep running; connect from the cgroup with:");
         println!(
@@ -357,6 +437,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     drop(collector);
     drop(cgroup);
     drop(pg);
+    drop(my);
     println!(
         "\nThe collector's store stays in {}. Read it yourself:",
         store.display()
@@ -369,4 +450,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 fn step(text: &str) {
     println!("\n==> {text}");
+}
+
+/// The roles' passwords, from the agent's environment: PostgreSQL trusts local logins (never
+/// asked for), MariaDB's password user checks it.
+fn demo_env() -> Vec<(String, String)> {
+    vec![
+        ("SLUICE_DEMO_PG_PASSWORD".into(), "unused-by-trust".into()),
+        ("SLUICE_DEMO_MY_PASSWORD".into(), mariadb::PASSWORD.into()),
+    ]
 }

@@ -118,6 +118,11 @@ impl End {
             End::Malformed { from, reason } => {
                 format!("malformed {unit} from the {from}: {reason}")
             }
+            // A TLS peer that closes without close_notify (the mariadb CLI after an error,
+            // many drivers) has still just closed: not an i/o error.
+            End::Io { from, error } if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+                format!("{from} closed the connection (without TLS close_notify)")
+            }
             End::Io { from, error } => format!("i/o error on the {from} connection: {error}"),
             End::Journal(e) => format!("journal write failed: {e}"),
             End::Shutdown => "agent shutdown".into(),
@@ -129,10 +134,11 @@ impl End {
     }
 
     fn normal(&self) -> bool {
-        matches!(
-            self,
-            End::ClientClosed | End::ServerClosed | End::Shutdown | End::Refused(_)
-        )
+        match self {
+            End::ClientClosed | End::ServerClosed | End::Shutdown | End::Refused(_) => true,
+            End::Io { error, .. } => error.kind() == std::io::ErrorKind::UnexpectedEof,
+            _ => false,
+        }
     }
 
     /// Logs how the session ended, notes an abnormal end in the journal (unless the journal
