@@ -317,7 +317,7 @@ fn handle(
             })
         }
         ControlRequest::Revoke { id } => ctx.access.revoke(&id, caller).map(|r| {
-            info!(grant = %r.id, by = %caller.name, "grant revoked");
+            info!(request = %r.id, by = %caller.name, "revoked");
             done(vec![r], None)
         }),
         ControlRequest::RequestAccess {

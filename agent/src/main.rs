@@ -202,7 +202,8 @@ enum Command {
         #[command(flatten)]
         agent: AgentArgs,
     },
-    /// End a grant before it expires (its grantee or an approver may).
+    /// End a grant before it expires, or take back an approval of a MySQL statement that has
+    /// not run yet (its requester or an approver may).
     Revoke {
         id: String,
         #[command(flatten)]
@@ -397,7 +398,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Revoke { id, agent } => {
             let r = control(&agent, ControlRequest::Revoke { id })?;
             for req in &r.requests {
-                println!("grant {}: {}", req.id, req.state.describe());
+                // A grant, or a MySQL statement's approval that was not used yet.
+                let what = match req.kind {
+                    sluice_journal::RequestKind::Access { .. } => "grant",
+                    _ => "approval of request",
+                };
+                println!("{what} {}: {}", req.id, req.state.describe());
             }
             Ok(())
         }
