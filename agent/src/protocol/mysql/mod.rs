@@ -29,6 +29,8 @@ pub mod response;
 pub mod resultset;
 pub mod rewrite;
 pub mod rsa;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod transcript;
 
 pub use command::{Command, decode_command};

@@ -731,46 +731,17 @@ mod tests {
     use super::*;
     use crate::protocol::mysql::command::code;
     use crate::protocol::mysql::handshake::EofPacket;
-    use crate::protocol::mysql::packet::{put_lenenc, put_lenenc_bytes};
+    use crate::protocol::mysql::packet::put_lenenc_bytes;
     use crate::protocol::mysql::resultset::types;
 
     fn caps() -> Capabilities {
         Capabilities::sluice_default()
     }
 
+    use crate::protocol::mysql::testing::{ok_fe, text_row};
+
     fn coldef(name: &str, table: &str, ty: u8, flags: u16) -> Vec<u8> {
-        let mut b = BytesMut::new();
-        for s in ["def", "shop", table, table, name, name] {
-            put_lenenc_bytes(&mut b, s.as_bytes());
-        }
-        put_lenenc(&mut b, 0x0c);
-        b.put_u16_le(33);
-        b.put_u32_le(11);
-        b.put_u8(ty);
-        b.put_u16_le(flags);
-        b.put_u8(0);
-        b.put_u16_le(0);
-        b.to_vec()
-    }
-
-    fn text_row(values: &[Option<&str>]) -> Vec<u8> {
-        let mut b = BytesMut::new();
-        for v in values {
-            match v {
-                Some(s) => put_lenenc_bytes(&mut b, s.as_bytes()),
-                None => b.put_u8(0xFB),
-            }
-        }
-        b.to_vec()
-    }
-
-    fn ok_fe(status: u16) -> Vec<u8> {
-        OkPacket {
-            status,
-            ..OkPacket::default()
-        }
-        .encode(0xFE, caps())
-        .to_vec()
+        crate::protocol::mysql::testing::coldef(table, name, name, ty, flags)
     }
 
     #[test]

@@ -261,21 +261,13 @@ fn finish(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use bytes::{BufMut, BytesMut};
     use proptest::prelude::*;
 
     use super::*;
     use crate::protocol::mysql::resultset::{Value, decode_binary_row, decode_text_row};
 
     fn text_row(values: &[Option<&[u8]>]) -> Vec<u8> {
-        let mut b = BytesMut::new();
-        for v in values {
-            match v {
-                Some(s) => put_lenenc_bytes(&mut b, s),
-                None => b.put_u8(0xFB),
-            }
-        }
-        b.to_vec()
+        crate::protocol::mysql::testing::text_row(values)
     }
 
     fn def(ty: u8) -> ColumnDef {

@@ -389,7 +389,7 @@ mod tests {
     use crate::protocol::mysql::handshake::{
         AuthSwitch, ErrPacket, Handshake, HandshakeResponse, OkPacket, status,
     };
-    use crate::protocol::mysql::packet::{encode_packet, put_lenenc, put_lenenc_bytes};
+    use crate::protocol::mysql::packet::{encode_packet, put_lenenc_bytes};
     use crate::protocol::mysql::resultset::types;
 
     fn caps() -> Capabilities {
@@ -405,30 +405,10 @@ mod tests {
         b.to_vec()
     }
 
-    fn coldef(name: &str, ty: u8) -> Vec<u8> {
-        let mut b = BytesMut::new();
-        for s in ["def", "shop", "t", "t", name, name] {
-            put_lenenc_bytes(&mut b, s.as_bytes());
-        }
-        put_lenenc(&mut b, 0x0c);
-        b.put_u16_le(33);
-        b.put_u32_le(11);
-        b.put_u8(ty);
-        b.put_u16_le(0);
-        b.put_u8(0);
-        b.put_u16_le(0);
-        b.to_vec()
-    }
+    use crate::protocol::mysql::testing::{ok_fe, text_row};
 
-    fn text_row(values: &[Option<&str>]) -> Vec<u8> {
-        let mut b = BytesMut::new();
-        for v in values {
-            match v {
-                Some(s) => put_lenenc_bytes(&mut b, s.as_bytes()),
-                None => b.put_u8(0xFB),
-            }
-        }
-        b.to_vec()
+    fn coldef(name: &str, ty: u8) -> Vec<u8> {
+        crate::protocol::mysql::testing::coldef("t", name, name, ty, 0)
     }
 
     fn ok(affected: u64, status: u16) -> Vec<u8> {
@@ -438,15 +418,6 @@ mod tests {
             ..OkPacket::default()
         }
         .encode(0, caps())
-        .to_vec()
-    }
-
-    fn ok_fe(status: u16) -> Vec<u8> {
-        OkPacket {
-            status,
-            ..OkPacket::default()
-        }
-        .encode(0xFE, caps())
         .to_vec()
     }
 

@@ -243,7 +243,7 @@ mod tests {
 
     use super::*;
     use crate::protocol::mysql::handshake::{Capabilities, EofPacket, OkPacket, status};
-    use crate::protocol::mysql::packet::{MAX_CHUNK, packets, put_lenenc, put_lenenc_bytes};
+    use crate::protocol::mysql::packet::{MAX_CHUNK, packets, put_lenenc_bytes};
     use crate::protocol::mysql::resultset::Value;
 
     const RULES: &str = r#"
@@ -280,39 +280,16 @@ mod tests {
         Capabilities::sluice_default()
     }
 
-    fn coldef(table: &str, name: &str, org_name: &str, ty: u8) -> Vec<u8> {
-        let mut b = BytesMut::new();
-        for s in ["def", "shop", table, table, name, org_name] {
-            put_lenenc_bytes(&mut b, s.as_bytes());
-        }
-        put_lenenc(&mut b, 0x0c);
-        b.put_u16_le(33);
-        b.put_u32_le(255);
-        b.put_u8(ty);
-        b.put_u16_le(0);
-        b.put_u8(0);
-        b.put_u16_le(0);
-        b.to_vec()
+    fn text_row(values: &[Option<&str>]) -> Vec<u8> {
+        crate::protocol::mysql::testing::text_row(values)
     }
 
-    fn text_row(values: &[Option<&str>]) -> Vec<u8> {
-        let mut b = BytesMut::new();
-        for v in values {
-            match v {
-                Some(s) => put_lenenc_bytes(&mut b, s.as_bytes()),
-                None => b.put_u8(0xFB),
-            }
-        }
-        b.to_vec()
+    fn coldef(table: &str, name: &str, org_name: &str, ty: u8) -> Vec<u8> {
+        crate::protocol::mysql::testing::coldef(table, name, org_name, ty, 0)
     }
 
     fn ok_fe(more: bool) -> Vec<u8> {
-        OkPacket {
-            status: if more { status::MORE_RESULTS_EXISTS } else { 0 },
-            ..OkPacket::default()
-        }
-        .encode(0xFE, caps())
-        .to_vec()
+        crate::protocol::mysql::testing::ok_fe(if more { status::MORE_RESULTS_EXISTS } else { 0 })
     }
 
     /// Packets framed with consecutive sequence ids from `seq`.
