@@ -214,6 +214,100 @@ impl Shared {
             )),
         }
     }
+    /// Starts the journal's record of a session through `routed` (its start event).
+    pub fn start_session(
+        &self,
+        routed: &Routed,
+        params: Vec<(String, String)>,
+        principal: Option<sluice_journal::Principal>,
+    ) -> Result<sluice_journal::SessionRecorder, sluice_journal::JournalError> {
+        self.journal.start_session(sluice_journal::SessionStart {
+            target: routed.target.name.clone(),
+            protocol: routed.target.protocol.as_str().into(),
+            orig_dst: routed.orig_dst.to_string(),
+            client_addr: routed.client_addr.to_string(),
+            process: routed.process.clone(),
+            params,
+            principal,
+        })
+    }
+
+    /// Journals a connection refused before its session could start: a session holding the
+    /// refusal `text` as its note and end (the client was told in its protocol's words).
+    pub fn record_refusal(&self, routed: &Routed, params: Vec<(String, String)>, text: &str) {
+        warn!(reason = %text, "connection refused before the session started");
+        if let Ok(rec) = self.start_session(routed, params, None) {
+            let _ = rec.note(sluice_journal::NoteLevel::Error, text.to_string());
+            let _ = rec.end(text.to_string());
+        }
+    }
+
+    /// The masking rules when `target` masks in strict mode (statements are then checked even
+    /// without policies).
+    pub fn strict_masking(&self, target: &str) -> Option<Arc<crate::mask::rules::RuleSet>> {
+        self.masking
+            .as_ref()
+            .filter(|r| r.is_strict(target))
+            .cloned()
+    }
+}
+
+/// The policies' request for `who` connecting through `routed` (Err: why it cannot be built).
+pub(crate) fn policy_session(
+    policy: &Policy,
+    routed: &Routed,
+    who: &sluice_journal::Principal,
+) -> Result<crate::policy::SessionPolicy, String> {
+    policy
+        .engine()
+        .session(
+            crate::policy::PrincipalRef {
+                name: &who.name,
+                groups: &who.groups,
+            },
+            &routed.target.name,
+            crate::policy::Source {
+                uid: routed.process.as_ref().map(|p| p.uid),
+                comm: routed
+                    .process
+                    .as_ref()
+                    .map(|p| p.comm.as_str())
+                    .unwrap_or(""),
+            },
+        )
+        .map_err(|e| format!("cannot build the policy request: {e}"))
+}
+
+/// May the principal connect at all (a just-in-time grant counts)? The decision is journaled
+/// in the session. Ok: the session's request to the policies, for its statements; Err: the
+/// sentence the client gets.
+pub(crate) fn decide_connect(
+    policy: &Policy,
+    session: Result<crate::policy::SessionPolicy, String>,
+    jit: bool,
+    recorder: &sluice_journal::SessionRecorder,
+) -> Result<crate::policy::SessionPolicy, String> {
+    let connect = match &session {
+        Ok(s) => policy.engine().decide_connect(s, jit),
+        Err(reason) => crate::policy::Verdict {
+            allowed: false,
+            policies: Vec::new(),
+            reason: reason.clone(),
+            approval: None,
+        },
+    };
+    let _ = recorder.decision(sluice_journal::Decision {
+        sql: String::new(),
+        action: "connect".into(),
+        facts: String::new(),
+        allowed: connect.allowed,
+        policies: connect.policies.clone(),
+        reason: connect.reason.clone(),
+    });
+    match session {
+        Ok(session) if connect.allowed => Ok(session),
+        _ => Err(connect.message()),
+    }
 }
 
 /// Where an accepted connection came in.

@@ -82,7 +82,7 @@ mod reauth;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
-use sluice_journal::{AuthInfo, Decision, NoteLevel, Principal, SessionRecorder, SessionStart};
+use sluice_journal::{AuthInfo, Decision, NoteLevel, Principal, SessionRecorder};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc};
@@ -92,7 +92,7 @@ use super::{End, Routed, STRICT_MASKING_POLICY, Shared, identify, upstream};
 use crate::access::Access;
 use crate::config::{AuthMode, ClientTls, Role, Unparsed};
 use crate::policy::facts::Dialect;
-use crate::policy::{Policy, PrincipalRef, SessionPolicy, Source, principal};
+use crate::policy::{Policy, SessionPolicy, principal};
 use crate::protocol::mysql::auth::{CLEAR_PASSWORD, NATIVE_PASSWORD};
 use crate::protocol::mysql::command::{Command, decode_command};
 use crate::protocol::mysql::handshake::{
@@ -643,7 +643,7 @@ async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connec
         "principal",
         tracing::field::display(principal.as_ref().map(|p| p.name.as_str()).unwrap_or("-")),
     );
-    let recorder = match start(shared, routed, params, principal.clone()) {
+    let recorder = match shared.start_session(routed, params, principal.clone()) {
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e, "cannot record the session: refused");
@@ -677,49 +677,14 @@ async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connec
         principal.as_ref().map(|p| p.name.as_str()).unwrap_or(""),
     );
     // Masking's strict mode needs statements checked even without policies.
-    let strict = shared
-        .masking
-        .as_ref()
-        .filter(|r| r.is_strict(&routed.target.name))
-        .cloned();
+    let strict = shared.strict_masking(&routed.target.name);
     // Policy: may this principal connect at all.
     let gate = match (&shared.policy, principal.clone()) {
         (Some(policy), Some(who)) => {
-            let session = policy.engine().session(
-                PrincipalRef {
-                    name: &who.name,
-                    groups: &who.groups,
-                },
-                &routed.target.name,
-                Source {
-                    uid: routed.process.as_ref().map(|p| p.uid),
-                    comm: routed
-                        .process
-                        .as_ref()
-                        .map(|p| p.comm.as_str())
-                        .unwrap_or(""),
-                },
-            );
             let jit = shared.access.has_grant(&who.name, &routed.target.name);
-            let connect = match &session {
-                Ok(s) => policy.engine().decide_connect(s, jit),
-                Err(e) => crate::policy::Verdict {
-                    allowed: false,
-                    policies: Vec::new(),
-                    reason: format!("cannot build the policy request: {e}"),
-                    approval: None,
-                },
-            };
-            let _ = recorder.decision(Decision {
-                sql: String::new(),
-                action: "connect".into(),
-                facts: String::new(),
-                allowed: connect.allowed,
-                policies: connect.policies.clone(),
-                reason: connect.reason.clone(),
-            });
-            match session {
-                Ok(session) if connect.allowed => Some(Gate {
+            let session = super::policy_session(policy, routed, &who);
+            match super::decide_connect(policy, session, jit, &recorder) {
+                Ok(session) => Some(Gate {
                     policy: Some((policy.clone(), session)),
                     strict: strict.clone(),
                     unparsed: routed.target.unparsed,
@@ -733,8 +698,7 @@ async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connec
                     kills: shared.mysql_kills.clone(),
                     backend: routed.backend,
                 }),
-                _ => {
-                    let text = connect.message();
+                Err(text) => {
                     warn!(reason = %text, "connect denied by policy");
                     let bytes = err(reply_seq, code::ACCESS_DENIED, &text);
                     let _ = recorder.server(bytes.clone());
@@ -969,30 +933,9 @@ async fn refuse(
     routed: &Routed,
     params: Vec<(String, String)>,
 ) {
-    warn!(reason = %text, "connection refused before the session started");
     let _ = client.write_all(&err(seq, code, text)).await;
     let _ = client.shutdown().await;
-    if let Ok(rec) = start(shared, routed, params, None) {
-        let _ = rec.note(NoteLevel::Error, text.to_string());
-        let _ = rec.end(text.to_string());
-    }
-}
-
-fn start(
-    shared: &Shared,
-    routed: &Routed,
-    params: Vec<(String, String)>,
-    principal: Option<Principal>,
-) -> Result<SessionRecorder, sluice_journal::JournalError> {
-    shared.journal.start_session(SessionStart {
-        target: routed.target.name.clone(),
-        protocol: routed.target.protocol.as_str().into(),
-        orig_dst: routed.orig_dst.to_string(),
-        client_addr: routed.client_addr.to_string(),
-        process: routed.process.clone(),
-        params,
-        principal,
-    })
+    shared.record_refusal(routed, params, text);
 }
 
 /// What a session needs to decide statements (present when `agent.policy_dir` is set).
@@ -2034,6 +1977,7 @@ fn command_name(cmd: &Command<'_>) -> &'static str {
 mod tests {
     use super::*;
     use sluice_journal::Journal;
+    use sluice_journal::SessionStart;
 
     fn query(sql: &str) -> BytesMut {
         let mut p = vec![0x03];
@@ -2188,12 +2132,12 @@ mod tests {
         let session = policy
             .engine()
             .session(
-                PrincipalRef {
+                crate::policy::PrincipalRef {
                     name: "dev",
                     groups: &[],
                 },
                 "prod-db",
-                Source {
+                crate::policy::Source {
                     uid: Some(1000),
                     comm: "mariadb",
                 },

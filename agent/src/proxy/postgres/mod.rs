@@ -61,7 +61,6 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use sluice_journal::{
     AuthInfo, Decision, NoteLevel, Principal, RequestState, Review, SessionId, SessionRecorder,
-    SessionStart,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -78,9 +77,7 @@ use crate::access::{Access, HoldRequest, Outcome};
 use crate::config::{AuthMode, ClientTls, Unparsed};
 use crate::mask::rules::RuleSet;
 use crate::policy::facts::Dialect;
-use crate::policy::{
-    Policy, PrincipalRef, SessionPolicy, Source, SqlDecision, Verdict, principal, tracking,
-};
+use crate::policy::{Policy, SessionPolicy, SqlDecision, Verdict, principal, tracking};
 use crate::protocol::postgres::auth;
 use crate::protocol::postgres::encode::{
     NoticeSeverity, SSL_ACCEPTED, SSL_REFUSED, Severity, error_response, notice_response,
@@ -187,25 +184,11 @@ pub(crate) async fn serve(
             .map(|_| principal::resolve(&shared.identities, routed.process.as_ref())),
     };
     let gate = match (&shared.policy, &principal) {
-        (Some(policy), Some(who)) => {
-            let source = Source {
-                uid: routed.process.as_ref().map(|p| p.uid),
-                comm: routed
-                    .process
-                    .as_ref()
-                    .map(|p| p.comm.as_str())
-                    .unwrap_or(""),
-            };
-            let session = policy.engine().session(
-                PrincipalRef {
-                    name: &who.name,
-                    groups: &who.groups,
-                },
-                &routed.target.name,
-                source,
-            );
-            Some((who.clone(), policy.clone(), session))
-        }
+        (Some(policy), Some(who)) => Some((
+            who.clone(),
+            policy.clone(),
+            super::policy_session(policy, &routed, who),
+        )),
         _ => None,
     };
     Span::current().record(
@@ -224,7 +207,7 @@ pub(crate) async fn serve(
             .await;
         return;
     }
-    let recorder = match start(shared, &routed, params, principal.clone()) {
+    let recorder = match shared.start_session(&routed, params, principal.clone()) {
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e, "cannot record the session: refused");
@@ -263,11 +246,7 @@ pub(crate) async fn serve(
         .is_some_and(|p| shared.access.has_grant(&p.name, &routed.target.name));
     let (registration, cancel_rx) = CancelRegistration::new(shared.pg_cancels.clone());
     // Masking's strict mode needs statements checked even without policies.
-    let strict = shared
-        .masking
-        .as_ref()
-        .filter(|r| r.is_strict(&routed.target.name))
-        .cloned();
+    let strict = shared.strict_masking(&routed.target.name);
     let gate = match gate {
         None => strict.map(|rules| Gate {
             policy: None,
@@ -284,25 +263,8 @@ pub(crate) async fn serve(
             cancel: cancel_rx,
         }),
         Some((who, policy, session)) => {
-            let connect = match &session {
-                Ok(s) => policy.engine().decide_connect(s, jit),
-                Err(e) => crate::policy::Verdict {
-                    allowed: false,
-                    policies: Vec::new(),
-                    reason: format!("cannot build the policy request: {e}"),
-                    approval: None,
-                },
-            };
-            let _ = recorder.decision(Decision {
-                sql: String::new(),
-                action: "connect".into(),
-                facts: String::new(),
-                allowed: connect.allowed,
-                policies: connect.policies.clone(),
-                reason: connect.reason.clone(),
-            });
-            match session {
-                Ok(session) if connect.allowed => Some(Gate {
+            match super::decide_connect(&policy, session, jit, &recorder) {
+                Ok(session) => Some(Gate {
                     policy: Some((policy, session)),
                     strict,
                     unparsed: routed.target.unparsed,
@@ -313,8 +275,7 @@ pub(crate) async fn serve(
                     hold_timeout: shared.config.approval_timeout(),
                     cancel: cancel_rx,
                 }),
-                _ => {
-                    let text = connect.message();
+                Err(text) => {
                     warn!(principal = %who.name, reason = %text, "connect denied by policy");
                     let bytes = error_response(Severity::Fatal, "42501", &text);
                     let _ = recorder.server(bytes.clone());
@@ -538,34 +499,13 @@ async fn refuse(
     code: &str,
     text: &str,
 ) {
-    warn!(reason = %text, "connection refused before the session started");
     if let Some(mut c) = client {
         let _ = c
             .write_all(&error_response(Severity::Fatal, code, text))
             .await;
         let _ = c.shutdown().await;
     }
-    if let Ok(rec) = start(shared, routed, params, None) {
-        let _ = rec.note(NoteLevel::Error, text.to_string());
-        let _ = rec.end(text.to_string());
-    }
-}
-
-fn start(
-    shared: &Shared,
-    routed: &Routed,
-    params: Vec<(String, String)>,
-    principal: Option<Principal>,
-) -> Result<SessionRecorder, sluice_journal::JournalError> {
-    shared.journal.start_session(SessionStart {
-        target: routed.target.name.clone(),
-        protocol: routed.target.protocol.as_str().into(),
-        orig_dst: routed.orig_dst.to_string(),
-        client_addr: routed.client_addr.to_string(),
-        process: routed.process.clone(),
-        params,
-        principal,
-    })
+    shared.record_refusal(routed, params, text);
 }
 
 enum StartupFailure {
@@ -1713,6 +1653,7 @@ fn is_authentication_ok(chunk: &[u8]) -> bool {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::policy::{PrincipalRef, Source};
 
     #[test]
     fn password_messages_are_emptied_in_the_journal_copy_and_statements_counted() {
