@@ -1007,27 +1007,6 @@ struct Resolved {
     outcome: HoldOutcome,
 }
 
-/// Marks a held statement abandoned if its session stops waiting without settling it (the
-/// client pump is dropped at shutdown or when the other direction ends).
-struct HoldGuard<'a> {
-    access: &'a Access,
-    request: Option<String>,
-}
-
-impl Drop for HoldGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(id) = self.request.take() {
-            let state = RequestState::Abandoned {
-                at_ns: sluice_journal::now_ns(),
-                why: "the session ended while the statement was held".into(),
-            };
-            if let Err(e) = self.access.settle(&id, state) {
-                warn!(request = %id, error = %e, "cannot mark a held statement abandoned");
-            }
-        }
-    }
-}
-
 /// Holds a statement: records the request, tells the client, and waits for a decision, the
 /// timeout, or the client going away (meanwhile the client's further bytes are buffered, up to
 /// one message's worth, and the server side keeps relaying earlier responses).
@@ -1062,10 +1041,9 @@ async fn hold<R: AsyncRead + Unpin>(
         }
     };
     let id = request.id.clone();
-    let mut guard = HoldGuard {
-        access: &gate.access,
-        request: Some(id.clone()),
-    };
+    // Marks the request abandoned if the session stops waiting without settling it (the
+    // client pump is dropped at shutdown or when the other direction ends).
+    let mut guard = crate::access::HoldGuard::new(&gate.access, &id);
     info!(request = %id, approvers = %held.approvers, action = held.action, "statement held for approval");
     if let Err(e) = recorder.review(Review {
         request: id.clone(),
@@ -1119,7 +1097,7 @@ async fn hold<R: AsyncRead + Unpin>(
             },
         }
     };
-    guard.request = None;
+    guard.disarm();
     let outcome = match waited {
         Ok(o) => Some(o),
         Err(state) => match gate.access.settle(&id, state.clone()) {
