@@ -97,7 +97,7 @@ use crate::protocol::mysql::auth::{CLEAR_PASSWORD, NATIVE_PASSWORD};
 use crate::protocol::mysql::command::{Command, decode_command};
 use crate::protocol::mysql::handshake::{
     AuthSwitch, Capabilities, ClientHandshake, ErrPacket, Handshake, HandshakeResponse, NONCE_LEN,
-    parse_client_handshake,
+    parse_change_user, parse_client_handshake,
 };
 use crate::protocol::mysql::packet::{
     Decoder, HEADER_LEN, PacketError, packet, packets, whole_packets,
@@ -428,16 +428,24 @@ async fn connect(mut tcp: TcpStream, routed: &Routed, shared: &Shared) -> Option
     let mut exchange = Vec::new();
     let mut signed_in = None;
     if sluice_auth {
-        let chosen = match identify_client(
+        // No session yet: the exchange is journaled when it starts.
+        let identified = identify_client(
             &mut client,
-            &response,
-            client_seq,
+            (response.auth_plugin.as_deref(), &response.auth_response),
+            client_seq.wrapping_add(1),
             routed,
             shared,
-            &mut exchange,
+            &mut |from_sluice, bytes| {
+                exchange.push((from_sluice, bytes));
+                Ok(())
+            },
         )
         .await
-        {
+        .unwrap_or_else(|e| {
+            let r = identify::Refusal::new("08006", format!("sluice: {e}"));
+            Err((r, client_seq.wrapping_add(1)))
+        });
+        let chosen = match identified {
             Ok((who, seq)) => identify::choose_role(&routed.target, Some(&response.username), &who)
                 .map(|role| (who.clone(), role.clone(), seq))
                 .map_err(|r| (r, seq)),
@@ -498,51 +506,48 @@ struct SignedIn {
     seq: u8,
 }
 
-/// 20 random printable bytes: the nonce in sluice's own greeting.
+/// 20 random printable bytes: the nonce in sluice's own greeting. Nothing sluice checks
+/// depends on it (a client's scramble of it is never verified: sluice asks for a token or
+/// knows the uid), so a failing OS random source leaves it less random, not unsafe.
 fn own_nonce() -> Vec<u8> {
     let mut bytes = [0u8; NONCE_LEN];
-    // SystemRandom fails only without an OS random source; the nonce then still differs per
-    // connection through the clock, and nothing sluice checks depends on it.
-    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        for (i, b) in bytes.iter_mut().enumerate() {
-            *b = (t >> (i % 16 * 8)) as u8;
-        }
-    }
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
     bytes.iter().map(|b| 0x21 + b % 94).collect()
 }
 
-/// `auth = "sluice"`: identifies the client by its `sluice login` binding or workload
-/// identity, or else by the OIDC token it sends with `mysql_clear_password` (asked for with an
-/// AuthSwitchRequest unless its response already carries it). The exchange's packets are
-/// added to `exchange` for the journal, the client's with empty payloads. Ok: who, and the
-/// sequence id of the next server packet; Err: the refusal, and the sequence id to send it as.
+/// A client's identity, and the sequence id of sluice's next packet to it; or a refusal and
+/// the sequence id to send it as.
+type Identified = Result<(identify::Who, u8), (identify::Refusal, u8)>;
+
+/// `auth = "sluice"`, at login and at COM_CHANGE_USER: identifies the client by its `sluice
+/// login` binding or workload identity, or else by the OIDC token it sends with
+/// `mysql_clear_password` (asked for with an AuthSwitchRequest as packet `seq` unless `plugin`
+/// and `auth_response`, what the client already sent, carry it). Each packet of that exchange
+/// goes to `record` (true: sluice's) before anything else is done with it, the client's with
+/// an empty payload. Err: `record` failed.
 async fn identify_client(
     client: &mut Stream,
-    response: &HandshakeResponse,
-    client_seq: u8,
+    (plugin, auth_response): (Option<&str>, &[u8]),
+    mut seq: u8,
     routed: &Routed,
     shared: &Shared,
-    exchange: &mut Vec<(bool, Bytes)>,
-) -> Result<(identify::Who, u8), (identify::Refusal, u8)> {
+    record: &mut (dyn FnMut(bool, Bytes) -> Result<(), sluice_journal::JournalError> + Send),
+) -> Result<Identified, sluice_journal::JournalError> {
     let process = routed.process.as_ref();
-    let mut seq = client_seq.wrapping_add(1);
     if let Some(who) = identify::without_password(shared, process) {
-        return Ok((who, seq));
+        return Ok(Ok((who, seq)));
     }
     let local_or_tls = client.is_tls() || routed.client_addr.ip().is_loopback();
-    identify::may_send_token(
+    if let Err(r) = identify::may_send_token(
         shared,
         process,
         local_or_tls,
         "connect with --ssl (mariadb) or --ssl-mode=REQUIRED (mysql)",
-    )
-    .map_err(|r| (r, seq))?;
-    let clear = if response.auth_plugin.as_deref() == Some(CLEAR_PASSWORD) {
-        response.auth_response.clone()
+    ) {
+        return Ok(Err((r, seq)));
+    }
+    let clear = if plugin == Some(CLEAR_PASSWORD) {
+        auth_response.to_vec()
     } else {
         let switch = packet(
             seq,
@@ -553,36 +558,46 @@ async fn identify_client(
             .encode(),
         )
         .freeze();
-        exchange.push((true, switch.clone()));
+        record(true, switch.clone())?;
         let gone = || identify::Refusal::new("08006", "client went away");
-        client.write_all(&switch).await.map_err(|_| (gone(), seq))?;
+        if client.write_all(&switch).await.is_err() {
+            return Ok(Err((gone(), seq)));
+        }
         let mut dec = Decoder::new(login::PRE_AUTH_MAX);
         dec.expect(Some(seq.wrapping_add(1)));
         let mut buf = BytesMut::with_capacity(1024);
-        let payload = match read_packet(client, &mut buf, &mut dec).await {
-            Ok(Some((_, payload))) => payload,
-            Ok(None) => return Err((gone(), seq)),
-            Err(reason) => {
+        let read = tokio::time::timeout(
+            shared.config.startup_timeout(),
+            read_packet(client, &mut buf, &mut dec),
+        )
+        .await;
+        let after = seq.wrapping_add(2);
+        let payload = match read {
+            Ok(Ok(Some((_, payload)))) => payload,
+            Ok(Ok(None)) => return Ok(Err((gone(), seq))),
+            Ok(Err(reason)) => {
                 let r =
                     identify::Refusal::new("08P01", format!("sluice: bad auth reply: {reason}"));
-                return Err((r, seq.wrapping_add(2)));
+                return Ok(Err((r, after)));
+            }
+            Err(_) => {
+                let r = identify::Refusal::new("28000", "sluice: no token within the time limit");
+                return Ok(Err((r, after)));
             }
         };
-        exchange.push((false, packet(seq.wrapping_add(1), &[]).freeze()));
-        seq = seq.wrapping_add(2);
+        record(false, packet(seq.wrapping_add(1), &[]).freeze())?;
+        seq = after;
         payload
     };
     let text = clear.strip_suffix(&[0]).unwrap_or(&clear);
-    let token = String::from_utf8(text.to_vec()).map_err(|_| {
-        (
-            identify::Refusal::new("28P01", "sluice: the password is not UTF-8"),
-            seq,
-        )
-    })?;
-    let who = identify::verify_token(shared, process, token)
+    let Ok(token) = String::from_utf8(text.to_vec()) else {
+        let r = identify::Refusal::new("28P01", "sluice: the password is not UTF-8");
+        return Ok(Err((r, seq)));
+    };
+    Ok(identify::verify_token(shared, process, token)
         .await
-        .map_err(|r| (r, seq))?;
-    Ok((who, seq))
+        .map(|who| (who, seq))
+        .map_err(|r| (r, seq)))
 }
 
 /// The connection phase so far: the client answered sluice's greeting (and, with
@@ -1913,7 +1928,11 @@ fn gate_packets(
         // (LOCAL INFILE is never offered, so client data packets are auth data).
         let redacted = match &event {
             ClientEvent::Command(Command::ChangeUser { .. }) => {
-                Some(reauth::journal_copy(&p.payload, caps).unwrap_or_default())
+                let copy = parse_change_user(&p.payload, caps);
+                Some(
+                    copy.map(|c| c.without_credentials(caps).to_vec())
+                        .unwrap_or_default(),
+                )
             }
             ClientEvent::Data(_) => Some(Vec::new()),
             ClientEvent::Command(_) => None,

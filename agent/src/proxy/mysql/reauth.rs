@@ -15,15 +15,14 @@
 //! failed holds a connection authenticated as nobody, as with MySQL itself). The backend's
 //! auth exchange never reaches the client; the journal never holds a credential or token.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use sluice_journal::{AuthInfo, NoteLevel, SessionRecorder};
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
-use super::{End, Routed, Shared, err, identify, login, read_packet};
-use crate::protocol::mysql::auth::CLEAR_PASSWORD;
-use crate::protocol::mysql::handshake::{AuthSwitch, Capabilities, Handshake, parse_change_user};
-use crate::protocol::mysql::packet::{Decoder, packet};
+use super::{End, Identified, Routed, Shared, err, identify, identify_client, login};
+use crate::protocol::mysql::handshake::{ChangeUser, Handshake, parse_change_user};
+use crate::protocol::mysql::packet::packet;
 use crate::protocol::mysql::response::ResponseMachine;
 use crate::tls::Stream;
 
@@ -134,82 +133,38 @@ pub(super) async fn change_user(
     Ok(())
 }
 
-type Identified = Result<(identify::Who, u8), (identify::Refusal, u8)>;
-
-/// Who the client is now, and the sequence id of sluice's next packet to it.
+/// Who the client is now, and the sequence id of sluice's next packet to it (the command was
+/// packet 0). A client that left or sent a bad reply ends the session as such.
 async fn identify_again(
     client: &mut Stream,
-    request: &crate::protocol::mysql::handshake::ChangeUser,
+    request: &ChangeUser,
     ctx: &Context<'_>,
 ) -> Result<Identified, End> {
-    let process = ctx.routed.process.as_ref();
-    if let Some(who) = identify::without_password(ctx.shared, process) {
-        return Ok(Ok((who, 1)));
-    }
-    let local_or_tls = client.is_tls() || ctx.routed.client_addr.ip().is_loopback();
-    if let Err(r) = identify::may_send_token(
+    let recorder = ctx.recorder;
+    let identified = identify_client(
+        client,
+        (request.auth_plugin.as_deref(), &request.auth_response),
+        1,
+        ctx.routed,
         ctx.shared,
-        process,
-        local_or_tls,
-        "connect with --ssl (mariadb) or --ssl-mode=REQUIRED (mysql)",
-    ) {
-        return Ok(Err((r, 1)));
-    }
-    let (clear, seq) = if request.auth_plugin.as_deref() == Some(CLEAR_PASSWORD) {
-        (request.auth_response.clone(), 1)
-    } else {
-        let switch = packet(
-            1,
-            &AuthSwitch {
-                plugin: CLEAR_PASSWORD.into(),
-                data: Vec::new(),
+        &mut |from_sluice, bytes| {
+            if from_sluice {
+                recorder.server(bytes)
+            } else {
+                recorder.client(bytes, 0)
             }
-            .encode(),
-        )
-        .freeze();
-        ctx.recorder.server(switch.clone()).map_err(End::Journal)?;
-        client.write_all(&switch).await.map_err(|error| End::Io {
+        },
+    )
+    .await
+    .map_err(End::Journal)?;
+    match identified {
+        Err((r, _)) if r.code == "08006" => Err(End::ClientClosed),
+        Err((r, _)) if r.code == "08P01" => Err(End::Malformed {
             from: "client",
-            error,
-        })?;
-        let mut dec = Decoder::new(login::PRE_AUTH_MAX);
-        dec.expect(Some(2));
-        let mut buf = BytesMut::with_capacity(1024);
-        let read = tokio::time::timeout(
-            ctx.shared.config.startup_timeout(),
-            read_packet(client, &mut buf, &mut dec),
-        )
-        .await;
-        let payload = match read {
-            Ok(Ok(Some((_, payload)))) => payload,
-            Ok(Ok(None)) => return Err(End::ClientClosed),
-            Ok(Err(reason)) => {
-                return Err(End::Malformed {
-                    from: "client",
-                    reason,
-                });
-            }
-            Err(_) => {
-                return Ok(Err((
-                    identify::Refusal::new("28000", "sluice: no token within the time limit"),
-                    3,
-                )));
-            }
-        };
-        journal_client(ctx, packet(2, &[]).freeze())?;
-        (payload, 3)
-    };
-    let text = clear.strip_suffix(&[0]).unwrap_or(&clear);
-    let Ok(token) = String::from_utf8(text.to_vec()) else {
-        return Ok(Err((
-            identify::Refusal::new("28P01", "sluice: the password is not UTF-8"),
-            seq,
-        )));
-    };
-    Ok(identify::verify_token(ctx.shared, process, token)
-        .await
-        .map(|who| (who, seq))
-        .map_err(|r| (r, seq)))
+            reason: r.message,
+        }),
+        other => Ok(other),
+    }
 }
 
 fn journal_client(ctx: &Context<'_>, bytes: Bytes) -> Result<(), End> {
@@ -231,11 +186,4 @@ async fn refuse(
         "COM_CHANGE_USER refused: {}",
         refusal.message
     )))
-}
-
-/// Capabilities are the session's; kept here for the journal copy of a passthrough relay.
-pub(super) fn journal_copy(payload: &[u8], caps: Capabilities) -> Option<Vec<u8>> {
-    parse_change_user(payload, caps)
-        .ok()
-        .map(|c| c.without_credentials(caps).to_vec())
 }
