@@ -227,6 +227,22 @@ impl Collector {
         Ok(out.stdout.trim().to_string())
     }
 
+    /// `BIN enroll --collector ADDR --token TOKEN --config CONFIG`: an agent (whose config
+    /// is `config`) enrolling with this collector; the caller adds environment and runs it.
+    pub fn enroll_command(&self, bin: &Path, token: &str, config: &Path) -> Command {
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "enroll",
+            "--collector",
+            &self.addr(),
+            "--token",
+            token,
+            "--config",
+        ])
+        .arg(config);
+        cmd
+    }
+
     /// The certificate's fingerprint.
     pub fn fingerprint(&self) -> anyhow::Result<String> {
         let out = self.admin(&["fingerprint"])?;

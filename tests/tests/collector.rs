@@ -588,16 +588,7 @@ fn setup_with(name: &str, agent_config: &str) -> Setup {
     .unwrap();
     let token = collector.token(name, "10m").unwrap();
     let out = run_bounded(
-        Command::new(sluice_bin())
-            .args([
-                "enroll",
-                "--collector",
-                &collector.addr(),
-                "--token",
-                &token,
-                "--config",
-            ])
-            .arg(&agent.config),
+        &mut collector.enroll_command(&sluice_bin(), &token, &agent.config),
         LIMIT,
     )
     .unwrap();
@@ -862,16 +853,7 @@ fn a_session_interrupted_by_kill_9_reaches_the_collector_whole_and_sealed_as_int
     let mut first = Agent::start(options()).unwrap();
     let token = collector.token("crashy", "10m").unwrap();
     let out = run_bounded(
-        Command::new(sluice_bin())
-            .args([
-                "enroll",
-                "--collector",
-                &collector.addr(),
-                "--token",
-                &token,
-                "--config",
-            ])
-            .arg(&first.config),
+        &mut collector.enroll_command(&sluice_bin(), &token, &first.config),
         LIMIT,
     )
     .unwrap();

@@ -388,16 +388,7 @@ fn the_same_walk_through_works_on_the_collectors_store_with_the_agents_key() {
     let s = setup_with("compliance-collector", "\n[shipper]\ninterval_ms = 100\n");
     let token = collector.token("bastion-7", "10m").unwrap();
     let enrolled = run_bounded(
-        Command::new(sluice_bin())
-            .args([
-                "enroll",
-                "--collector",
-                &collector.addr(),
-                "--token",
-                &token,
-                "--config",
-            ])
-            .arg(&s.agent.config),
+        &mut collector.enroll_command(&sluice_bin(), &token, &s.agent.config),
         LIMIT,
     )
     .unwrap();

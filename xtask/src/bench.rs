@@ -279,16 +279,7 @@ fn shipping(pg: &Postgres, bin: &std::path::Path) -> anyhow::Result<()> {
     })?;
     let token = collector.token("bench", "10m")?;
     let out = run_bounded(
-        Command::new(bin)
-            .args([
-                "enroll",
-                "--collector",
-                &collector.addr(),
-                "--token",
-                &token,
-                "--config",
-            ])
-            .arg(&agent.config),
+        &mut collector.enroll_command(bin, &token, &agent.config),
         Duration::from_secs(30),
     )?;
     if !out.status.success() {

@@ -168,16 +168,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let token = collector.token("demo-host", "10m")?;
     println!("    collector$ sluice-collector token --agent demo-host --ttl 10m");
     let enrolled = run_bounded(
-        Command::new(&bin)
-            .args([
-                "enroll",
-                "--collector",
-                &collector.addr(),
-                "--token",
-                &token,
-                "--config",
-            ])
-            .arg(&agent.config)
+        collector
+            .enroll_command(&bin, &token, &agent.config)
             // The config is checked whole, credentials included.
             .envs(demo_env()),
         Duration::from_secs(30),
