@@ -26,15 +26,32 @@ pub const CLIENT_UID: u32 = 65534;
 
 /// True when running as root. Otherwise prints why the test is skipped, or panics under CI.
 pub fn require_root(test: &str) -> bool {
-    if is_root() {
-        return true;
-    }
+    is_root()
+        || skip(
+            test,
+            "needs root (eBPF, cgroups): run `sudo -E cargo xtask test`",
+        )
+}
+
+/// A test that cannot run here: under `CI=true` it fails (panics) with `why`; otherwise it
+/// prints a loud SKIPPED line and adds it to the file named by `SLUICE_SKIP_LOG` (which
+/// `cargo xtask test` reads back and prints last, so a green run says what did not run).
+/// Returns false, for `if !require_x() { return }`.
+pub fn skip(test: &str, why: &str) -> bool {
     if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test} needs root (eBPF, cgroups) and CI=true: refusing to skip");
+        panic!("{test} cannot run and CI=true, refusing to skip: {why}");
     }
-    eprintln!(
-        "\n*** SKIPPED {test}: needs root (eBPF, cgroups). Run `sudo cargo xtask test`. ***\n"
-    );
+    // Straight to fd 2: the test harness captures `eprintln!` of passing tests.
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("\n*** SKIPPED {test}: {why} ***\n\n").as_bytes());
+    if let Some(log) = std::env::var_os("SLUICE_SKIP_LOG")
+        && let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+    {
+        let _ = writeln!(file, "{test}\t{why}");
+    }
     false
 }
 

@@ -10,7 +10,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
@@ -39,13 +39,11 @@ pub fn node_available() -> bool {
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
-        if !found && std::env::var("CI").as_deref() == Ok("true") {
-            panic!("`node` is not installed, and CI=true: the OIDC tests must run (.ci/run installs nodejs)");
-        }
         if !found {
-            // Straight to fd 2: the test harness captures `eprintln!` of passing tests.
-            let _ = std::io::stderr().write_all(
-                b"\n!!!!!!!!\n!!! SKIPPED: `node` is not installed, so the OIDC provider tests did not run.\n!!! Install Node.js 20+ and npm to run them.\n!!!!!!!!\n\n",
+            // Once per test binary: every OIDC test in it returns early.
+            crate::skip(
+                "the OIDC provider tests of this test binary",
+                "`node` is not installed (Node.js 20+ and npm; `sudo -E cargo xtask test` installs them)",
             );
         }
         found

@@ -18,7 +18,7 @@ use anyhow::{Context, bail};
 use sluice_tests::mariadb::{MariaDb, mysql_target, sysbench_run};
 use sluice_tests::{Agent, AgentOptions, Cgroup, Postgres, pg_target, run_bounded};
 
-use crate::util::{cargo, ensure_packages, is_root, target_dir};
+use crate::util::{cargo, is_root, target_dir};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -44,13 +44,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmark attaches eBPF programs: run it as root");
     }
-    ensure_packages(&[
-        ("/usr/lib/postgresql", "postgresql"),
-        ("/usr/sbin/pgbouncer", "pgbouncer"),
-        ("/usr/sbin/mariadbd", "mariadb-server"),
-        ("/usr/bin/mariadb", "mariadb-client"),
-        ("/usr/bin/sysbench", "sysbench"),
-    ])?;
+    crate::packages::ensure(crate::packages::Need::Bench)?;
     crate::util::run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
     let bin = target_dir().join("release/sluice");
     // SAFETY: no thread has been started yet in this process; the harness's read commands

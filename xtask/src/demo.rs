@@ -27,7 +27,7 @@ use sluice_tests::{
     Agent, AgentOptions, CLIENT_UID, Cgroup, Postgres, pg_target, psql_args, run_bounded,
 };
 
-use crate::util::{cargo, ensure_packages, is_root, target_dir};
+use crate::util::{cargo, is_root, target_dir};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -39,10 +39,15 @@ pub struct Args {
 /// The approver: uid 1 (`daemon` on Debian), mapped to "dana" in group "dba".
 const APPROVER_UID: u32 = 1;
 
-const CREATE: &str = "create table customers (id int primary key, name text, email text)";
+const CREATE: &str =
+    "create table customers (id int primary key, name text, email text, note text)";
+/// The select whose rows the example masking rules change (see [`check_masked`]).
+const SELECT: &str = "select id, name, email, note from customers order by id";
 const STATEMENTS: &[&str] = &[
-    "insert into customers values (1, 'Ada Lovelace', 'ada@example.com'), (2, 'Alan Turing', 'alan@example.com')",
-    "select id, name, email from customers order by id",
+    "insert into customers values \
+     (1, 'Ada Lovelace', 'ada@example.com', 'paid with card 4111 1111 1111 1111'), \
+     (2, 'Alan Turing', 'alan@example.com', 'call back on +44 20 7946 0958')",
+    SELECT,
     "update customers set email = 'ada@lovelace.example' where id = 1",
     "delete from customers",
     "select * from no_such_table",
@@ -62,13 +67,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "the demo loads eBPF programs and creates a cgroup: run it as root (sudo -E cargo xtask demo)"
         );
     }
-    ensure_packages(&[
-        ("/usr/bin/psql", "postgresql"),
-        ("/usr/lib/postgresql", "postgresql"),
-        ("/usr/bin/openssl", "openssl"),
-        ("/usr/sbin/mariadbd", "mariadb-server"),
-        ("/usr/bin/mariadb", "mariadb-client"),
-    ])?;
+    // Before the build: RocksDB's bindings need libclang.
+    crate::packages::ensure(crate::packages::Need::Demo)?;
     step("building sluice");
     crate::util::run(cargo().args(["build", "--workspace", "--all-targets"]))?;
     let bin = target_dir().join("debug/sluice");
@@ -121,8 +121,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bin: Some(bin.clone()),
         journal_dir: Some(journal.clone()),
         // The example policies, with `nobody` (the demo's psql) as an admin called "demo",
-        // and uid 1 as "dana", who approves.
+        // and uid 1 as "dana", who approves; the example masking rules.
         policy_dir: Some(crate::util::root().join("policies")),
+        agent_config: format!(
+            "masking_file = \"{}\"\n",
+            crate::util::root().join("policies/masking.toml").display()
+        ),
         extra_config: format!(
             "[[identity]]\nuid = {CLIENT_UID}\nprincipal = \"demo\"\ngroups = [\"admins\"]\n\n\
              [[identity]]\nuid = {APPROVER_UID}\nprincipal = \"dana\"\ngroups = [\"dba\"]\n\n\
@@ -185,7 +189,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("sluice enroll failed");
     }
 
-    let psql = |sql: &str| -> anyhow::Result<()> {
+    let psql = |sql: &str| -> anyhow::Result<String> {
         let mut cmd = cgroup.command(Some(CLIENT_UID), "psql");
         cmd.args(psql_args("127.0.0.1", pg.port, sql))
             .env("PGSSLMODE", "require");
@@ -195,7 +199,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         for line in out.stderr.lines().chain(out.stdout.lines()) {
             println!("          {line}");
         }
-        Ok(())
+        Ok(out.stdout)
     };
     let sluice = |uid: u32, who: &str, args: &[&str]| -> anyhow::Result<String> {
         let out = agent.control(Some(uid), args)?;
@@ -243,9 +247,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     sluice(APPROVER_UID, "dana", &["grants"])?;
 
     step("the same psql statements again, now with the grant");
+    println!(
+        "    (policies/masking.toml: customers.email is redacted by a column rule; the card and \
+         phone numbers in `note` are found by the content detectors)"
+    );
     psql(CREATE)?;
     for sql in STATEMENTS {
-        psql(sql)?;
+        let out = psql(sql)?;
+        if *sql == SELECT {
+            check_masked(&out).context("the psql output")?;
+        }
     }
 
     step("a DELETE with WHERE on prod-db is held until dana approves it");
@@ -277,6 +288,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         client
             .join()
             .map_err(|_| anyhow::anyhow!("the psql thread panicked"))?
+            .map(drop)
     });
     held?;
 
@@ -330,7 +342,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // The denied CREATE, the SELECT with its rows, the denied DELETE, and the held one.
     for index in [0, 3, 5, 7] {
         step(&format!("sluice replay {}", ids[index]));
-        print!("{}", read(&["replay", &ids[index]])?);
+        let replay = read(&["replay", &ids[index]])?;
+        print!("{replay}");
+        if index == 3 {
+            check_masked(&replay).context("the replay of the select")?;
+        }
     }
 
     step("compliance: every session touching `customers`, exported as CSV with a bundle");
@@ -436,6 +452,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     for cmd in ["sessions", "replay <ID>", "export --format csv", "verify"] {
         println!("    {} {cmd} --journal {}", bin.display(), store.display());
+    }
+    Ok(())
+}
+
+/// The select's rows as the example masking rules leave them: the email column redacted, the
+/// card and the phone number in `note` replaced but for their last four digits, nothing in
+/// clear. The demo fails otherwise.
+fn check_masked(out: &str) -> anyhow::Result<()> {
+    for clear in ["ada@example.com", "4111 1111 1111 1111", "7946 0958"] {
+        if out.contains(clear) {
+            bail!("{clear:?} is shown in clear: masking did not apply");
+        }
+    }
+    for masked in ["****", "1111", "0958"] {
+        if !out.contains(masked) {
+            bail!("{masked:?} is missing: the masked rows are not there");
+        }
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 mod bench;
 mod demo;
 mod ebpf;
+mod packages;
 mod test;
 mod util;
 

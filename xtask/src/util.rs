@@ -1,5 +1,5 @@
-//! Small helpers shared by the xtask subcommands: the workspace root, running cargo, and
-//! installing missing Debian packages.
+//! Small helpers shared by the xtask subcommands: the workspace root, running commands and
+//! cargo, the target directory.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -30,30 +30,6 @@ pub fn cargo() -> Command {
 }
 
 pub use sluice_tests::is_root;
-
-/// Installs the Debian packages whose probe command is missing.
-pub fn ensure_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
-    let missing: Vec<&str> = wanted
-        .iter()
-        .filter(|(probe, _)| !std::path::Path::new(probe).exists())
-        .map(|(_, package)| *package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if !is_root() {
-        bail!(
-            "missing packages {missing:?}: run as root, or `apt-get install {}`",
-            missing.join(" ")
-        );
-    }
-    eprintln!("xtask: installing {missing:?}");
-    run(Command::new("apt-get").arg("update").arg("-qq"))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-qq"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
-}
 
 /// Cargo's target directory (CARGO_TARGET_DIR, else target/ in the workspace).
 pub fn target_dir() -> PathBuf {
