@@ -1059,8 +1059,14 @@ mod tests {
             found(Builtin::Email, "email='o'brien@example.com'"),
             ["o'brien@example.com"]
         );
-        assert_eq!(found(Builtin::Email, "...bob@example.com"), ["bob@example.com"]);
-        assert_eq!(found(Builtin::Email, "(bob@example.com)"), ["bob@example.com"]);
+        assert_eq!(
+            found(Builtin::Email, "...bob@example.com"),
+            ["bob@example.com"]
+        );
+        assert_eq!(
+            found(Builtin::Email, "(bob@example.com)"),
+            ["bob@example.com"]
+        );
     }
 
     #[test]

@@ -392,15 +392,26 @@ mod tests {
         let mut out = Vec::new();
         let mut waits = Vec::new();
         let t = Timing { speed: 100.0 };
-        pace(&t, 60_000_000_000, &mut None, &mut Lines::new(&mut out), &mut |d| {
+        pace(
+            &t,
+            60_000_000_000,
+            &mut None,
+            &mut Lines::new(&mut out),
+            &mut |d| waits.push(d),
+        )
+        .unwrap();
+        pace(
+            &t,
+            1_000_000_000,
+            &mut None,
+            &mut Lines::new(&mut out),
+            &mut |d| waits.push(d),
+        )
+        .unwrap();
+        pace(&t, 0, &mut None, &mut Lines::new(&mut out), &mut |d| {
             waits.push(d)
         })
         .unwrap();
-        pace(&t, 1_000_000_000, &mut None, &mut Lines::new(&mut out), &mut |d| {
-            waits.push(d)
-        })
-        .unwrap();
-        pace(&t, 0, &mut None, &mut Lines::new(&mut out), &mut |d| waits.push(d)).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert_eq!(
             text.trim(),

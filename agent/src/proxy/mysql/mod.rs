@@ -587,7 +587,10 @@ async fn identify_client(
                 return Ok(Err((r, after)));
             }
             Ok(Err(too_long)) => {
-                return Ok(Err((too_long.refusal(client, buf.len(), true).await, after)));
+                return Ok(Err((
+                    too_long.refusal(client, buf.len(), true).await,
+                    after,
+                )));
             }
             Err(_) => {
                 let r = identify::Refusal::new("28000", "sluice: no token within the time limit");
@@ -936,10 +939,9 @@ impl Unreadable {
                     ),
                 )
             }
-            Unreadable::Bad(reason) => identify::Refusal::new(
-                "08P01",
-                format!("sluice: bad handshake response: {reason}"),
-            ),
+            Unreadable::Bad(reason) => {
+                identify::Refusal::new("08P01", format!("sluice: bad handshake response: {reason}"))
+            }
         }
     }
 }

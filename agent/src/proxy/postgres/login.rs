@@ -74,7 +74,9 @@ async fn read_password<S: AsyncRead + Unpin>(client: &mut S) -> Result<String, R
         Err(ReadError::TooLong { len, .. }) => {
             super::super::drain(client, buf.len(), len).await;
             // The token is the message's body less its terminating NUL.
-            return Err(identify::token_too_large(len.saturating_sub(HEADER_LEN + 1)));
+            return Err(identify::token_too_large(
+                len.saturating_sub(HEADER_LEN + 1),
+            ));
         }
         Err(ReadError::Malformed(e)) => {
             return Err(Refusal::new(
@@ -102,7 +104,10 @@ pub(crate) enum ReadError {
     /// A bad length.
     Malformed(String),
     /// A declared length (`len`, the whole message) over the cap `max`.
-    TooLong { len: usize, max: usize },
+    TooLong {
+        len: usize,
+        max: usize,
+    },
 }
 
 /// Reads one whole message (tag, length, body; at most `max` bytes) from `from`, buffering in
