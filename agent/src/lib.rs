@@ -7,6 +7,8 @@
 //! - [`access`]: requests for approval (held statements, just-in-time access) and grants.
 //! - [`control`]: the agent's unix socket for the `requests/approve/deny/grants` commands.
 //! - [`identity`]: OIDC token validation, the device flow of `sluice login`, login bindings.
+//! - [`inert`]: untrusted text shown to people with its control characters escaped (the
+//!   agent's log formatter, the read commands' line writer).
 //! - [`protocol`]: one module per wire protocol (codec, no I/O) and the shared vocabulary.
 //! - [`read`]: reading the journal back: `sessions`, `replay`, `export`.
 //! - [`ship`]: the shipper (journal -> collector, mutual TLS), `sluice enroll`, metrics.
@@ -19,6 +21,7 @@ pub mod access;
 pub mod config;
 pub mod control;
 pub mod identity;
+pub mod inert;
 pub mod intercept;
 pub mod mask;
 pub mod policy;

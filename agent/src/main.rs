@@ -797,8 +797,10 @@ fn init_logging(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
+    // Every field of the text format is escaped (a client's newline forges no log line);
+    // the JSON format escapes by itself.
     match format {
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder.fmt_fields(sluice::inert::LogFields).init(),
         LogFormat::Json => builder.json().init(),
     }
 }

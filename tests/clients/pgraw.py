@@ -22,6 +22,9 @@ usage: pgraw.py HOST PORT MODE
   pipeline SQL...  the same with one simple Query message per SQL, all in one write
   direct-tls USER SQL  PostgreSQL 17 direct TLS (ALPN postgresql), log in as USER, run SQL
   direct-tls-no-alpn USER SQL  the same without ALPN (a server should hang up)
+  token USER  SSLRequest and TLS, log in as USER answering a cleartext password request with
+              the token in $PGPASSWORD; print "ok" when authentication succeeded, else
+              "error <SQLSTATE> <message>" for the first ErrorResponse
 """
 import socket
 import struct
@@ -84,8 +87,9 @@ def error_fields(body):
     return fields
 
 
-def login(s, user="postgres"):
-    """Sends the startup message; returns None when ReadyForQuery arrived, else the error."""
+def login(s, user="postgres", password=None):
+    """Sends the startup message (and `password` when a cleartext password is asked for);
+    returns None when ReadyForQuery arrived, else the error."""
     s.sendall(startup(user))
     for _ in range(100):
         tag, body = read_message(s)
@@ -94,9 +98,23 @@ def login(s, user="postgres"):
         if tag == b"E":
             f = error_fields(body)
             return (f.get("C", "?"), f.get("M", "?"))
+        if tag == b"R" and body[:4] == struct.pack("!I", 3) and password is not None:
+            s.sendall(frame(b"p", password.encode() + b"\0"))
         if tag == b"Z":
             return None
     return ("?", "no ReadyForQuery")
+
+
+def ssl_request(s):
+    """SSLRequest, then TLS when the server says 'S' (the certificate is not checked)."""
+    import ssl
+    s.sendall(struct.pack("!II", 8, 80877103))
+    if s.recv(1) != b"S":
+        raise SystemExit("the server refused TLS")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx.wrap_socket(s, server_hostname="localhost")
 
 
 def last_error(s):
@@ -178,6 +196,12 @@ def main():
             return
         s.sendall(frame(b"Q", sys.argv[5].encode() + b"\0"))
         transcript(s, 1)
+        return
+    if mode == "token":
+        import os
+        s = ssl_request(s)
+        err = login(s, sys.argv[4], os.environ.get("PGPASSWORD", ""))
+        print("ok" if err is None else "error %s %s" % err)
         return
     if mode == "huge-startup":
         s.sendall(struct.pack("!II", 1 << 20, 196608))

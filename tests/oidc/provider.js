@@ -31,10 +31,12 @@
 //        by its user code and approves it for `account` with the scopes the device asked for
 //        (a Grant is saved, as an interaction would). {"user_code": "...", "deny": true} denies
 //        it instead (the device then gets access_denied). Answers {"ok": true}.
-//   POST {issuer}/test/token {"account": "ada", "ttl": 600, "aud": "sluice"}
+//   POST {issuer}/test/token {"account": "ada", "ttl": 600, "aud": "sluice", "extra_groups": 0}
 //        Answers {"id_token": "..."}: an ID token issued by the provider's own IdToken class and
 //        signed with its own key. `aud` must be one of the client ids above (default "sluice");
-//        `ttl` defaults to --id-token-ttl.
+//        `ttl` defaults to --id-token-ttl; `extra_groups` N adds N groups
+//        `directory-group-00001-of-a-large-org` ... to the account's (a large token, as a person
+//        in many groups gets).
 //   GET  {issuer}/test/stats
 //        Answers {"jwks_requests": N}: how many times the JWKS was fetched since start.
 
@@ -255,8 +257,12 @@ async function testToken(req) {
   const client = await provider.Client.find(String(aud));
   if (!client) throw new HttpError(400, `aud must be a client id of this provider (sluice, sluice-es256, other-app), got ${aud}`);
 
+  const extra = body.extra_groups ?? 0;
+  if (!Number.isInteger(extra) || extra < 0 || extra > 100000) throw new HttpError(400, 'extra_groups must be an integer from 0 to 100000');
+  const groups = [...account.groups];
+  for (let i = 1; i <= extra; i += 1) groups.push(`directory-group-${String(i).padStart(5, '0')}-of-a-large-org`);
   const token = new provider.IdToken({
-    sub: accountId, email: account.email, email_verified: true, groups: account.groups,
+    sub: accountId, email: account.email, email_verified: true, groups,
   }, { client });
   token.scope = 'openid email groups';
   const idToken = await token.issue({ use: 'idtoken', expiresAt: Math.floor(Date.now() / 1000) + ttl });

@@ -212,9 +212,14 @@ impl Provider {
 
     /// A real ID token from the provider's own IdToken class (TEST-ONLY route).
     pub fn id_token(&self, account: &str, ttl: u64, aud: &str) -> String {
+        self.id_token_with_groups(account, ttl, aud, 0)
+    }
+
+    /// The same with `extra` more groups (36 characters each): a large token.
+    pub fn id_token_with_groups(&self, account: &str, ttl: u64, aud: &str, extra: u32) -> String {
         let answer = self.post(
             "/test/token",
-            json!({ "account": account, "ttl": ttl, "aud": aud }),
+            json!({ "account": account, "ttl": ttl, "aud": aud, "extra_groups": extra }),
         );
         answer["id_token"].as_str().unwrap().to_owned()
     }

@@ -468,3 +468,26 @@ fn a_packet_over_max_message_bytes_gets_error_1153_naming_the_setting() {
     // The agent serves the next client.
     assert_eq!(s.mariadb("select 1 as one").ok(), "one\n1\n");
 }
+
+/// The PostgreSQL proxy once chose its cap before the read that began during login; the MySQL
+/// one must take a first command over the pre-login cap (64 KiB) too, from the CLI and from a
+/// client that sends it the moment the OK arrives.
+#[test]
+fn a_statement_over_the_pre_login_cap_may_be_the_first_of_a_fresh_session() {
+    let test = "a_statement_over_the_pre_login_cap_may_be_the_first_of_a_fresh_session";
+    if skip(test) {
+        return;
+    }
+    let s = setup("mysql-big-first", |_| {});
+    let big = format!("select length('{}') as n", "x".repeat(100_000));
+    let out = s.mariadb(&big);
+    assert_eq!(out.ok(), "n\n100000\n", "{}", s.agent.log());
+    let client = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("clients/mysqlraw.py");
+    let mut cmd = s.cgroup.command(Some(CLIENT_UID), "/usr/bin/python3");
+    cmd.arg(client)
+        .arg(s.db.port.to_string())
+        .args([mariadb::USER, mariadb::PASSWORD, mariadb::DATABASE])
+        .arg(&big);
+    let out = run_bounded(&mut cmd, LIMIT).unwrap();
+    assert_eq!(out.ok().trim(), "ROWS [['100000']]", "{}", s.agent.log());
+}

@@ -726,3 +726,205 @@ fn a_relayed_scram_login_leaves_no_guessable_material_in_the_journal() {
         );
     }
 }
+
+/// pgraw's `token USER` mode over TLS, the token in PGPASSWORD: "ok" or "error CODE MESSAGE".
+fn raw_token_login(s: &Setup, user: &str, token: &str) -> String {
+    let mut cmd = s.cgroup.command(Some(CLIENT_UID), "/usr/bin/python3");
+    cmd.arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("clients/pgraw.py"))
+        .args(["127.0.0.1", &s.pg.port.to_string(), "token", user])
+        .env("PGPASSWORD", token);
+    let out = run_bounded(&mut cmd, LIMIT).unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    out.stdout.trim().to_string()
+}
+
+/// Regression: a real ID token listing many groups is over 10 kB, which the pre-login cap
+/// refused as a protocol violation (08P01), so such a person could never log in.
+#[test]
+fn a_token_with_many_groups_logs_in_and_one_over_64_kb_is_refused_as_too_large() {
+    if !require_root("a_token_with_many_groups_logs_in_and_one_over_64_kb_is_refused_as_too_large")
+    {
+        return;
+    }
+    let Some(s) = setup("id-large") else { return };
+    let large = s.idp.id_token_with_groups("bob", 600, "sluice", 400);
+    assert!(
+        (10 * 1024..64 * 1024).contains(&large.len()),
+        "{}",
+        large.len()
+    );
+    let out = s.psql(
+        &s.cgroup,
+        CLIENT_UID,
+        "user=app_rw sslmode=require",
+        Some(&large),
+        "select current_user",
+    );
+    assert!(out.status.success(), "{}\n{}", out.stderr, s.agent.log());
+    assert_eq!(out.stdout.trim(), "app_rw");
+    assert_eq!(raw_token_login(&s, "app_rw", &large), "ok");
+    let sessions = s.agent.sessions().unwrap();
+    let groups = sessions[0]["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 401, "{:?}", sessions[0]["principal"]);
+
+    let huge = s.idp.id_token_with_groups("bob", 600, "sluice", 1600);
+    assert!(huge.len() > 64 * 1024, "{}", huge.len());
+    let sentence = format!(
+        "sluice: the token is too large ({} bytes; sluice accepts tokens of up to 65536 bytes)",
+        huge.len()
+    );
+    let answer = raw_token_login(&s, "app_rw", &huge);
+    assert!(
+        answer.starts_with(&format!("error 28P01 {sentence}")),
+        "{answer}\n{}",
+        s.agent.log()
+    );
+    let out = s.psql(
+        &s.cgroup,
+        CLIENT_UID,
+        "user=app_rw sslmode=require",
+        Some(&huge),
+        "select 1",
+    );
+    assert!(!out.status.success());
+    assert!(out.stderr.contains(&sentence), "{}", out.stderr);
+    // Refused sessions say why, and hold no part of the token.
+    let ends: Vec<String> = s
+        .agent
+        .sessions()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x["end_reason"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(
+        ends.iter().filter(|e| e.contains(&sentence)).count(),
+        2,
+        "{ends:?}"
+    );
+    assert!(!contains_bytes(&s.agent.journal_bytes(), &huge[..200]));
+}
+
+/// What a forged log line would look like, with an escape sequence after it.
+const FORGED: &str = "\n1999-01-01T00:00:00.000000Z  WARN sluice: FORGED\x1b[31m";
+
+/// Regression: a token whose `kid` held a newline and an escape sequence forged lines in the
+/// agent's log before authentication, and escape sequences reached `sluice replay` as they
+/// were. Every string a client controls is shown escaped; the journal and the JSON export keep
+/// it exactly.
+#[test]
+fn newlines_and_escape_sequences_from_clients_are_inert_in_the_log_replay_and_sessions() {
+    if !require_root(
+        "newlines_and_escape_sequences_from_clients_are_inert_in_the_log_replay_and_sessions",
+    ) {
+        return;
+    }
+    let Some(s) = setup("id-inert") else { return };
+    let header = URL_SAFE_NO_PAD.encode(
+        serde_json::json!({ "alg": "RS256", "typ": "JWT", "kid": format!("k{FORGED}") })
+            .to_string(),
+    );
+    let claims = URL_SAFE_NO_PAD.encode(
+        serde_json::json!({ "iss": s.idp.issuer, "aud": "sluice", "sub": "x", "exp": 4_000_000_000u64 })
+            .to_string(),
+    );
+    let forged_kid = format!("{header}.{claims}.c2lnbmF0dXJl");
+    let good = s.token("ada");
+    // One client process, its name (comm) set to hold a newline and an escape sequence too.
+    let script = r#"
+import ctypes, os, sys
+import psycopg
+forged = os.environ["FORGED"]
+ctypes.CDLL(None).prctl(15, b"py\n\x1b[31mFORGED", 0, 0, 0)
+def connect(user, dbname, password):
+    return psycopg.connect(host="127.0.0.1", port=int(sys.argv[1]), sslmode="require",
+                           connect_timeout=15, user=user, dbname=dbname, password=password)
+for user, dbname, password in [("app_rw", "postgres", os.environ["BAD"]),
+                               ("app_rw" + forged, "postgres", os.environ["GOOD"]),
+                               ("app_rw", "postgres" + forged, os.environ["GOOD"])]:
+    try:
+        connect(user, dbname, password).close()
+        print("connected")
+    except psycopg.OperationalError:
+        print("refused")
+with connect("app_rw", "postgres", os.environ["GOOD"]) as conn:
+    conn.execute("select 'v" + forged + "' as \"c" + forged + "\"").fetchall()
+    conn.execute("select %s::text as v", ["p" + forged]).fetchall()
+print("done")
+"#;
+    let mut cmd = s.cgroup.command(Some(CLIENT_UID), "/usr/bin/python3");
+    cmd.args(["-c", script, &s.pg.port.to_string()])
+        .env("FORGED", FORGED)
+        .env("BAD", &forged_kid)
+        .env("GOOD", &good);
+    let out = run_bounded(&mut cmd, LIMIT).unwrap();
+    assert_eq!(
+        out.stdout,
+        "refused\nrefused\nrefused\ndone\n",
+        "{}\n{}",
+        out.stderr,
+        s.agent.log()
+    );
+
+    let escaped = "\\n1999-01-01T00:00:00.000000Z  WARN sluice: FORGED\\x1b[31m";
+    let inert = |what: &str, text: &str| {
+        assert!(!text.contains('\x1b'), "{what} holds a raw ESC:\n{text}");
+        assert!(
+            !text.lines().any(|l| l.starts_with("1999-01-01T00:00:00")),
+            "{what} holds a forged line:\n{text}"
+        );
+    };
+    // The log: the kid, the user name and the database name each on one escaped line.
+    let log = s.agent.log();
+    inert("the agent's log", &log);
+    for why in [
+        "client authentication refused",
+        "role refused",
+        "backend login failed",
+    ] {
+        assert!(
+            log.lines().any(|l| l.contains(why) && l.contains(escaped)),
+            "no escaped {why:?} line:\n{log}"
+        );
+    }
+    // `sluice sessions` and `sluice replay` of every session.
+    let table = s.agent.read(&["sessions"]).unwrap();
+    inert("sluice sessions", &table);
+    assert!(table.contains("py\\n\\x1b[31mFORGED"), "{table}");
+    let sessions = s.agent.sessions().unwrap();
+    assert_eq!(sessions.len(), 4, "{sessions:#?}");
+    let mut replays = String::new();
+    for session in &sessions {
+        let replay = s
+            .agent
+            .read(&["replay", session["id"].as_str().unwrap()])
+            .unwrap();
+        inert("sluice replay", &replay);
+        replays.push_str(&replay);
+    }
+    for shown in [
+        format!("> select 'v{escaped}' as \"c{escaped}\""),
+        format!("< c{escaped}"),
+        format!("v{escaped}"),
+        format!("$1 = 'p{escaped}'"),
+        format!("user=app_rw{escaped}"),
+    ] {
+        assert!(replays.contains(&shown), "{shown:?} not in:\n{replays}");
+    }
+    // The journal keeps the exact text, and the JSON export carries it faithfully.
+    let export = s.export();
+    assert!(
+        export.iter().any(|r| r["kind"] == "statement"
+            && r["sql"]
+                .as_str()
+                .unwrap_or("")
+                .contains(&format!("'v{FORGED}'"))),
+        "{export:#?}"
+    );
+    assert!(
+        export
+            .iter()
+            .any(|r| r["kind"] == "row" && r["values"][0] == format!("v{FORGED}")),
+        "{export:#?}"
+    );
+    assert_eq!(sessions[0]["comm"], "py\n\x1b[31mFORGED");
+}

@@ -583,3 +583,39 @@ fn without_ebpf_an_explicit_listener_takes_the_same_recorded_path() {
     );
     assert_eq!(sessions[0]["statements"], 1);
 }
+
+/// Regression: the client side chose its message cap before the read that began during
+/// login, so a fresh session whose first statement was over the pre-login cap was closed with
+/// FATAL 08P01 (the same statement sent second passed). 100 kB is over that cap (64 kB and a
+/// few bytes, room for a token as the password).
+#[test]
+fn a_statement_over_the_pre_login_cap_may_be_the_first_of_a_fresh_session() {
+    if !require_root("a_statement_over_the_pre_login_cap_may_be_the_first_of_a_fresh_session") {
+        return;
+    }
+    let s = setup("big-first", |_| {});
+    let big = format!("select length('{}')", "x".repeat(100_000));
+    // psql sends it the moment the login is done (simple protocol).
+    let out = s.psql("127.0.0.1", &big);
+    assert_eq!(ok(&out), "100000\n", "{}", s.agent.log());
+    // The raw client, simple and extended protocol, right after AuthenticationOk's
+    // ReadyForQuery.
+    let port = s.pg.port.to_string();
+    for mode in ["pipeline", "extended"] {
+        let mut cmd = s.cgroup.command(Some(CLIENT_UID), "/usr/bin/python3");
+        cmd.arg(pgraw())
+            .args(["127.0.0.1", port.as_str(), mode, big.as_str()]);
+        let out = run_bounded(&mut cmd, LIMIT).unwrap();
+        assert!(
+            ok(&out).lines().any(|l| l == "D 100000"),
+            "{mode}: {}\n{}",
+            out.stdout,
+            s.agent.log()
+        );
+    }
+    let sessions = s.sessions();
+    assert_eq!(sessions.len(), 3, "{sessions:#?}");
+    for session in &sessions {
+        assert_eq!(session["statements"], 1, "{session}");
+    }
+}

@@ -37,8 +37,10 @@ use serde_json::{Map, Value};
 
 use super::discovery::{self, DiscoveryError, HttpError};
 
-/// Longest token accepted; real ID tokens are 1-4 KiB.
-pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// Longest token accepted. Most ID tokens are 1-4 KiB, but one listing many groups passes
+/// 10 KiB; the wire caps before login (PostgreSQL's PasswordMessage, MySQL's auth packets) are
+/// derived from this.
+pub const MAX_TOKEN_BYTES: usize = 64 * 1024;
 /// Longest claim value quoted back in an error message.
 const MAX_QUOTED: usize = 120;
 
@@ -142,6 +144,10 @@ pub enum TokenError {
         "not a JWT ({why}): the password must be an OIDC token; run `sluice login` or get one from your identity provider"
     )]
     NotAJwt { why: &'static str },
+    #[error(
+        "the token is too large ({len} bytes; sluice accepts tokens of up to {max} bytes): ask the identity provider for a token with fewer claims (e.g. fewer groups)"
+    )]
+    TooLarge { len: usize, max: usize },
     #[error("token algorithm {alg} is not allowed (allowed: {allowed})")]
     AlgorithmNotAllowed { alg: String, allowed: String },
     #[error("token header marks {crit} as critical, which sluice does not understand")]
@@ -312,7 +318,10 @@ impl<'a> Jws<'a> {
             return Err(not("the password is empty"));
         }
         if token.len() > MAX_TOKEN_BYTES {
-            return Err(not("longer than 16 KiB"));
+            return Err(TokenError::TooLarge {
+                len: token.len(),
+                max: MAX_TOKEN_BYTES,
+            });
         }
         let parts: Vec<&str> = token.split('.').collect();
         match parts.len() {
@@ -798,15 +807,15 @@ fn timestamp(secs: i64) -> jiff::Timestamp {
     jiff::Timestamp::from_second(clamped).unwrap_or(jiff::Timestamp::UNIX_EPOCH)
 }
 
-/// An attacker-chosen string, bounded for messages and logs.
+/// An attacker-chosen string, bounded and with its control characters escaped, for messages
+/// (the client's error and the agent's log).
 fn quoted(s: &str) -> String {
-    if s.chars().count() <= MAX_QUOTED {
-        s.to_owned()
-    } else {
-        let mut cut: String = s.chars().take(MAX_QUOTED).collect();
-        cut.push('…');
-        cut
+    let cut: String = s.chars().take(MAX_QUOTED).collect();
+    let mut out = crate::inert::escaped(&cut).into_owned();
+    if s.chars().count() > MAX_QUOTED {
+        out.push('…');
     }
+    out
 }
 
 #[cfg(test)]
@@ -1015,5 +1024,10 @@ mod tests {
     fn long_attacker_chosen_values_are_cut_in_messages() {
         let long = "x".repeat(1000);
         assert_eq!(quoted(&long).chars().count(), MAX_QUOTED + 1);
+    }
+
+    #[test]
+    fn attacker_chosen_values_are_quoted_with_their_control_characters_escaped() {
+        assert_eq!(quoted("k\n2026 WARN x\x1b[31m"), "k\\n2026 WARN x\\x1b[31m");
     }
 }

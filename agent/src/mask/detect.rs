@@ -13,9 +13,12 @@
 //! detectors are hand-written byte scanners; only API-key shapes and custom detectors use
 //! `regex`, whose literal prefilters make a miss cheap.
 //!
-//! Invariants: a finding is a non-empty byte range inside the value; built-in findings never
-//! contain `"`, `\`, `,`, parentheses, braces or control bytes (custom findings may: the engine
-//! checks before replacing in place). Checks are strict where a false positive would be costly
+//! Invariants: a finding is a non-empty byte range inside the value, and only it is
+//! replaced, so built-in findings never contain `"`, `\`, `,`, parentheses, braces or control
+//! bytes (a phone number with a parenthesised area code is found as its runs outside the
+//! parentheses; custom findings may hold them, and the engine then masks the whole value);
+//! punctuation around a value (quotes, brackets, parentheses, commas) never stops it being
+//! found. Checks are strict where a false positive would be costly
 //! (Luhn for cards, mod-97 and the country's length for IBANs, SSN invalid ranges, parsing by
 //! `std::net` for addresses, a decoded JSON header for JWTs), and every match needs a token
 //! boundary on both sides, so `x4111111111111111` or a digit run inside a longer one is no card.
@@ -287,17 +290,21 @@ fn continues_number(text: &[u8], i: usize, seps: &[u8]) -> bool {
 // email
 
 fn is_local(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'%' | b'+' | b'-')
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'%' | b'+' | b'-' | b'\'')
 }
 
 fn is_domain(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-')
 }
 
-/// `local@domain.tld`: the local part is `[A-Za-z0-9._%+-]+` not starting or ending with a
-/// dot; the domain has at least two labels, none empty or starting/ending with `-`, and an
-/// alphabetic top-level label of two or more letters. A trailing `.` (end of a sentence) is not
-/// part of the address.
+/// `local@domain.tld`: the local part is RFC 5322's dot-atom in its common forms,
+/// `[A-Za-z0-9._%+'-]+` (`o'brien`, `john.smith+tag`), whatever punctuation surrounds it; it
+/// does not start with a dot or an apostrophe (an ellipsis, a quote: `'bob@x.io'`), but may
+/// end with a dot (`taro.@example.jp`, invalid yet real). The rarer atext characters (`!#$&*/=?^`
+/// and friends) are not taken: they would pull a URL's `?to=` into the finding. The domain
+/// has at least two labels, none empty or starting/ending with `-`, and an alphabetic
+/// top-level label of two or more letters. A trailing `.` (end of a sentence) is not part of
+/// the address.
 fn email(text: &[u8], emit: &mut impl FnMut(usize, usize)) {
     let mut done = 0;
     for at in 0..text.len() {
@@ -308,10 +315,10 @@ fn email(text: &[u8], emit: &mut impl FnMut(usize, usize)) {
         while s > done && is_local(text[s - 1]) {
             s -= 1;
         }
-        while s < at && text[s] == b'.' {
+        while s < at && matches!(text[s], b'.' | b'\'') {
             s += 1;
         }
-        if s == at || text[at - 1] == b'.' {
+        if s == at {
             continue;
         }
         let mut e = at + 1;
@@ -638,12 +645,13 @@ fn phone(text: &[u8], emit: &mut impl FnMut(usize, usize)) {
     while i < n {
         let c = text[i];
         let can_start = c == b'+' || c == b'(' || c.is_ascii_digit();
+        // Any punctuation may come before a number but what would make it part of another
+        // token: a sign, a decimal, a date or version (`-`, `.`, `/`), a time (`:`, except
+        // before `+`: `tel:+1...`), an address or identifier (`@`, `_`).
         let p = prev(text, i);
         let before_ok = !alnum(p)
-            && !matches!(
-                p,
-                Some(b'+' | b'.' | b'-' | b'/' | b':' | b'@' | b'_' | b'(' | b',')
-            );
+            && !matches!(p, Some(b'+' | b'.' | b'-' | b'/' | b'@' | b'_'))
+            && (c == b'+' || p != Some(b':'));
         if !can_start || !before_ok {
             i += 1;
             continue;
@@ -651,11 +659,35 @@ fn phone(text: &[u8], emit: &mut impl FnMut(usize, usize)) {
         // A failed attempt reads at most 25 bytes, so retrying at the next byte stays linear.
         match phone_at(text, i) {
             (end, true) => {
-                emit(i, end);
+                emit_outside_parentheses(text, i, end, emit);
                 i = end;
             }
             (_, false) => i += 1,
         }
+    }
+}
+
+/// Emits the phone number at `s..e` as the runs of it outside parentheses, trimmed to digits
+/// (and a leading `+`): `(415) 555-2671` is `415` and `555-2671`, `+49 (0)30 1234567` is `+49`,
+/// `0` and `30 1234567`. A finding never holds a parenthesis, so it is replaced in place even
+/// in a composite value; the parentheses stay around the masks.
+fn emit_outside_parentheses(text: &[u8], s: usize, e: usize, emit: &mut impl FnMut(usize, usize)) {
+    let mut from = s;
+    for k in s..=e {
+        if k < e && !matches!(text[k], b'(' | b')') {
+            continue;
+        }
+        let (mut a, mut b) = (from, k);
+        while a < b && !(text[a].is_ascii_digit() || text[a] == b'+') {
+            a += 1;
+        }
+        while b > a && !text[b - 1].is_ascii_digit() {
+            b -= 1;
+        }
+        if a < b {
+            emit(a, b);
+        }
+        from = k + 1;
     }
 }
 
@@ -1012,6 +1044,32 @@ mod tests {
     }
 
     #[test]
+    fn email_local_parts_keep_apostrophes_plus_signs_and_dots() {
+        for t in [
+            "o'brien@example.com",
+            "d'arcy.o'neil@example.co.uk",
+            "john.smith+tag@example.org",
+            "a.b.c@example.io",
+            "taro.@example.jp",
+        ] {
+            assert_eq!(found(Builtin::Email, &format!("to: {t}; ok")), [t]);
+        }
+        // Quotes and ellipses around an address are not part of it.
+        assert_eq!(
+            found(Builtin::Email, "email='o'brien@example.com'"),
+            ["o'brien@example.com"]
+        );
+        assert_eq!(
+            found(Builtin::Email, "...bob@example.com"),
+            ["bob@example.com"]
+        );
+        assert_eq!(
+            found(Builtin::Email, "(bob@example.com)"),
+            ["bob@example.com"]
+        );
+    }
+
+    #[test]
     fn things_with_an_at_sign_that_are_not_emails_are_not_found() {
         for t in [
             "@home",
@@ -1142,8 +1200,6 @@ mod tests {
             "+14155552671",
             "+1 415 555 2671",
             "+44 20 7946 0958",
-            "+49 (0)30 1234567",
-            "(415) 555-2671",
             "415-555-2671",
             "415.555.2671",
             "1-415-555-2671",
@@ -1151,6 +1207,37 @@ mod tests {
             "06 12 34 56 78",
         ] {
             assert_eq!(found(Builtin::Phone, &format!("call {t} now")), [t], "{t}");
+        }
+    }
+
+    #[test]
+    fn a_phone_number_with_parentheses_is_found_as_its_digits_without_them() {
+        assert_eq!(
+            found(Builtin::Phone, "call (415) 555-2671 now"),
+            ["415", "555-2671"]
+        );
+        assert_eq!(
+            found(Builtin::Phone, "call +49 (0)30 1234567 now"),
+            ["+49", "0", "30 1234567"]
+        );
+        assert_eq!(
+            found(Builtin::Phone, "call +1 (415) 555-2671"),
+            ["+1", "415", "555-2671"]
+        );
+    }
+
+    #[test]
+    fn a_phone_number_is_found_whatever_punctuation_surrounds_it() {
+        for (text, phone) in [
+            ("Bob (+44 20 7946 0958) called", "+44 20 7946 0958"),
+            ("Bob (415-555-2671), Ann", "415-555-2671"),
+            ("[415.555.2671]", "415.555.2671"),
+            ("'+14155552671'", "+14155552671"),
+            ("tel:+14155552671", "+14155552671"),
+            ("(1,020 7946 0958)", "020 7946 0958"),
+            ("<06 12 34 56 78>", "06 12 34 56 78"),
+        ] {
+            assert_eq!(found(Builtin::Phone, text), [phone], "{text}");
         }
     }
 
@@ -1527,7 +1614,59 @@ mod tests {
                 _ => format!("+1 {area} {exch} {line:04}"),
             };
             let text = format!("tel: {p}, ext");
+            if style == 0 {
+                let (a, rest) = (area.to_string(), format!("{exch}-{line:04}"));
+                prop_assert_eq!(found(Builtin::Phone, &text), vec![a.as_str(), rest.as_str()]);
+            } else {
+                prop_assert_eq!(found(Builtin::Phone, &text), vec![p.as_str()]);
+            }
+        }
+
+        #[test]
+        fn a_phone_number_in_any_punctuation_is_found_alone(
+            area in 200u16..1000, exch in 200u16..1000, line in 0u16..10000, style in 0usize..5,
+            open in prop::sample::select(b"([{<'\" ,;!".to_vec()),
+            close in prop::sample::select(b")]}>'\" ,;!?.".to_vec()),
+            pre in prose(),
+        ) {
+            let p = match style {
+                0 => format!("{area}-{exch}-{line:04}"),
+                1 => format!("{area}.{exch}.{line:04}"),
+                2 => format!("1-{area}-{exch}-{line:04}"),
+                3 => format!("+44 {area} {exch} {line:04}"),
+                _ => format!("0{area} {exch} {line:04}"),
+            };
+            let text = format!("{pre} {}{p}{} x", open as char, close as char);
             prop_assert_eq!(found(Builtin::Phone, &text), vec![p.as_str()]);
+        }
+
+        #[test]
+        fn built_in_findings_never_hold_structural_or_control_bytes(
+            text in prop::collection::vec(
+                prop::sample::select(b"0123456789 +-.()@,'\"{}\\\n\tabAZ:_/".to_vec()), 0..120),
+        ) {
+            for b in Builtin::ALL {
+                for (s, e) in find(b, &text) {
+                    let f = &text[s..e];
+                    prop_assert!(
+                        !f.iter().any(|&c| c < 0x20 || b"\"\\,(){}".contains(&c)),
+                        "{} found {:?} in {:?}", b.name(), String::from_utf8_lossy(f),
+                        String::from_utf8_lossy(&text)
+                    );
+                }
+            }
+        }
+
+        #[test]
+        fn emails_with_apostrophes_and_plus_tags_are_found_whole_in_quotes(
+            first in "[a-z]{1,6}", last in "[a-z]{1,8}", tag in "[a-z0-9]{0,5}",
+            domain in "[a-z]{1,10}", tld in "[a-z]{2,4}",
+            quote in prop::sample::select(b"'\"<([ ".to_vec()),
+        ) {
+            let plus = if tag.is_empty() { String::new() } else { format!("+{tag}") };
+            let email = format!("{first}'{last}.x{plus}@{domain}.{tld}");
+            let text = format!("mail {}{email}{} now", quote as char, quote as char);
+            prop_assert_eq!(found(Builtin::Email, &text), vec![email.as_str()]);
         }
 
         #[test]

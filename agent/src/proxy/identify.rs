@@ -9,14 +9,16 @@
 //! 3. otherwise an OIDC token as the password, accepted only over TLS or from this host
 //!    (every intercepted connection is local), checked by [`crate::identity`].
 //!
-//! A refusal carries a SQLSTATE (28000: no identity or role; 28P01: a bad token; 08P01: a
-//! protocol error; 08006: the client went away) and a sentence saying what to do. MySQL maps
+//! A refusal carries a SQLSTATE (28000: no identity or role; 28P01: a bad token, or one over
+//! [`MAX_TOKEN_BYTES`]; 08P01: a protocol error; 08006: the client went away) and a sentence saying what to do. MySQL maps
 //! the SQLSTATE to its error numbers ([`Refusal::mysql_code`]).
 
 use sluice_journal::{Principal, ProcessInfo};
 
 use super::Shared;
 use crate::config::{Role, Target};
+pub(crate) use crate::identity::oidc::MAX_TOKEN_BYTES;
+use crate::identity::oidc::TokenError;
 
 /// How the client was identified.
 #[derive(Debug, Clone)]
@@ -95,6 +97,16 @@ pub(crate) fn may_send_token(
         ));
     }
     Ok(())
+}
+
+/// The refusal of a token of `len` bytes, over [`MAX_TOKEN_BYTES`]: found by a protocol's
+/// size cap before the token is read whole, worded as the validator words it.
+pub(crate) fn token_too_large(len: usize) -> Refusal {
+    let e = TokenError::TooLarge {
+        len,
+        max: MAX_TOKEN_BYTES,
+    };
+    Refusal::new("28P01", format!("sluice: {e}"))
 }
 
 /// Checks `token` (the client's password) against the identity provider's keys, off the

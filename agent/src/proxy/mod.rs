@@ -310,6 +310,26 @@ pub(crate) fn decide_connect(
     }
 }
 
+/// Reads and discards up to `len` bytes from `client` (`buffered` of them already read), for at
+/// most two seconds: before refusing a message or packet too large to buffer, so that closing
+/// does not reset the connection before the client has read why.
+pub(crate) async fn drain<R: tokio::io::AsyncRead + Unpin>(
+    client: &mut R,
+    buffered: usize,
+    len: usize,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut left = len.saturating_sub(buffered);
+    let mut scratch = vec![0u8; 64 * 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while left > 0 {
+        match tokio::time::timeout_at(deadline, client.read(&mut scratch)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => return,
+        }
+    }
+}
+
 /// Where an accepted connection came in.
 #[derive(Debug, Clone, Copy)]
 enum Entry {

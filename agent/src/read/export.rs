@@ -9,6 +9,13 @@
 //! fields every record carries are taken from the session's signed Start event, not from the
 //! (unsigned) session index.
 //!
+//! Values are exact, control characters included: an export is evidence, and a reader must
+//! get what was sent. JSON Lines escapes them by itself (`\n`, `\u001b`). CSV has no escape
+//! syntax (RFC 4180 only quotes), so a value holding one is written as it is inside quotes,
+//! which CSV readers take as data; escaping `ESC` as `\x1b` there would record a value that
+//! was never sent, and one nobody could tell from the four characters. People read CSV with a
+//! CSV reader; `sluice replay` is the view for a terminal (`crate::inert`).
+//!
 //! Streams: nothing but the current session's header is held in memory.
 
 use std::io::Write;

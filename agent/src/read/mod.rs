@@ -185,6 +185,9 @@ pub fn print_sessions(
         writeln!(out)?;
         return Ok(());
     }
+    // Principals, process names and targets come from tokens, clients and configs: each
+    // line is written escaped.
+    let out = &mut crate::inert::Lines::new(out);
     let collector = list.iter().any(|s| s.integrity.is_some());
     let mut header = format!(
         "{:<36}  {:<30}  {:<30}  {:<12}  {:<20}  {:>6}  {:<15}  {:>10}  {:>12}",

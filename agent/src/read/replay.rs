@@ -23,6 +23,7 @@ use std::time::Duration;
 use sluice_journal::{Body, NoteLevel, Reader};
 
 use super::{Decoder, ReadError, rfc3339};
+use crate::inert::{Lines, escaped};
 use crate::protocol::Item;
 
 pub struct ReplayOptions {
@@ -91,6 +92,9 @@ pub fn replay_with(
     out: &mut dyn Write,
     sleep: &mut dyn FnMut(Duration),
 ) -> Result<(), ReadError> {
+    // Every line goes through `Lines`: a newline or escape sequence that a client, a server or
+    // a token put in a recorded string is shown escaped, never printed (the journal keeps it).
+    let out = &mut Lines::new(out);
     let summary = reader.find(id)?;
     let s = &summary.start;
     writeln!(
@@ -207,7 +211,8 @@ pub fn replay_with(
                 Item::Columns(columns) => {
                     flush(&mut table, out)?;
                     table = Some(Table {
-                        columns,
+                        // Escaped here, so the widths are those of what is shown.
+                        columns: columns.iter().map(|c| escaped(c).into_owned()).collect(),
                         ts: Some(event.ts_ns),
                         ..Table::default()
                     });
@@ -222,7 +227,10 @@ pub fn replay_with(
                         t.rows.push(
                             values
                                 .into_iter()
-                                .map(|v| v.unwrap_or_else(|| "NULL".into()))
+                                .map(|v| match v {
+                                    Some(v) => escaped(&v).into_owned(),
+                                    None => "NULL".into(),
+                                })
                                 .collect(),
                         );
                     } else {
@@ -286,7 +294,7 @@ fn pace(
     timing: &Timing,
     gap_ns: u64,
     table: &mut Option<Table>,
-    out: &mut dyn Write,
+    out: &mut Lines<'_>,
     sleep: &mut dyn FnMut(Duration),
 ) -> Result<(), ReadError> {
     if gap_ns == 0 {
@@ -315,7 +323,7 @@ fn clock(ns: u64) -> String {
     full.get(11..26).map(str::to_string).unwrap_or(full)
 }
 
-fn flush(table: &mut Option<Table>, out: &mut dyn Write) -> Result<(), ReadError> {
+fn flush(table: &mut Option<Table>, out: &mut Lines<'_>) -> Result<(), ReadError> {
     let Some(t) = table.take() else { return Ok(()) };
     let ncols = t
         .columns
@@ -384,15 +392,26 @@ mod tests {
         let mut out = Vec::new();
         let mut waits = Vec::new();
         let t = Timing { speed: 100.0 };
-        pace(&t, 60_000_000_000, &mut None, &mut out, &mut |d| {
+        pace(
+            &t,
+            60_000_000_000,
+            &mut None,
+            &mut Lines::new(&mut out),
+            &mut |d| waits.push(d),
+        )
+        .unwrap();
+        pace(
+            &t,
+            1_000_000_000,
+            &mut None,
+            &mut Lines::new(&mut out),
+            &mut |d| waits.push(d),
+        )
+        .unwrap();
+        pace(&t, 0, &mut None, &mut Lines::new(&mut out), &mut |d| {
             waits.push(d)
         })
         .unwrap();
-        pace(&t, 1_000_000_000, &mut None, &mut out, &mut |d| {
-            waits.push(d)
-        })
-        .unwrap();
-        pace(&t, 0, &mut None, &mut out, &mut |d| waits.push(d)).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert_eq!(
             text.trim(),

@@ -23,6 +23,8 @@ pub fn print_requests(
         writeln!(out, "(none)")?;
         return Ok(());
     }
+    // Statements and reasons are what people typed: each line is written escaped.
+    let out = &mut crate::inert::Lines::new(out);
     let now = now_ns();
     writeln!(
         out,

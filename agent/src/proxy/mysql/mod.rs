@@ -56,9 +56,11 @@
 //! ([`reauth`]: same person, a role they may use, the backend's user changed with the role's
 //! credentials), then the pumps start again with the buffers they had.
 //!
-//! Memory is bounded: packets are capped at [`login::PRE_AUTH_MAX`] before the backend's OK and
-//! at `max_message_bytes` after, in both directions; a larger declared length closes the
-//! session with a reason. Every way a session ends after it started writes its end event.
+//! Memory is bounded: packets are capped at [`login::PRE_AUTH_MAX`] before the backend's OK
+//! (the client's own login packets at [`CLIENT_LOGIN_MAX`], room for a 64 KiB token; a larger
+//! one under `auth = "sluice"` is refused as a token too large, ERR 1045) and at
+//! `max_message_bytes` after, in both directions; a larger declared length closes the session
+//! with a reason. Every way a session ends after it started writes its end event.
 //!
 //! **Masking.** With masking rules loaded, the server pump hands each chunk to the session's
 //! [`masking::Masker`], which places the packets in the machine and rewrites text and binary
@@ -109,6 +111,10 @@ use crate::tls::Stream;
 const READ_CHUNK: usize = 64 * 1024;
 /// Most packets relayed during the auth exchange.
 const MAX_AUTH_PACKETS: usize = 16;
+/// Cap on the client's packets before it is logged in (its HandshakeResponse, the reply to an
+/// AuthSwitchRequest): a token of up to `MAX_TOKEN_BYTES` as a clear-text password, and room
+/// for the rest of a HandshakeResponse (names, connection attributes).
+const CLIENT_LOGIN_MAX: usize = identify::MAX_TOKEN_BYTES + 8 * 1024;
 /// The policy id `LOAD DATA LOCAL` is denied by.
 const LOCAL_INFILE_POLICY: &str = "sluice-local-infile";
 /// Capabilities never offered to a client nor asked of a backend.
@@ -330,18 +336,18 @@ async fn connect(mut tcp: TcpStream, routed: &Routed, shared: &Shared) -> Option
     // The client's SSLRequest or HandshakeResponse (sequence id 1), read exactly: a client
     // sends its TLS ClientHello right after an SSLRequest without waiting for an answer.
     let mut buf = BytesMut::with_capacity(512);
-    let mut dec = Decoder::new(login::PRE_AUTH_MAX);
+    let mut dec = Decoder::new(CLIENT_LOGIN_MAX);
     dec.expect(Some(1));
     let (mut raw, mut payload) = match read_first_packet(&mut tcp, &mut dec).await {
         Ok(Some(p)) => p,
         Ok(None) => return None,
-        Err(reason) => {
-            let text = format!("sluice: bad handshake response: {reason}");
+        Err(e) => {
+            let r = e.refusal(&mut tcp, HEADER_LEN, sluice_auth).await;
             refuse(
                 Stream::Plain(tcp),
                 2,
-                code::BAD_HANDSHAKE,
-                &text,
+                r.mysql_code(),
+                &r.message,
                 shared,
                 routed,
                 Vec::new(),
@@ -368,13 +374,13 @@ async fn connect(mut tcp: TcpStream, routed: &Routed, shared: &Shared) -> Option
         (raw, payload) = match read_packet(&mut client, &mut buf, &mut dec).await {
             Ok(Some(p)) => p,
             Ok(None) => return None,
-            Err(reason) => {
-                let text = format!("sluice: bad handshake response: {reason}");
+            Err(e) => {
+                let r = e.refusal(&mut client, buf.len(), sluice_auth).await;
                 refuse(
                     client,
                     3,
-                    code::BAD_HANDSHAKE,
-                    &text,
+                    r.mysql_code(),
+                    &r.message,
                     shared,
                     routed,
                     Vec::new(),
@@ -563,7 +569,7 @@ async fn identify_client(
         if client.write_all(&switch).await.is_err() {
             return Ok(Err((gone(), seq)));
         }
-        let mut dec = Decoder::new(login::PRE_AUTH_MAX);
+        let mut dec = Decoder::new(CLIENT_LOGIN_MAX);
         dec.expect(Some(seq.wrapping_add(1)));
         let mut buf = BytesMut::with_capacity(1024);
         let read = tokio::time::timeout(
@@ -575,10 +581,16 @@ async fn identify_client(
         let payload = match read {
             Ok(Ok(Some((_, payload)))) => payload,
             Ok(Ok(None)) => return Ok(Err((gone(), seq))),
-            Ok(Err(reason)) => {
+            Ok(Err(Unreadable::Bad(reason))) => {
                 let r =
                     identify::Refusal::new("08P01", format!("sluice: bad auth reply: {reason}"));
                 return Ok(Err((r, after)));
+            }
+            Ok(Err(too_long)) => {
+                return Ok(Err((
+                    too_long.refusal(client, buf.len(), true).await,
+                    after,
+                )));
             }
             Err(_) => {
                 let r = identify::Refusal::new("28000", "sluice: no token within the time limit");
@@ -884,15 +896,65 @@ fn set_ssl(framed: &mut [u8]) {
     }
 }
 
+/// Why a client's login packet could not be read.
+enum Unreadable {
+    /// Its declared length (header included) is over the cap.
+    TooLong { len: usize },
+    /// Not a packet; the reason.
+    Bad(String),
+}
+
+impl From<PacketError> for Unreadable {
+    fn from(e: PacketError) -> Unreadable {
+        match e {
+            PacketError::TooLong { len, .. } => Unreadable::TooLong {
+                len: len + HEADER_LEN,
+            },
+            e => Unreadable::Bad(e.to_string()),
+        }
+    }
+}
+
+impl Unreadable {
+    /// The refusal to send, after reading what the client still sends of a packet too large
+    /// (bounded): under `auth = "sluice"` such a packet carries a token, refused as too large
+    /// (1045); otherwise the handshake is bad (1043).
+    async fn refusal(
+        self,
+        client: &mut (impl AsyncRead + Unpin),
+        buffered: usize,
+        sluice_auth: bool,
+    ) -> identify::Refusal {
+        match self {
+            Unreadable::TooLong { len } => {
+                super::drain(client, buffered, len).await;
+                if sluice_auth {
+                    // The payload less the rest of the packet is at most the token.
+                    return identify::token_too_large(len.saturating_sub(HEADER_LEN + 1));
+                }
+                identify::Refusal::new(
+                    "08P01",
+                    format!(
+                        "sluice: bad handshake response: a packet of {len} bytes exceeds the limit of {CLIENT_LOGIN_MAX} bytes"
+                    ),
+                )
+            }
+            Unreadable::Bad(reason) => {
+                identify::Refusal::new("08P01", format!("sluice: bad handshake response: {reason}"))
+            }
+        }
+    }
+}
+
 /// Reads one packet checked by `dec`: its wire bytes and payload, None when the peer closed
-/// before a whole packet, Err with a reason when the bytes are not a packet.
+/// before a whole packet, Err when the bytes are not a packet or it is too long.
 async fn read_packet<S: AsyncRead + Unpin>(
     s: &mut S,
     buf: &mut BytesMut,
     dec: &mut Decoder,
-) -> Result<Option<(Bytes, Vec<u8>)>, String> {
+) -> Result<Option<(Bytes, Vec<u8>)>, Unreadable> {
     loop {
-        if let Some((n, p)) = dec.decode(buf).map_err(|e| e.to_string())? {
+        if let Some((n, p)) = dec.decode(buf)? {
             let payload = p.payload.into_owned();
             return Ok(Some((buf.split_to(n).freeze(), payload)));
         }
@@ -904,36 +966,35 @@ async fn read_packet<S: AsyncRead + Unpin>(
 }
 
 /// Reads exactly one packet (no byte beyond it) with the sequence id `dec` expects: its wire
-/// bytes and payload, None when the peer closed, Err with a reason when it is not a packet.
+/// bytes and payload, None when the peer closed, Err when it is not a packet or too long.
 async fn read_first_packet(
     tcp: &mut TcpStream,
     dec: &mut Decoder,
-) -> Result<Option<(Bytes, Vec<u8>)>, String> {
+) -> Result<Option<(Bytes, Vec<u8>)>, Unreadable> {
     let mut wire = vec![0u8; HEADER_LEN];
     if tcp.read_exact(&mut wire).await.is_err() {
         return Ok(None);
     }
     let len = usize::from(wire[0]) | usize::from(wire[1]) << 8 | usize::from(wire[2]) << 16;
-    if len > login::PRE_AUTH_MAX {
+    if len > CLIENT_LOGIN_MAX {
         // As the decoder says it (checking the sequence id first).
         return Err(match dec.decode(&wire) {
-            Err(e) => e.to_string(),
-            Ok(_) => format!(
-                "packet of {len} bytes exceeds the limit of {} bytes",
-                login::PRE_AUTH_MAX
-            ),
+            Err(e) => e.into(),
+            Ok(_) => Unreadable::TooLong {
+                len: len + HEADER_LEN,
+            },
         });
     }
     wire.resize(HEADER_LEN + len, 0);
     if tcp.read_exact(&mut wire[HEADER_LEN..]).await.is_err() {
         return Ok(None);
     }
-    match dec.decode(&wire).map_err(|e| e.to_string())? {
+    match dec.decode(&wire)? {
         Some((_, p)) => {
             let payload = p.payload.into_owned();
             Ok(Some((Bytes::from(wire), payload)))
         }
-        None => Err("a packet does not frame".into()),
+        None => Err(Unreadable::Bad("a packet does not frame".into())),
     }
 }
 
@@ -1510,7 +1571,7 @@ async fn relay(session: Session<'_>, stop: &mut broadcast::Receiver<()>) -> End 
     {
         // Read what the client is still sending of it (bounded), so that closing does not
         // reset the connection before the client has read why.
-        drain(&mut client_wr, cbuf.len(), *len).await;
+        super::drain(&mut client_wr, cbuf.len(), *len).await;
     }
     if let Some(bytes) = parting {
         let _ = recorder.server(bytes.clone());
@@ -1519,20 +1580,6 @@ async fn relay(session: Session<'_>, stop: &mut broadcast::Receiver<()>) -> End 
     let _ = client_wr.shutdown().await;
     let _ = server_wr.shutdown().await;
     end
-}
-
-/// Reads and discards up to `len` bytes from `client` (`buffered` of them already read), for at
-/// most two seconds.
-async fn drain(client: &mut Stream, buffered: usize, len: usize) {
-    let mut left = len.saturating_sub(buffered);
-    let mut scratch = vec![0u8; READ_CHUNK];
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-    while left > 0 {
-        match tokio::time::timeout_at(deadline, client.read(&mut scratch)).await {
-            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
-            _ => return,
-        }
-    }
 }
 
 /// What both pumps share.

@@ -24,7 +24,7 @@ use crate::protocol::postgres::auth::{
     password_message, startup_message,
 };
 use crate::protocol::postgres::backend::{Authentication, Backend, decode_backend};
-use crate::protocol::postgres::frame::{HEADER_LEN, message_len};
+use crate::protocol::postgres::frame::{FrameError, HEADER_LEN, message_len};
 
 /// Most backend messages read before the backend's first ReadyForQuery.
 const MAX_GREETING_MESSAGES: usize = 256;
@@ -64,11 +64,20 @@ pub(crate) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     Ok((who, Some(Bytes::from_static(&[b'p', 0, 0, 0, 4]))))
 }
 
-/// Reads one PasswordMessage ('p') and returns its text.
+/// Reads one PasswordMessage ('p') and returns its text. A message over [`PRE_AUTH_MAX`] (a
+/// token over `MAX_TOKEN_BYTES`) is refused as a bad password (28P01), after reading what the
+/// client still sends of it (bounded), so it reads why before the connection closes.
 async fn read_password<S: AsyncRead + Unpin>(client: &mut S) -> Result<String, Refusal> {
     let mut buf = BytesMut::with_capacity(2048);
     let (tag, msg) = match read_message(client, &mut buf, PRE_AUTH_MAX).await {
         Ok(m) => m,
+        Err(ReadError::TooLong { len, .. }) => {
+            super::super::drain(client, buf.len(), len).await;
+            // The token is the message's body less its terminating NUL.
+            return Err(identify::token_too_large(
+                len.saturating_sub(HEADER_LEN + 1),
+            ));
+        }
         Err(ReadError::Malformed(e)) => {
             return Err(Refusal::new(
                 "08P01",
@@ -92,8 +101,13 @@ pub(crate) enum ReadError {
     /// The peer closed the connection before a whole message.
     Closed,
     Io(std::io::Error),
-    /// A bad length, or one over the cap.
+    /// A bad length.
     Malformed(String),
+    /// A declared length (`len`, the whole message) over the cap `max`.
+    TooLong {
+        len: usize,
+        max: usize,
+    },
 }
 
 /// Reads one whole message (tag, length, body; at most `max` bytes) from `from`, buffering in
@@ -112,6 +126,7 @@ pub(crate) async fn read_message<R: AsyncRead + Unpin>(
                 return Ok((msg[0], msg));
             }
             Ok(None) => {}
+            Err(FrameError::TooLong { len, max }) => return Err(ReadError::TooLong { len, max }),
             Err(e) => return Err(ReadError::Malformed(e.to_string())),
         }
         match from.read_buf(buf).await {
@@ -157,6 +172,9 @@ impl From<ReadError> for LoginError {
             ReadError::Closed => LoginError::Closed,
             ReadError::Io(e) => LoginError::Io(e),
             ReadError::Malformed(e) => LoginError::Malformed(e),
+            ReadError::TooLong { len, max } => {
+                LoginError::Malformed(FrameError::TooLong { len, max }.to_string())
+            }
         }
     }
 }

@@ -8,9 +8,12 @@
 //!   gets what was forwarded (credentials emptied: a client's password/SASL messages, and the
 //!   server's SASL payloads during a relayed login).
 //! - Nothing is forwarded that the journal did not accept: a failed append ends the session.
-//! - Memory per connection is bounded: a client message is capped at 10 kB until the server
-//!   has said AuthenticationOk, then both directions at `max_message_bytes`; a larger declared
-//!   length closes the connection with a logged and journaled reason.
+//! - Memory per connection is bounded: the startup packets are capped at 10 kB
+//!   ([`STARTUP_MAX`]), the client's other messages at 64 kB and 6 bytes ([`PRE_AUTH_MAX`]: a
+//!   password message with a token of up to 64 kB) until the server has said
+//!   AuthenticationOk, then both directions at `max_message_bytes` (from the first message
+//!   after it: the cap is read again after every read); a larger declared length closes the
+//!   connection with a logged and journaled reason.
 //! - Every way a session ends (either side closes, bad input, backend unreachable, agent
 //!   shutdown) writes the session's end event.
 //!
@@ -92,8 +95,12 @@ pub(crate) use cancel::CancelKeys;
 use cancel::{BackendCancel, CancelRegistration};
 pub(crate) use catalog::Catalogs;
 
-/// Cap on any client message before the server has accepted the login.
-pub(crate) const PRE_AUTH_MAX: usize = 10 * 1024;
+/// Cap on the startup packets (SSLRequest, GSSENCRequest, CancelRequest, StartupMessage):
+/// nobody is authenticated yet, and a StartupMessage is a few parameters.
+pub(crate) const STARTUP_MAX: usize = 10 * 1024;
+/// Cap on the client's other messages before the server's AuthenticationOk (PasswordMessage,
+/// SASL responses): room for a token of up to `MAX_TOKEN_BYTES` as the password.
+pub(crate) const PRE_AUTH_MAX: usize = super::identify::MAX_TOKEN_BYTES + HEADER_LEN + 1;
 /// How much a read asks for at a time.
 const READ_CHUNK: usize = 64 * 1024;
 /// Injected errors waiting for their ReadyForQuery; a client that keeps sending denied
@@ -549,7 +556,7 @@ async fn read_startup(tcp: TcpStream, routed: &Routed, shared: &Shared) -> Start
     // Bounded: at most SSLRequest, GSSENCRequest, then the startup message.
     for _ in 0..4 {
         let len = loop {
-            match startup_len(&buf, PRE_AUTH_MAX) {
+            match startup_len(&buf, STARTUP_MAX) {
                 Ok(Some(n)) => break n,
                 Ok(None) => {}
                 Err(e) => {
@@ -834,15 +841,16 @@ impl Side {
 }
 
 /// Reads from `from` until a chunk of whole messages is buffered; returns it, or why the
-/// stream ended.
+/// stream ended. `max` is the cap on one message, asked again after every read (it grows
+/// when the login completes while this read waits).
 async fn read_chunk<R: AsyncRead + Unpin>(
     from: &mut R,
     buf: &mut BytesMut,
     side: Side,
-    max: usize,
+    max: &(dyn Fn() -> usize + Sync),
 ) -> Result<Bytes, End> {
     loop {
-        if let Some(chunk) = split_whole(buf, side, max)? {
+        if let Some(chunk) = split_whole(buf, side, max())? {
             return Ok(chunk);
         }
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
@@ -898,13 +906,17 @@ where
         sync_points: 1,
         skipping: None,
     };
-    loop {
-        let max = if authenticated.load(Ordering::Relaxed) {
+    // Read at every check, not once per loop: the read that is waiting when the server's
+    // AuthenticationOk goes by must take the first statement with `max_message_bytes`.
+    let cap = || {
+        if authenticated.load(Ordering::Relaxed) {
             max_message
         } else {
             PRE_AUTH_MAX
-        };
-        let chunk = match read_chunk(from, &mut buf, Side::Client, max).await {
+        }
+    };
+    loop {
+        let chunk = match read_chunk(from, &mut buf, Side::Client, &cap).await {
             Ok(c) => c,
             Err(end) => return end,
         };
@@ -965,7 +977,7 @@ where
             }
             let Some(held) = gated.held else { break };
             let outcome =
-                match hold(held.clone(), gate, recorder, &inject, from, &mut buf, max).await {
+                match hold(held.clone(), gate, recorder, &inject, from, &mut buf, cap()).await {
                     Ok(o) => o,
                     Err(end) => return end,
                 };
@@ -1432,6 +1444,7 @@ where
     // A greeted client already got the first ReadyForQuery (its startup's).
     let mut ready_seen: u64 = u64::from(r.greeted);
     let mut inject_open = true;
+    let cap = || max_message;
     loop {
         // Both branches are cancel safe: read_buf only appends what it read to `buf`.
         let chunk = tokio::select! {
@@ -1447,7 +1460,7 @@ where
                 }
                 continue;
             }
-            c = read_chunk(from, &mut buf, Side::Server, max_message) => match c {
+            c = read_chunk(from, &mut buf, Side::Server, &cap) => match c {
                 Ok(c) => c,
                 Err(end) => return end,
             },
