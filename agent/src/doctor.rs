@@ -50,11 +50,8 @@ const MIN_KERNEL: (u32, u32) = (5, 11);
 /// What the agent's eBPF side needs: load programs and maps (CAP_BPF), attach to cgroups and
 /// set SO_MARK on upstream sockets (CAP_NET_ADMIN), the programs' pointer and helper use
 /// (CAP_PERFMON).
-pub const CAPABILITIES: &[(&str, u32)] = &[
-    ("CAP_NET_ADMIN", 12),
-    ("CAP_PERFMON", 38),
-    ("CAP_BPF", 39),
-];
+pub const CAPABILITIES: &[(&str, u32)] =
+    &[("CAP_NET_ADMIN", 12), ("CAP_PERFMON", 38), ("CAP_BPF", 39)];
 
 struct Hook {
     program: &'static str,
@@ -377,14 +374,21 @@ fn cgroup2(config: &Config) -> Check {
         if !dir.join("cgroup.controllers").is_file() {
             return Check::problem(
                 "cgroup2",
-                format!("{} is not a cgroup v2 directory (something is mounted over it, or it does not exist)", dir.display()),
+                format!(
+                    "{} is not a cgroup v2 directory (something is mounted over it, or it does not exist)",
+                    dir.display()
+                ),
                 "mount the cgroup v2 hierarchy there, or set agent.cgroup to a cgroup v2 directory",
             );
         }
     }
     Check::ok(
         "cgroup2",
-        format!("mounted at {}, attaching to {}", root.display(), attach.display()),
+        format!(
+            "mounted at {}, attaching to {}",
+            root.display(),
+            attach.display()
+        ),
     )
 }
 
@@ -605,11 +609,14 @@ async fn targets(config: &Config, marked: bool) -> Vec<Check> {
         }
     };
     if targets.is_empty() {
-        return vec![Check::problem(
-            "targets",
-            "the config protects no target",
-            "add a [[target]] table",
-        )];
+        return vec![
+            Check::problem(
+                "targets",
+                "the config protects no target",
+                "add a [[target]] table",
+            )
+            .advisory(),
+        ];
     }
     let mut out = Vec::new();
     for t in &targets {
@@ -668,7 +675,11 @@ mod tests {
             .find(|c| c.name == "hook cgroup/sock_release")
             .expect("sock_release line");
         assert!(!release.is_ok(), "{}", release.line());
-        assert!(release.line().contains("added in 5.9"), "{}", release.line());
+        assert!(
+            release.line().contains("added in 5.9"),
+            "{}",
+            release.line()
+        );
         assert!(checks.iter().filter(|c| c.is_ok()).count() == HOOKS.len() - 1);
         assert!(!kernel("5.8.0", Some((5, 8))).is_ok());
     }
@@ -696,7 +707,11 @@ mod tests {
         let journal = dir.path().join("a/b/journal");
         let check = journal_writable(&journal);
         assert!(check.is_ok(), "{}", check.line());
-        assert!(check.line().contains("will be created in"), "{}", check.line());
+        assert!(
+            check.line().contains("will be created in"),
+            "{}",
+            check.line()
+        );
         assert!(!journal_space(&journal, u64::MAX).is_ok());
         assert_eq!(
             journal_space(&journal, u64::MAX).severity,
