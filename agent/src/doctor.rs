@@ -302,10 +302,15 @@ fn hooks(
                     name,
                     "loaded, verified and attached (to an empty throwaway cgroup)",
                 ),
+                (Some(Err(_)), Some(Some(_))) => Check::problem(
+                    name,
+                    "not loaded: the probe stopped at an earlier hook",
+                    "fix the hook reported above",
+                ),
                 (Some(Err(e)), _) => Check::problem(
                     name,
-                    format!("not loaded: the probe stopped before it: {}", crate::error_chain(e)),
-                    "fix the problems reported for the hooks above or below",
+                    format!("not probed: {}", crate::error_chain(e)),
+                    "run `sluice doctor` as root, with the cgroup2 mount writable and bpffs mounted",
                 ),
             }
         })

@@ -111,11 +111,19 @@ pub fn run_package(args: &Args) -> anyhow::Result<Vec<PathBuf>> {
     let mut debs = Vec::new();
     for (_, package, _) in PACKAGES {
         let mut deb = cargo();
-        deb.args(["deb", "--no-build", "-p", package, "--profile", profile])
-            .arg("--output")
-            .arg(&out)
-            .current_dir(root())
-            .stderr(Stdio::inherit());
+        deb.args([
+            "deb",
+            "--no-build",
+            "--strip",
+            "-p",
+            package,
+            "--profile",
+            profile,
+        ])
+        .arg("--output")
+        .arg(&out)
+        .current_dir(root())
+        .stderr(Stdio::inherit());
         if args.dev {
             // Debug binaries are large: fast compression keeps the test run short.
             deb.arg("--fast");
@@ -149,6 +157,10 @@ pub fn run_cmd(args: Args) -> anyhow::Result<()> {
     run_package(&args).map(drop)
 }
 
+/// The cargo-deb this was written against. Later versions warn that `--profile dev` (what
+/// `--dev` packages) is to become an error.
+const CARGO_DEB: &str = "3.8.0";
+
 /// cargo-deb on PATH, or installed now (once per machine; it says so, and how long it took).
 fn ensure_cargo_deb() -> anyhow::Result<()> {
     let found = cargo()
@@ -161,11 +173,11 @@ fn ensure_cargo_deb() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!(
-        "xtask: cargo-deb is missing: installing it with `cargo install cargo-deb --locked` (once; a few minutes)"
+        "xtask: cargo-deb is missing: installing it with `cargo install cargo-deb --version {CARGO_DEB} --locked` (once; 5 to 15 minutes on 2 cores)"
     );
     let started = std::time::Instant::now();
     let mut install = cargo();
-    install.args(["install", "cargo-deb", "--locked"]);
+    install.args(["install", "cargo-deb", "--version", CARGO_DEB, "--locked"]);
     // Its own build directory, not the workspace's target dir.
     install.env_remove("CARGO_TARGET_DIR");
     run(&mut install)?;
