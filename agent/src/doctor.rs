@@ -49,9 +49,37 @@ const MIN_KERNEL: (u32, u32) = (5, 11);
 
 /// What the agent's eBPF side needs: load programs and maps (CAP_BPF), attach to cgroups and
 /// set SO_MARK on upstream sockets (CAP_NET_ADMIN), the programs' pointer and helper use
-/// (CAP_PERFMON).
-pub const CAPABILITIES: &[(&str, u32)] =
-    &[("CAP_NET_ADMIN", 12), ("CAP_PERFMON", 38), ("CAP_BPF", 39)];
+/// (CAP_PERFMON). The kernel also grants the first and the last to CAP_SYS_ADMIN
+/// (`bpf_capable()`, `perfmon_capable()`), as on kernels before 5.8.
+pub const CAPABILITIES: &[Capability] = &[
+    Capability::new("CAP_NET_ADMIN", 12, false),
+    Capability::new("CAP_PERFMON", 38, true),
+    Capability::new("CAP_BPF", 39, true),
+];
+
+const CAP_SYS_ADMIN: u32 = 21;
+
+pub struct Capability {
+    pub name: &'static str,
+    bit: u32,
+    /// CAP_SYS_ADMIN stands in for it.
+    or_sys_admin: bool,
+}
+
+impl Capability {
+    const fn new(name: &'static str, bit: u32, or_sys_admin: bool) -> Capability {
+        Capability {
+            name,
+            bit,
+            or_sys_admin,
+        }
+    }
+
+    fn held(&self, effective: u64) -> bool {
+        let has = |bit: u32| effective & (1u64 << bit) != 0;
+        has(self.bit) || (self.or_sys_admin && has(CAP_SYS_ADMIN))
+    }
+}
 
 struct Hook {
     program: &'static str,
@@ -310,7 +338,7 @@ fn hooks(
                 (Some(Err(e)), _) => Check::problem(
                     name,
                     format!("not probed: {}", crate::error_chain(e)),
-                    "run `sluice doctor` as root, with the cgroup2 mount writable and bpffs mounted",
+                    "see the capabilities, cgroup2 and bpffs lines; run `sluice doctor` as root",
                 ),
             }
         })
@@ -441,10 +469,10 @@ fn effective_capabilities() -> u64 {
 fn capabilities(effective: &u64) -> Check {
     let missing: Vec<&str> = CAPABILITIES
         .iter()
-        .filter(|(_, bit)| effective & (1u64 << bit) == 0)
-        .map(|(name, _)| *name)
+        .filter(|c| !c.held(*effective))
+        .map(|c| c.name)
         .collect();
-    let all: Vec<&str> = CAPABILITIES.iter().map(|(name, _)| *name).collect();
+    let all: Vec<&str> = CAPABILITIES.iter().map(|c| c.name).collect();
     if missing.is_empty() {
         Check::ok("capabilities", all.join(", "))
     } else {
@@ -691,8 +719,11 @@ mod tests {
 
     #[test]
     fn missing_capabilities_are_named_with_what_to_do() {
-        let all = CAPABILITIES.iter().fold(0u64, |acc, (_, b)| acc | 1 << b);
+        let all = CAPABILITIES.iter().fold(0u64, |acc, c| acc | 1 << c.bit);
         assert!(capabilities(&all).is_ok());
+        // CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON, not for CAP_NET_ADMIN.
+        assert!(capabilities(&(1 << 12 | 1 << CAP_SYS_ADMIN)).is_ok());
+        assert!(!capabilities(&(1 << CAP_SYS_ADMIN)).is_ok());
         let line = capabilities(&(all & !(1 << 39))).line();
         assert_eq!(
             line,
