@@ -299,6 +299,15 @@ fn hooks(
         Some(Err(e)) => Some(failed_program(e)),
         _ => None,
     };
+    // A failure before any program (the object's maps, the throwaway cgroup) is one problem,
+    // not six.
+    if let (Some(Err(e)), Some(None)) = (&probe, failed_at) {
+        return vec![Check::problem(
+            "hooks",
+            format!("not probed: {}", crate::error_chain(e)),
+            "see the capabilities, cgroup2 and bpffs lines; run `sluice doctor` as root",
+        )];
+    }
     let mut reached = true;
     HOOKS
         .iter()
@@ -330,15 +339,10 @@ fn hooks(
                     name,
                     "loaded, verified and attached (to an empty throwaway cgroup)",
                 ),
-                (Some(Err(_)), Some(Some(_))) => Check::problem(
+                (Some(Err(_)), _) => Check::problem(
                     name,
                     "not loaded: the probe stopped at an earlier hook",
                     "fix the hook reported above",
-                ),
-                (Some(Err(e)), _) => Check::problem(
-                    name,
-                    format!("not probed: {}", crate::error_chain(e)),
-                    "see the capabilities, cgroup2 and bpffs lines; run `sluice doctor` as root",
                 ),
             }
         })
@@ -408,7 +412,7 @@ fn cgroup2(config: &Config) -> Check {
             return Check::problem(
                 "cgroup2",
                 format!(
-                    "{} is not a cgroup v2 directory (something is mounted over it, or it does not exist)",
+                    "{} is not a cgroup v2 directory: something is mounted over it, or it does not exist",
                     dir.display()
                 ),
                 "mount the cgroup v2 hierarchy there, or set agent.cgroup to a cgroup v2 directory",

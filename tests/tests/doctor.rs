@@ -127,7 +127,7 @@ fn doctor_with_the_cgroup2_mount_hidden_names_the_problem_and_exits_non_zero() {
     let out = doctor(&["unshare", "-m", "sh", "-c", &script, "sh"], &config);
     assert!(!out.status.success(), "doctor passed:\n{}", out.stdout);
     let expected = format!(
-        "problem: cgroup2: {} is not a cgroup v2 directory (something is mounted over it, or it does not exist) (mount the cgroup v2 hierarchy there, or set agent.cgroup to a cgroup v2 directory)",
+        "problem: cgroup2: {} is not a cgroup v2 directory: something is mounted over it, or it does not exist (mount the cgroup v2 hierarchy there, or set agent.cgroup to a cgroup v2 directory)",
         root.display()
     );
     assert!(out.stdout.contains(&expected), "{}", out.stdout);
@@ -175,7 +175,8 @@ fn doctor_without_cap_bpf_names_the_capability_and_the_agent_refuses_with_the_sa
     assert!(out.stdout.contains(expected), "{}", out.stdout);
     // The probe could not load the programs either.
     assert!(
-        out.stdout.contains("problem: hook cgroup/connect4: "),
+        out.stdout
+            .contains("problem: hooks: not probed: loading the eBPF object"),
         "{}",
         out.stdout
     );
