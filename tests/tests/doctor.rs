@@ -62,12 +62,12 @@ fn doctor_on_this_host_prints_every_check_ok() {
         assert!(line.starts_with("ok: "), "not ok: {line}\n{}", out.stdout);
     }
     for hook in [
-        "connect4",
-        "connect6",
+        "cgroup/connect4",
+        "cgroup/connect6",
         "sockops",
-        "getpeername4",
-        "getpeername6",
-        "sock_release",
+        "cgroup/getpeername4",
+        "cgroup/getpeername6",
+        "cgroup/sock_release",
     ] {
         assert!(
             lines.iter().any(|l| l.contains(&format!("hook {}", hook))

@@ -193,6 +193,8 @@ fn help(bin: &Path, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(bin)
         .args(args)
         .arg("--help")
+        // Nothing of the builder's environment (clap shows `env` values such as SLUICE_CONFIG).
+        .env_clear()
         .env("NO_COLOR", "1")
         .env("COLUMNS", "100")
         .output()
