@@ -5,6 +5,8 @@
 //! - [`proxy`]: accept loop, one task per connection, target selection, upstream dialing.
 //! - [`policy`]: statement facts (sqlparser) and Cedar policy decisions.
 //! - [`access`]: requests for approval (held statements, just-in-time access) and grants.
+//! - [`doctor`]: what the agent needs on this host (`sluice doctor`, and the agent's checks
+//!   at start).
 //! - [`control`]: the agent's unix socket for the `requests/approve/deny/grants` commands.
 //! - [`identity`]: OIDC token validation, the device flow of `sluice login`, login bindings.
 //! - [`inert`]: untrusted text shown to people with its control characters escaped (the
@@ -20,6 +22,7 @@
 pub mod access;
 pub mod config;
 pub mod control;
+pub mod doctor;
 pub mod identity;
 pub mod inert;
 pub mod intercept;

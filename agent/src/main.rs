@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice::config::{self, Config};
 use sluice::control::{ControlRequest, ControlResponse};
+use sluice::doctor;
 use sluice::proxy::{self, RunOptions};
 use sluice::read;
 
@@ -146,6 +147,14 @@ enum Command {
         /// Log format on stderr (filter with RUST_LOG, default info).
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
+    },
+    /// Check what the agent needs on this host (kernel and eBPF hooks, cgroup2, bpffs,
+    /// capabilities, lockdown, the journal's disk, the collector, every target): one line
+    /// each, `ok: ...` or `problem: ... (what to do)`; exits 1 if any problem. The agent runs
+    /// the same checks at start.
+    Doctor {
+        #[arg(long, short, env = "SLUICE_CONFIG", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
     },
     /// Check a config file and print the targets it protects.
     CheckConfig {
@@ -353,6 +362,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()
                 .context("cannot start the runtime")?;
             runtime.block_on(async {
+                let report = doctor::run(&config, doctor::Scope::agent(no_ebpf)).await;
+                for check in report.advisories() {
+                    tracing::warn!("{}", check.line());
+                }
+                let refused: Vec<String> = report.blocking().map(doctor::Check::line).collect();
+                if !refused.is_empty() {
+                    anyhow::bail!(
+                        "this host cannot run the agent (`sluice doctor` checks it):\n{}",
+                        refused.join("\n")
+                    );
+                }
                 let shutdown = shutdown_signal()?;
                 proxy::run(config, RunOptions { no_ebpf }, shutdown)
                     .await
@@ -510,6 +530,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 r.uncached_us,
                 r.cedar_us
             );
+            Ok(())
+        }
+        Command::Doctor { config } => {
+            let config = Config::load(&config)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")?;
+            let report = runtime.block_on(doctor::run(&config, doctor::Scope::doctor()));
+            print!("{}", report.render());
+            let problems = report.checks.iter().filter(|c| !c.is_ok()).count();
+            if problems > 0 {
+                anyhow::bail!("{problems} problem(s) found");
+            }
             Ok(())
         }
         Command::CheckConfig { config } => {

@@ -1,9 +1,11 @@
-//! `cargo xtask`: the project's own tasks (build the eBPF object, demo, tests, benchmarks).
+//! `cargo xtask`: the project's own tasks (build the eBPF object, demo, tests, packages,
+//! benchmarks).
 //! Each subcommand lives in its own module; this file only dispatches.
 
 mod bench;
 mod demo;
 mod ebpf;
+mod package;
 mod packages;
 mod test;
 mod util;
@@ -25,6 +27,8 @@ enum Command {
     Test(test::Args),
     /// Start a throwaway PostgreSQL and the agent, run psql through it, print the replay.
     Demo(demo::Args),
+    /// Build the Debian packages `sluice` and `sluice-collector` into $CARGO_TARGET_DIR/debian/.
+    Package(package::Args),
     /// pgbench -S and sysbench (MySQL) direct vs through sluice (1 and 8 clients), with ratios.
     Bench(bench::Args),
 }
@@ -34,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         Command::BuildEbpf(args) => ebpf::run(args),
         Command::Test(args) => test::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Package(args) => package::run_cmd(args),
         Command::Bench(args) => bench::run(args),
     }
 }

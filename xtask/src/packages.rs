@@ -37,6 +37,7 @@ const fn pkg(need: Need, name: &'static str, why: &'static str) -> Package {
 const PACKAGES: &[Package] = &[
     pkg(Need::Build, "libclang-19-dev", "bindgen for RocksDB's bindings (clang-sys)"),
     pkg(Need::Build, "g++", "RocksDB's C++ sources"),
+    pkg(Need::Build, "gzip", "the man pages of `cargo xtask package`"),
     pkg(Need::Demo, "postgresql", "the PostgreSQL server, psql and pgbench"),
     pkg(Need::Demo, "postgresql-contrib", "PostgreSQL's contrib modules"),
     pkg(Need::Demo, "openssl", "the throwaway CA and certificates"),
@@ -51,6 +52,7 @@ const PACKAGES: &[Package] = &[
     pkg(Need::Tests, "python3-venv", "the venv of mysql-connector-python and PyMySQL"),
     pkg(Need::Tests, "util-linux", "running clients as another uid"),
     pkg(Need::Tests, "procps", "process checks"),
+    pkg(Need::Tests, "systemd", "systemd-analyze verify of the packaged units, sysusers and tmpfiles in a scratch root"),
     pkg(Need::Tests, "default-jdk-headless", "the JDBC clients"),
     pkg(Need::Tests, "libpostgresql-jdbc-java", "the PostgreSQL JDBC driver"),
     pkg(Need::Tests, "libmariadb-java", "MariaDB Connector/J"),

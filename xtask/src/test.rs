@@ -1,7 +1,8 @@
 //! `cargo xtask test`: the one test command (README, `.ci/run`). As root it first installs what
 //! the tests need (the Debian packages of [`crate::packages`], the OIDC provider's npm
 //! packages); checks that the committed eBPF object matches its source; builds the `sluice`
-//! binary the end-to-end tests run; runs every test in the workspace; and prints last how many
+//! binary the end-to-end tests run and its Debian packages (`SLUICE_DEBS`, see
+//! [`crate::package`]); runs every test in the workspace; and prints last how many
 //! tests were skipped and why (a test that cannot run here says so through
 //! `sluice_tests::skip`, which fails instead under `CI=true`).
 
@@ -40,10 +41,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Build exactly as the tests will (--workspace), so features unify the same way and the
     // RocksDB build is shared.
     crate::util::run(cargo().args(["build", "--workspace", "--all-targets"]))?;
+    // The Debian packages of these binaries, for tests/tests/packaging.rs.
+    let debs = crate::package::run_package(&crate::package::Args { dev: true })?;
     let skips = tempfile::NamedTempFile::new()?;
     let mut test = cargo();
     test.args(["test", "--workspace"])
         .env("SLUICE_BIN", target_dir().join("debug/sluice"))
+        .env("SLUICE_DEBS", std::env::join_paths(&debs)?)
         .env("SLUICE_SKIP_LOG", skips.path());
     if !args.rest.is_empty() {
         test.arg("--").args(&args.rest);

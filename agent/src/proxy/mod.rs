@@ -21,6 +21,9 @@ pub mod mysql;
 mod postgres;
 mod upstream;
 
+/// The proxy's own dial (SO_MARK set before connect), for `sluice doctor`'s reachability checks.
+pub(crate) use upstream::dial as dial_upstream;
+
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
