@@ -49,9 +49,9 @@ use std::ops::ControlFlow;
 
 use sqlparser::ast::{
     AlterTableOperation, AlterViewOperation, CopySource, CopyTarget, CreateFunctionBody,
-    CreateProcedureBody,
-    Expr, FunctionArg, FunctionArgExpr, FunctionArguments, ObjectName, OnConflictAction, OnInsert,
-    Query, SelectItem, SetExpr, Statement, TableFactor, Value, Visit, Visitor,
+    CreateProcedureBody, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, ObjectName,
+    OnConflictAction, OnInsert, Query, SelectItem, SetExpr, Statement, TableFactor, Value, Visit,
+    Visitor,
 };
 use sqlparser::dialect::{MySqlDialect, PostgreSqlDialect};
 use sqlparser::parser::{Parser, ParserError};
@@ -259,7 +259,12 @@ fn reads<V: Visit>(node: &V, masked: Masked<'_>) -> Option<String> {
 
 /// Why a statement (or one nested in it: a data-modifying CTE, a rule's action, a routine's
 /// body) moves a masked column somewhere it is no longer tracked, as a verb phrase.
-fn moved(statement: &Statement, dialect: Dialect, masked: Masked<'_>, depth: usize) -> Option<String> {
+fn moved(
+    statement: &Statement,
+    dialect: Dialect,
+    masked: Masked<'_>,
+    depth: usize,
+) -> Option<String> {
     let mut moves = Moves {
         dialect,
         masked,
@@ -334,9 +339,8 @@ fn statement_moves(
                 v.name
             )
         }),
-        Statement::CreateFunction(f) => {
-            function_reads(f, dialect, masked, depth).map(|why| format!("create function {} that reads {why}", f.name))
-        }
+        Statement::CreateFunction(f) => function_reads(f, dialect, masked, depth)
+            .map(|why| format!("create function {} that reads {why}", f.name)),
         Statement::CreateProcedure {
             name,
             language,
@@ -389,9 +393,8 @@ fn statement_moves(
                 _ => None,
             })
             .or_else(|| {
-                expressions_mention(&a.operations, masked).map(|why| {
-                    format!("store {why} in table {} (ALTER TABLE)", a.name)
-                })
+                expressions_mention(&a.operations, masked)
+                    .map(|why| format!("store {why} in table {} (ALTER TABLE)", a.name))
             }),
         // To STDOUT it is a result (checked by `returned`); to a file or a program, a copy.
         Statement::Copy {
@@ -752,8 +755,8 @@ impl Visitor for Moves<'_> {
 
     fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
         if selects_into(q.body.as_ref()) {
-            self.found = reads(q, self.masked)
-                .map(|why| format!("copy {why} with SELECT ... INTO"));
+            self.found =
+                reads(q, self.masked).map(|why| format!("copy {why} with SELECT ... INTO"));
         }
         self.stop_if_found()
     }
@@ -974,7 +977,9 @@ mod tests {
         assert!(why.contains("too deep"), "{why}");
         // Two levels are read.
         assert_eq!(
-            check("create function f() returns int language sql as 'create function g() returns int language sql as ''select 1'''"),
+            check(
+                "create function f() returns int language sql as 'create function g() returns int language sql as ''select 1'''"
+            ),
             None
         );
     }
@@ -988,6 +993,9 @@ mod tests {
         );
         assert!(why.contains("never copied into tables"), "{why}");
         let why = check("select lower(email) from customers").unwrap_or_default();
-        assert!(why.contains("select masked columns by their own names"), "{why}");
+        assert!(
+            why.contains("select masked columns by their own names"),
+            "{why}"
+        );
     }
 }

@@ -87,9 +87,8 @@ pub(crate) fn strict_denial(
     dialect: crate::policy::Dialect,
     sql: &str,
 ) -> Option<crate::policy::Verdict> {
-    let why = crate::policy::tracking::untracked(sql, dialect, &|c| {
-        rules.masks_column_name(target, c)
-    })?;
+    let why =
+        crate::policy::tracking::untracked(sql, dialect, &|c| rules.masks_column_name(target, c))?;
     Some(crate::policy::Verdict {
         allowed: false,
         policies: vec![STRICT_MASKING_POLICY.into()],
