@@ -894,3 +894,27 @@ pub fn contains_bytes(haystack: &[u8], needle: &str) -> bool {
         .windows(needle.len())
         .any(|w| w == needle.as_bytes())
 }
+
+/// `value` and the transformed forms a copied value could be read back in (reversed, base64,
+/// hex in both cases): what a test greps for to show a masked value did not get out.
+pub fn leak_forms(value: &str) -> Vec<String> {
+    use base64::Engine as _;
+    let hex: String = value.bytes().map(|b| format!("{b:02x}")).collect();
+    vec![
+        value.to_string(),
+        value.chars().rev().collect(),
+        base64::engine::general_purpose::STANDARD.encode(value),
+        hex.to_uppercase(),
+        hex,
+    ]
+}
+
+/// The first of `values`' [`leak_forms`] found in `text`, as (value, form).
+pub fn find_leak(text: &str, values: &[&str]) -> Option<(String, String)> {
+    values.iter().find_map(|v| {
+        leak_forms(v)
+            .into_iter()
+            .find(|f| text.contains(f.as_str()))
+            .map(|f| (v.to_string(), f))
+    })
+}

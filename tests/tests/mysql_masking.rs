@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sluice_tests::mariadb::{self, Intercepted, require_mariadb, require_mysql_python};
-use sluice_tests::{AgentOptions, CLIENT_UID, require_root, run_bounded};
+use sluice_tests::{AgentOptions, CLIENT_UID, find_leak, require_root, run_bounded};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -417,4 +417,181 @@ fn a_strict_target_denies_what_it_cannot_track_and_masks_what_it_can() {
         "only the denials are recorded: {decisions:?}"
     );
     assert!(decisions.iter().all(|d| d["allowed"] == false));
+}
+
+#[test]
+fn a_strict_target_denies_every_statement_that_moves_a_masked_column_and_nothing_gets_out() {
+    let test =
+        "a_strict_target_denies_every_statement_that_moves_a_masked_column_and_nothing_gets_out";
+    if skip(test) {
+        return;
+    }
+    let rules = format!("{RULES}\n[[target]]\nname = \"app-db\"\nstrict = true\n");
+    let setup = setup_rules("mysql-mask-strict-move", &rules, |_| {});
+    let file = std::env::temp_dir().join(format!("sluice-leak-mysql-{}", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let outfile = format!(
+        "select email into outfile '{}' from customers",
+        file.display()
+    );
+    let dumpfile = format!(
+        "select ssn from customers limit 1 into dumpfile '{}'",
+        file.display()
+    );
+    let moves = [
+        "insert into orders select id, email from customers",
+        "replace into orders select id, ssn from customers",
+        "insert into orders (id, tax_id) values (20, (select card_number from customers limit 1))",
+        "create table leak_t1 select email from customers",
+        "create table leak_t2 as select id, card_number as c from customers",
+        "create temporary table leak_t3 as select * from customers",
+        "create view leak_v1 (contact) as select email from customers",
+        "create view leak_v2 as select * from customers",
+        "create procedure leak_p() select email from customers",
+        "create function leak_f() returns text deterministic return (select email from customers limit 1)",
+        "create trigger leak_tr after insert on orders for each row set @leak = (select email from customers limit 1)",
+        "create event leak_e on schedule every 1 hour do insert into orders select id, email from customers",
+        outfile.as_str(),
+        dumpfile.as_str(),
+        "select email into @leak from customers limit 1",
+        "set @leak = (select ssn from customers limit 1)",
+        "prepare leak_s from 'select lower(email) from customers'",
+        "update customers set note = email",
+        "update customers c join orders o on o.id = c.id + 9 set o.tax_id = c.ssn",
+        "insert into orders (id, tax_id) values (10, 'x') on duplicate key update tax_id = (select email from customers limit 1)",
+        "alter table customers change email contact varchar(80)",
+        "alter table customers add column leak_x varchar(80) generated always as (reverse(email)) stored",
+    ];
+    let mut seen = String::new();
+    for sql in moves {
+        let out = setup.s.mariadb(sql);
+        assert!(!out.status.success(), "{sql}: should be denied");
+        assert!(
+            out.stderr.contains("ERROR 1142") && out.stderr.contains("sluice-masking-strict"),
+            "{sql}: {}",
+            out.stderr
+        );
+        seen.push_str(&out.stdout);
+        seen.push_str(&out.stderr);
+    }
+
+    // Nothing reached the server: asked directly, not through sluice.
+    for (what, sql) in [
+        (
+            "tables and views",
+            "select count(*) from information_schema.tables where table_schema = 'shop' and table_name like 'leak%'",
+        ),
+        (
+            "routines",
+            "select count(*) from information_schema.routines where routine_schema = 'shop'",
+        ),
+        (
+            "triggers",
+            "select count(*) from information_schema.triggers where trigger_schema = 'shop'",
+        ),
+        (
+            "events",
+            "select count(*) from information_schema.events where event_schema = 'shop'",
+        ),
+        (
+            "renamed or generated columns",
+            "select count(*) from information_schema.columns where table_schema = 'shop' and table_name = 'customers' and column_name in ('contact', 'leak_x')",
+        ),
+    ] {
+        assert_eq!(setup.s.db.sql(sql).unwrap().trim(), "0", "{what}");
+    }
+    assert_eq!(
+        setup
+            .s
+            .db
+            .sql("select count(*) from shop.orders")
+            .unwrap()
+            .trim(),
+        "3"
+    );
+    assert_eq!(
+        setup
+            .s
+            .db
+            .sql("select concat(name, '|', note) from shop.customers order by id")
+            .unwrap(),
+        "Ada|call ada@example.com\nGrace|no secrets here\n",
+        "no column was overwritten"
+    );
+    assert_eq!(
+        setup
+            .s
+            .db
+            .sql("select group_concat(tax_id order by id) from shop.orders")
+            .unwrap()
+            .trim(),
+        "TAX-00042,TAX-00043,TAX-00042"
+    );
+    assert!(!file.exists(), "the server wrote {}", file.display());
+
+    // Harmless statements on the same strict target still run.
+    for sql in [
+        "insert into orders values (13, 'TAX-00099')",
+        "create table kept_plain (id int, email varchar(80))",
+        "create table kept_copy as select id, name from customers",
+        "create view kept_names as select id, name from customers",
+        "update customers set name = 'Ada L.' where id = 1",
+    ] {
+        let out = setup.s.mariadb(sql);
+        assert!(out.status.success(), "{sql}: {}", out.stderr);
+    }
+    assert_eq!(
+        setup.cli("select name from kept_names order by id"),
+        "name\nAda L.\nGrace\n"
+    );
+    assert_eq!(setup.cli("select count(*) as n from kept_copy"), "n\n2\n");
+    let out = setup.cli("select id, email, ssn from customers order by id");
+    assert!(out.starts_with("id\temail\tssn\n1\t****\tNULL\n"), "{out}");
+    seen.push_str(&out);
+
+    // Reading back transformed forms finds no clear value. One session, going on after
+    // errors: the variable a denied statement would have filled is still empty.
+    let mut cmd = setup.s.command(true, "mariadb");
+    cmd.args(mariadb::MariaDb::client_args(setup.s.db.port)).args([
+        "--force",
+        "-e",
+        "select email into @leak from customers limit 1; \
+         select reverse(@leak) as r, to_base64(@leak) as b, hex(@leak) as h; \
+         select reverse(note) as r, to_base64(name) as b, hex(note) as h from customers where id = 2; \
+         select reverse(email) from customers; \
+         select to_base64(ssn) from customers; \
+         select hex(card_number) from customers",
+    ]);
+    let out = run_bounded(&mut cmd, LIMIT).unwrap();
+    assert!(
+        out.stdout.contains("r\tb\th\nNULL\tNULL\tNULL\n"),
+        "the variable is empty: {}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(out.stdout.contains("ereh sterces on\t"), "{}", out.stdout);
+    assert_eq!(
+        out.stderr.matches("sluice-masking-strict").count(),
+        4,
+        "{}",
+        out.stderr
+    );
+    seen.push_str(&out.stdout);
+    seen.push_str(&out.stderr);
+    // The same reads straight to the server do show the forms: the search below can fail.
+    let direct = setup
+        .s
+        .direct("select reverse(email), to_base64(ssn), hex(card_number) from customers");
+    assert!(
+        find_leak(&direct.stdout, CLEAR).is_some(),
+        "{}",
+        direct.stdout
+    );
+    assert_eq!(
+        find_leak(&seen, CLEAR),
+        None,
+        "client output:\n{seen}"
+    );
+    let export = serde_json::to_string(&setup.s.agent.export().unwrap()).unwrap();
+    assert_eq!(find_leak(&export, CLEAR), None, "export");
 }

@@ -5,7 +5,8 @@
 //! - [`engine`]: the Cedar schema + policy set from a directory, validated, and decisions.
 //! - [`principal`]: who a connection belongs to, from the config's `[[identity]]` entries.
 //! - [`tracking`]: for masking's strict mode, whether a statement returns masked columns under
-//!   their own names.
+//!   their own names and moves none anywhere else (tables, columns, views, variables, files,
+//!   routines).
 //!
 //! The protocol relays (`proxy/postgres.rs`) call [`Policy::decide_sql`] for every statement
 //! before it is forwarded; this module never touches a socket or the journal.

@@ -81,6 +81,25 @@ pub struct RunOptions {
 /// The policy id of a statement strict masking denies (both protocols).
 pub(crate) const STRICT_MASKING_POLICY: &str = "sluice-masking-strict";
 
+/// The denial strict masking gives `sql` on `target` (both protocols): a statement that would
+/// return a masked column under another name or move it anywhere sluice cannot track it
+/// (`policy::tracking`); None when it may run.
+pub(crate) fn strict_denial(
+    rules: &crate::mask::rules::RuleSet,
+    target: &str,
+    dialect: crate::policy::Dialect,
+    sql: &str,
+) -> Option<crate::policy::Verdict> {
+    let why =
+        crate::policy::tracking::untracked(sql, dialect, &|c| rules.masks_column_name(target, c))?;
+    Some(crate::policy::Verdict {
+        allowed: false,
+        policies: vec![STRICT_MASKING_POLICY.into()],
+        reason: format!("target \"{target}\" masks in strict mode and {why}"),
+        approval: None,
+    })
+}
+
 /// Why a proxied session ended, whatever its protocol; the text goes to the journal's end
 /// event and the log.
 #[derive(Debug)]

@@ -66,7 +66,8 @@
 //! [`masking::Masker`], which places the packets in the machine and rewrites text and binary
 //! rows before the chunk is journaled and forwarded. On a target in strict masking mode the
 //! gate (present then even without policies) denies, as `sluice-masking-strict`, a statement
-//! that would return a masked column sluice cannot recognise by name, as for PostgreSQL.
+//! that would return a masked column sluice cannot recognise by name or move one elsewhere
+//! (`proxy::strict_denial`, shared with PostgreSQL).
 //!
 //! **Approvals.** A command an `@approval` policy denies is held (`hold.rs`): the chunk is cut
 //! after it and journaled, what came before is forwarded, and nothing after it is gated until
@@ -90,7 +91,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc};
 use tracing::{Span, debug, info, warn};
 
-use super::{End, Routed, STRICT_MASKING_POLICY, Shared, identify, upstream};
+use super::{End, Routed, Shared, identify, strict_denial, upstream};
 use crate::access::Access;
 use crate::config::{AuthMode, ClientTls, Role, Unparsed};
 use crate::policy::facts::Dialect;
@@ -1058,19 +1059,9 @@ impl Gate {
         let mut d = self.decide_sql(sql);
         if d.verdict.allowed
             && let Some(rules) = &self.strict
-            && let Some(why) = crate::policy::tracking::untracked(sql, Dialect::MySql, &|c| {
-                rules.masks_column_name(&self.target, c)
-            })
+            && let Some(denied) = strict_denial(rules, &self.target, Dialect::MySql, sql)
         {
-            d.verdict = crate::policy::Verdict {
-                allowed: false,
-                policies: vec![STRICT_MASKING_POLICY.into()],
-                reason: format!(
-                    "target \"{}\" masks in strict mode and the statement would return {why}; select masked columns by their own names",
-                    self.target
-                ),
-                approval: None,
-            };
+            d.verdict = denied;
         }
         // Without policies, only what strict masking denies is worth a record.
         let record = self.policy.is_some() || !d.verdict.allowed;

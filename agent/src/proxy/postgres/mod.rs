@@ -75,12 +75,12 @@ mod catalog;
 mod login;
 mod masking;
 
-use super::{End, Routed, STRICT_MASKING_POLICY, Shared, upstream};
+use super::{End, Routed, Shared, strict_denial, upstream};
 use crate::access::{Access, HoldRequest, Outcome};
 use crate::config::{AuthMode, ClientTls, Unparsed};
 use crate::mask::rules::RuleSet;
 use crate::policy::facts::Dialect;
-use crate::policy::{Policy, SessionPolicy, SqlDecision, Verdict, principal, tracking};
+use crate::policy::{Policy, SessionPolicy, SqlDecision, principal};
 use crate::protocol::postgres::auth;
 use crate::protocol::postgres::encode::{
     NoticeSeverity, SSL_ACCEPTED, SSL_REFUSED, Severity, error_response, notice_response,
@@ -1269,19 +1269,10 @@ fn gate_chunk(
                     };
                     if d.verdict.allowed
                         && let Some(rules) = &gate.strict
-                        && let Some(why) = tracking::untracked(sql, Dialect::Postgres, &|c| {
-                            rules.masks_column_name(&gate.target, c)
-                        })
+                        && let Some(denied) =
+                            strict_denial(rules, &gate.target, Dialect::Postgres, sql)
                     {
-                        d.verdict = Verdict {
-                            allowed: false,
-                            policies: vec![STRICT_MASKING_POLICY.into()],
-                            reason: format!(
-                                "target \"{}\" masks in strict mode and the statement would return {why}; select masked columns by their own names",
-                                gate.target
-                            ),
-                            approval: None,
-                        };
+                        d.verdict = denied;
                     }
                     // Without policies, only what strict masking denies is worth a record.
                     let record = gate.policy.is_some() || !d.verdict.allowed;
