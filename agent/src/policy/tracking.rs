@@ -27,9 +27,6 @@ use super::facts::Dialect;
 /// Why `sql` would return a column that `masked(name)` says is masked without sluice being
 /// able to recognise it by name; None when every such column is tracked (or there is none).
 pub fn untracked(sql: &str, dialect: Dialect, masked: &dyn Fn(&str) -> bool) -> Option<String> {
-    if dialect == Dialect::MySql && is_show_diagnostics(sql) {
-        return None;
-    }
     let parsed = match dialect {
         Dialect::Postgres => Parser::parse_sql(&PostgreSqlDialect {}, sql),
         Dialect::MySql => Parser::parse_sql(&MySqlDialect {}, sql),
@@ -43,31 +40,6 @@ pub fn untracked(sql: &str, dialect: Dialect, masked: &dyn Fn(&str) -> bool) -> 
         }
     }
     None
-}
-
-/// MySQL's `SHOW WARNINGS` / `SHOW ERRORS` (with `LIMIT`, or `SHOW COUNT(*) ...`), which
-/// sqlparser does not parse: they return the server's diagnostics of the previous statement,
-/// never a table column, and their text goes through the content detectors like any row.
-fn is_show_diagnostics(sql: &str) -> bool {
-    let words: Vec<String> = sql
-        .trim()
-        .trim_end_matches(';')
-        .split_ascii_whitespace()
-        .map(str::to_ascii_uppercase)
-        .collect();
-    let words: Vec<&str> = words.iter().map(String::as_str).collect();
-    let plain = |w: &[&str]| match w {
-        ["WARNINGS" | "ERRORS"] => true,
-        ["WARNINGS" | "ERRORS", "LIMIT", rest @ ..] => rest
-            .iter()
-            .all(|r| r.bytes().all(|b| b.is_ascii_digit() || b == b',')),
-        _ => false,
-    };
-    match words.as_slice() {
-        ["SHOW", "COUNT(*)", "WARNINGS" | "ERRORS"] => true,
-        ["SHOW", rest @ ..] => plain(rest),
-        _ => false,
-    }
 }
 
 fn statement_untracked(statement: &Statement, masked: &dyn Fn(&str) -> bool) -> Option<String> {
@@ -312,22 +284,10 @@ mod tests {
     }
 
     #[test]
-    fn mysql_show_warnings_is_tracked_and_lookalikes_are_not() {
-        let mysql = |sql: &str| untracked(sql, Dialect::MySql, &masked);
-        for sql in [
-            "show warnings",
-            "SHOW ERRORS;",
-            "show warnings limit 10",
-            "show warnings limit 0, 5",
-            "show count(*) warnings",
-        ] {
-            assert_eq!(mysql(sql), None, "{sql}");
-        }
-        for sql in [
-            "show warnings; select email as e from customers",
-            "show warnings limit (select email from customers)",
-        ] {
-            assert!(mysql(sql).is_some(), "{sql}");
+    fn mysql_show_warnings_is_tracked() {
+        // Diagnostics of the previous statement, no table column: masked as rows by content.
+        for sql in ["show warnings", "SHOW ERRORS", "show warnings limit 10"] {
+            assert_eq!(untracked(sql, Dialect::MySql, &masked), None, "{sql}");
         }
     }
 

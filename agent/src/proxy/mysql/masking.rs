@@ -732,12 +732,13 @@ mod tests {
             info: "Rows matched: 1  Changed: 1  Warnings: 0".into(),
             ..OkPacket::default()
         };
+        let wire = framed(1, &[ok.encode(0, caps()).to_vec()]);
+        let (out, reports) = m.chunk(wire.clone(), &mut machine, 1 << 24).unwrap();
+        assert_eq!(out.as_ptr(), wire.as_ptr());
+        assert!(reports.is_empty());
         machine.client(0, b"\x03select nope").unwrap();
         let plain = ErrPacket::new(1054, "42S22", "Unknown column 'nope' in 'field list'");
-        let mut wire = BytesMut::new();
-        encode_packet(1, &ok.encode(0, caps()), &mut wire);
-        encode_packet(1, &plain.encode(), &mut wire);
-        let wire = wire.freeze();
+        let wire = framed(1, &[plain.encode().to_vec()]);
         let (out, reports) = m.chunk(wire.clone(), &mut machine, 1 << 24).unwrap();
         assert_eq!(out.as_ptr(), wire.as_ptr());
         assert!(reports.is_empty());
