@@ -5,6 +5,9 @@
 //! machine under two capability sets, and the Transcriber must never panic. Every payload also
 //! goes through the row rewriter (masking's codec) as a text and a binary row: a rewritten row
 //! must decode with the same columns, keep its NULLs NULL, and a rejected one writes nothing.
+//! Every payload also goes through the ERR-message and OK-info rewriters: a rewritten ERR
+//! decodes with the same number and SQLSTATE, a rewritten OK decodes exactly when the original
+//! did, with the same counts and status.
 #![no_main]
 
 #[allow(dead_code, unused_imports)]
@@ -23,7 +26,7 @@ use protocol::mysql::response::{Event, ResponseMachine};
 use protocol::mysql::resultset::{
     ColumnDef, Value, decode_binary_row, decode_text_row, parse_column_def,
 };
-use protocol::mysql::rewrite::{Cell, RowFormat, rewrite_row};
+use protocol::mysql::rewrite::{Cell, RowFormat, rewrite_err_message, rewrite_ok_info, rewrite_row};
 use protocol::mysql::{Decoder, Transcriber, packet_len, packets, whole_packets};
 
 const MAX: usize = 1 << 20;
@@ -79,6 +82,43 @@ fn rewrite(payload: &[u8], format: RowFormat<'_>) {
     }
 }
 
+/// Rewrites `payload` as an ERR message and an OK info (replaced when their first byte is
+/// even) and checks the results.
+fn rewrite_text(payload: &[u8], caps: Capabilities) {
+    let mask = |v: &[u8], s: &mut Vec<u8>| match v.first() {
+        Some(b) if b % 2 == 0 => {
+            s.extend_from_slice(&v[..v.len() / 2]);
+            s.extend_from_slice(b"****");
+            true
+        }
+        _ => false,
+    };
+    let mut out = Vec::new();
+    match rewrite_err_message(payload, &mut Vec::new(), mask, &mut out) {
+        Ok(true) => {
+            let before = parse_err(payload).expect("a rewritten ERR was valid");
+            let after = parse_err(&out).expect("the rewritten ERR decodes");
+            assert_eq!((before.code, before.sql_state), (after.code, after.sql_state));
+        }
+        _ => assert!(out.is_empty()),
+    }
+    let mut out = Vec::new();
+    match rewrite_ok_info(payload, caps, &mut Vec::new(), mask, &mut out) {
+        Ok(true) => {
+            let before = parse_ok(payload, caps);
+            let after = parse_ok(&out, caps);
+            assert_eq!(before.is_ok(), after.is_ok());
+            if let (Ok(b), Ok(a)) = (before, after) {
+                assert_eq!(
+                    (b.affected_rows, b.last_insert_id, b.status, b.warnings, b.session_state),
+                    (a.affected_rows, a.last_insert_id, a.status, a.warnings, a.session_state)
+                );
+            }
+        }
+        _ => assert!(out.is_empty()),
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let _ = packet_len(data, MAX);
     let mut d = Decoder::new(MAX);
@@ -131,6 +171,8 @@ fuzz_target!(|data: &[u8]| {
         let _ = decode_text_row(b, 4);
         let _ = decode_binary_row(b, &columns).map(|v| v.iter().map(|v| v.render()).count());
         let _ = decode_execute_params(b, 3, &[], &[]);
+        rewrite_text(b, default);
+        rewrite_text(b, mariadb);
         rewrite(b, RowFormat::Text { columns: 4 });
         rewrite(b, RowFormat::Binary { columns: &columns });
     }

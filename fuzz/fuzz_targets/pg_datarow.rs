@@ -2,6 +2,10 @@
 //! never a panic; a rewritten row always parses back with the plan's column count and
 //! consistent lengths; an unchanged or rejected row writes nothing.
 //!
+//! The same bytes go through the plan for text outside rows (error fields, notification
+//! payloads), with and without a column rule set on it: never a panic, and a replacement is
+//! never empty.
+//!
 //! The first input byte picks the columns' types, formats and names (so column rules, binary
 //! nulling, jsonb version bytes and content detection are all reached); the rest is the body.
 //! Like the other targets this compiles the agent's module from source (`#[path]`); the mask
@@ -126,6 +130,20 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         Err(_) => assert!(out.is_empty()),
+    }
+
+    // The same bytes as a message field (detectors only, then a column rule on the detail).
+    let mut text = MaskPlan::for_text(rules(), "fuzz", Audience::Groups(&[]), &["message", "detail"]);
+    let rule = rules().column_rule("fuzz", &Origin { name: NAMES[s % NAMES.len()], ..Origin::default() }).cloned();
+    text.set_rule(1, rule.as_ref(), Audience::Groups(&[]));
+    for col in 0..3 {
+        let mut out = vec![0xAA];
+        if text.apply_message_into(col, body, &mut out) {
+            assert!(out.len() > 1 || body.is_empty());
+            assert_eq!(out[0], 0xAA);
+        } else {
+            assert_eq!(out, [0xAA]);
+        }
     }
 
     // The same bytes as COPY text data for a plan of `claimed` columns.

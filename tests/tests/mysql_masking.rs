@@ -595,3 +595,116 @@ fn a_strict_target_denies_every_statement_that_moves_a_masked_column_and_nothing
     let export = serde_json::to_string(&setup.s.agent.export().unwrap()).unwrap();
     assert_eq!(find_leak(&export, CLEAR), None, "export");
 }
+
+#[test]
+fn errors_warnings_and_signals_never_carry_a_clear_value() {
+    let test = "errors_warnings_and_signals_never_carry_a_clear_value";
+    if skip(test) {
+        return;
+    }
+    let rules = format!(
+        "{RULES}\n[[detector]]\nname = \"card\"\nstrategy = \"partial\"\n\
+         [[detector]]\nname = \"us_ssn\"\nstrategy = \"redact\"\n\
+         [[target]]\nname = \"app-db\"\nstrict = true\n"
+    );
+    let setup = setup_rules("mysql-mask-roads", &rules, |_| {});
+    setup
+        .s
+        .db
+        .sql(
+            "create table shop.people (id int primary key, email varchar(80) unique);
+             insert into shop.people select id, email from shop.customers;
+             create table shop.cards (card varchar(30) primary key);
+             insert into shop.cards select card_number from shop.customers;
+             delimiter //
+             create procedure shop.leak_signal()
+             begin
+               declare m varchar(200);
+               select concat('card ', card_number, ' ssn ', ssn) into m from shop.customers where id = 1;
+               signal sqlstate '45000' set message_text = m, mysql_errno = 1644;
+             end //
+             delimiter ;",
+        )
+        .unwrap();
+    // Each road, with the error number (or warning code) the client must still get.
+    let roads: [(&str, &str); 6] = [
+        (
+            "insert into people (id, email) select 9, email from customers where id = 1",
+            "ERROR 1062 (23000)",
+        ),
+        (
+            "insert into cards (card) select card_number from customers where id = 2",
+            "ERROR 1062 (23000)",
+        ),
+        (
+            "select id from customers where cast(email as signed) = 0; show warnings",
+            "1292",
+        ),
+        (
+            "select id from customers order by cast(card_number as double); show warnings",
+            "1292",
+        ),
+        ("call leak_signal()", "ERROR 1644 (45000)"),
+        (
+            "select id from customers where id = 1 and cast(ssn as signed) = 1; show warnings",
+            "1292",
+        ),
+    ];
+    let mut client = String::new();
+    for (sql, code) in roads {
+        let out = setup.s.mariadb(sql);
+        let text = format!("{}\n{}", out.stdout, out.stderr);
+        assert_no_clear(sql, &text);
+        assert!(
+            text.contains(code),
+            "{sql}: no {code} in:\n{text}\n{}",
+            setup.s.agent.log()
+        );
+        client.push_str(&text);
+    }
+    // The messages still say what happened, with the values masked.
+    for want in [
+        "Duplicate entry '****' for key",
+        "Duplicate entry '************5559' for key",
+        "Truncated incorrect",
+        "card **** **** **** 1111 ssn ****",
+    ] {
+        assert!(client.contains(want), "missing {want:?} in:\n{client}");
+    }
+    // The journal holds what the client got: export, CSV, replay and raw files.
+    let export = setup.s.agent.export().unwrap();
+    let text = serde_json::to_string(&export).unwrap();
+    assert_no_clear("export", &text);
+    assert!(text.contains("1062") && text.contains("1644"), "{text}");
+    let masked: Vec<&Value> = export.iter().filter(|r| r["kind"] == "masked").collect();
+    assert!(
+        masked.iter().any(|m| m["column"] == "error message"),
+        "{masked:?}"
+    );
+    assert!(
+        masked.iter().any(|m| m["column"] == "Message"),
+        "SHOW WARNINGS is masked as rows: {masked:?}"
+    );
+    assert_no_clear(
+        "csv export",
+        &setup.s.agent.read(&["export", "--format", "csv"]).unwrap(),
+    );
+    for session in setup.s.agent.sessions().unwrap() {
+        let replay = setup
+            .s
+            .agent
+            .read(&["replay", session["id"].as_str().unwrap()])
+            .unwrap();
+        assert_no_clear("replay", &replay);
+    }
+    let mut raw = Vec::new();
+    for e in walk(&setup.s.agent.journal_dir()) {
+        raw.extend(std::fs::read(e).unwrap());
+    }
+    for clear in CLEAR {
+        assert!(
+            !raw.windows(clear.len()).any(|w| w == clear.as_bytes()),
+            "clear value {clear:?} in the journal directory"
+        );
+    }
+}

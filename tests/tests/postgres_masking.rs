@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 use sluice_tests::{
     Agent, AgentOptions, CLIENT_UID, Cgroup, Postgres, find_leak, pg_target, psql_args,
-    require_root, run_bounded,
+    psql_session_args, require_root, run_bounded,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -550,4 +550,144 @@ fn with_sluice_authentication_columns_are_matched_by_table_through_the_catalog()
             .trim(),
         "****|Analytical Engine"
     );
+}
+
+/// Phone numbers only the error-road test seeds (in a table of its own).
+const PHONES: &[&str] = &["+1 415 555 2671", "+44 20 7946 0958"];
+
+#[test]
+fn errors_notices_notifications_and_parameters_never_carry_a_clear_value() {
+    if !require_root("errors_notices_notifications_and_parameters_never_carry_a_clear_value") {
+        return;
+    }
+    let rules = format!(
+        "{RULES}\n[[detector]]\nname = \"phone\"\nstrategy = \"redact\"\n\
+         [[target]]\nname = \"app-db\"\nstrict = true\n"
+    );
+    let s = setup_rules("mask-roads", &rules);
+    s.pg.sql(&format!(
+        "create table contacts (id int, phone text);
+         insert into contacts values (1, '{}'), (2, '{}');
+         create function leak_notice() returns int language plpgsql as $$
+         declare r record;
+         begin
+           for r in select email, card_number, iban, ssn from customers order by id loop
+             raise notice 'customer % card % iban % ssn %', r.email, r.card_number, r.iban, r.ssn;
+           end loop;
+           return 1;
+         end $$;
+         create function leak_exception() returns int language plpgsql as $$
+         begin
+           raise exception 'phones: %', (select string_agg(phone, ', ') from contacts)
+             using detail = (select string_agg(email, ' ') from customers),
+                   hint = (select string_agg(iban, ' ') from customers),
+                   errcode = 'P0001';
+         end $$;
+         create function leak_notify() returns int language plpgsql as $$
+         begin
+           perform pg_notify('leaks', email || ' ' || card_number) from customers;
+           return 1;
+         end $$;
+         create function leak_parameter() returns int language plpgsql as $$
+         begin
+           perform set_config('application_name', (select email from customers where id = 2), false);
+           return 1;
+         end $$;",
+        PHONES[0], PHONES[1]
+    ))
+    .unwrap();
+
+    // Each road, with the SQLSTATE the client must still get.
+    let mut roads: Vec<(String, &str)> = Vec::new();
+    for col in ["email", "card_number", "iban", "ssn"] {
+        roads.push((format!("select id from customers where {col}::int > 0"), ""));
+        roads.push((format!("select id from customers order by {col}::int"), ""));
+        roads.push((
+            format!("select id from customers order by {col}::numeric"),
+            "22P02",
+        ));
+    }
+    roads.push((
+        "select id from customers where id = 2 and card_number::int > 0".into(),
+        "22003",
+    ));
+    roads.push(("select leak_notice()".into(), ""));
+    roads.push(("select leak_exception()".into(), "P0001"));
+    roads.push(("listen leaks".into(), ""));
+    roads.push(("select leak_notify()".into(), ""));
+    // ParameterStatus echoes application_name back.
+    roads.push(("select leak_parameter()".into(), ""));
+    let sql: Vec<&str> = roads.iter().map(|(q, _)| q.as_str()).collect();
+    let mut cmd = s.cgroup.command(Some(CLIENT_UID), "psql");
+    let mut args = vec!["-v".to_string(), "VERBOSITY=verbose".to_string()];
+    args.extend(psql_session_args(s.pg.port, &sql));
+    cmd.args(args);
+    let out = run_bounded(&mut cmd, LIMIT).unwrap();
+    let client = format!("{}\n{}", out.stdout, out.stderr);
+    let all_clear: Vec<&str> = CLEAR.iter().chain(PHONES).copied().collect();
+    let no_clear = |what: &str, text: &str| {
+        for clear in &all_clear {
+            assert!(
+                !text.contains(clear),
+                "{what}: clear value {clear:?} in:\n{text}"
+            );
+        }
+    };
+    no_clear("client", &client);
+    // The errors and notices still arrive, with their codes, masked where they held values.
+    for want in [
+        "ERROR:  22P02: invalid input syntax for type integer: \"****\"",
+        "ERROR:  22003: value \"************5559\" is out of range for type integer",
+        "ERROR:  22P02: invalid input syntax for type numeric: \"****\"",
+        "NOTICE:  00000: customer **** card ",
+        "ERROR:  P0001: phones: ****, ****",
+        "DETAIL:  **** ****",
+        "Asynchronous notification \"leaks\" with payload \"**** ",
+    ] {
+        assert!(client.contains(want), "missing {want:?} in:\n{client}");
+    }
+    for (_, code) in &roads {
+        assert!(client.contains(code), "{code}:\n{client}");
+    }
+
+    // The journal holds what the client got: the export, CSV, replay and raw files.
+    let export = s.agent.export().unwrap();
+    let text = serde_json::to_string(&export).unwrap();
+    no_clear("export", &text);
+    assert!(text.contains("22P02") && text.contains("P0001"), "{text}");
+    let masked: Vec<&Value> = export.iter().filter(|r| r["kind"] == "masked").collect();
+    for column in [
+        "message",
+        "detail",
+        "hint",
+        "notification payload",
+        "parameter value",
+    ] {
+        assert!(
+            masked.iter().any(|m| m["column"] == column),
+            "no report for {column}: {masked:?}"
+        );
+    }
+    no_clear(
+        "csv export",
+        &s.agent.read(&["export", "--format", "csv"]).unwrap(),
+    );
+    for session in s.agent.sessions().unwrap() {
+        let id = session["id"].as_str().unwrap();
+        let replay = s.agent.read(&["replay", id]).unwrap();
+        no_clear("replay", &replay);
+    }
+    let mut raw = Vec::new();
+    for e in std::fs::read_dir(s.agent.journal_dir()).unwrap() {
+        let p: PathBuf = e.unwrap().path();
+        if p.is_file() {
+            raw.extend(std::fs::read(p).unwrap());
+        }
+    }
+    for clear in &all_clear {
+        assert!(
+            !raw.windows(clear.len()).any(|w| w == clear.as_bytes()),
+            "clear value {clear:?} in the journal directory"
+        );
+    }
 }

@@ -2,7 +2,9 @@
 //! value, with counts for the journal.
 //!
 //! Owns [`MaskPlan`], built once per result set (PostgreSQL RowDescription, MySQL column
-//! definitions, a COPY's columns) from the column descriptors and the principal's groups, and
+//! definitions, a COPY's columns) from the column descriptors and the principal's groups (or
+//! once per session for text outside rows, [`MaskPlan::for_text`]: error messages, notices,
+//! notification payloads, with a column rule set per message where it names its table), and
 //! [`MaskPlan::apply`], which turns one value into an [`Outcome`]. Never parses protocol
 //! messages ([`pgrow`](super::pgrow) does), never touches a socket, never logs a value, and
 //! keeps per-row work allocation-free when nothing is masked (scratch buffers live in the
@@ -38,7 +40,7 @@
 use std::sync::Arc;
 
 use super::detect::{DetectorId, Finding};
-use super::rules::{Audience, Origin, RuleSet, StrategyId};
+use super::rules::{Audience, ColumnRule, DEFAULT_MASK, Origin, RuleSet, StrategyId};
 use super::strategy::{Applied, Strategy, StrategyKind};
 
 /// What a column's values are, in the engine's terms: the shared vocabulary between the
@@ -283,6 +285,66 @@ impl MaskPlan {
             seen,
             generation: 0,
             scratch: Vec::new(),
+        }
+    }
+
+    /// A plan for text a server sends outside result rows (error and notice fields,
+    /// notification payloads, parameter values, MySQL error messages and OK info): one
+    /// "column" per kind of text, named by `names` in the journal's report. Content detectors
+    /// replace their findings in place; no column rule applies until
+    /// [`set_rule`](Self::set_rule) gives one.
+    pub fn for_text(
+        rules: Arc<RuleSet>,
+        target: &str,
+        audience: Audience<'_>,
+        names: &[&str],
+    ) -> Self {
+        let mut plan = Self::new(rules, target, audience, &[]);
+        plan.columns = names
+            .iter()
+            .map(|n| ColumnPlan {
+                name: (*n).to_string(),
+                handling: Handling::Text {
+                    json: Json::Maybe,
+                    whole_ok: true,
+                },
+                rule: None,
+                exempt: false,
+            })
+            .collect();
+        plan
+    }
+
+    /// Makes column rule `rule` mask column `col` whole with its strategy for `audience` (an
+    /// exempting `clear` leaves it unscanned), or, with `None`, leaves it to the detectors
+    /// again: for text whose origin is known only per message (an error naming its table).
+    pub fn set_rule(&mut self, col: usize, rule: Option<&ColumnRule>, audience: Audience<'_>) {
+        let rule = rule.map(|r| {
+            let (id, s) = self.rules.resolve(r.choice(), audience);
+            (r.name.clone(), id, s)
+        });
+        let exempt = rule
+            .as_ref()
+            .is_some_and(|&(_, id, _)| self.rules.strategy(id).kind() == StrategyKind::Clear);
+        if let Some(c) = self.columns.get_mut(col) {
+            c.rule = rule.filter(|_| !exempt);
+            c.exempt = exempt;
+        }
+    }
+
+    /// [`apply_into`](Self::apply_into) for text that cannot be NULL (a message field): what
+    /// a `null` strategy would null becomes [`DEFAULT_MASK`]. True when a replacement was
+    /// appended to `out`.
+    pub fn apply_message_into(&mut self, col: usize, value: &[u8], out: &mut Vec<u8>) -> bool {
+        let mark = out.len();
+        match self.apply_into(col, value, out) {
+            Change::Unchanged => false,
+            Change::Replaced => true,
+            Change::Null => {
+                out.truncate(mark);
+                out.extend_from_slice(DEFAULT_MASK.as_bytes());
+                true
+            }
         }
     }
 

@@ -7,8 +7,11 @@
 //! (with `protocol::mysql::rewrite`). The proxy builds a [`MaskPlan`] from each RowDescription (or COPY
 //! column list) and the principal's groups, runs every DataRow through
 //! [`pgrow::rewrite_data_row`] before the journal and the client see it, and records
-//! [`MaskPlan::report`] per response. Never touches a socket, a file or the journal; the clear
-//! value never leaves the row being rewritten.
+//! [`MaskPlan::report`] per response. Text the server sends outside rows (error and notice
+//! fields, notification payloads, echoed parameters, MySQL ERR messages and OK info) goes
+//! through a [`MaskPlan::for_text`] plan, around the protocol codecs' text rewriters. Never
+//! touches a socket, a file or the journal; the clear value never leaves the value being
+//! rewritten.
 //!
 //! Layering: `strategy` and `detect` know nothing of rules or protocols; `rules` compiles the
 //! file into a [`RuleSet`]; `engine` decides per column and per value; `pgrow` only parses and

@@ -605,6 +605,22 @@ impl RuleSet {
             .find(|r| r.target.matches(target) && r.matches(origin))
     }
 
+    /// The first column rule for `target` on some column of `table` (in `schema`, when known):
+    /// for text that names a table but not a column, such as a constraint violation's detail,
+    /// which may show any column of the row.
+    pub fn table_rule(
+        &self,
+        target: &str,
+        schema: Option<&str>,
+        table: &str,
+    ) -> Option<&ColumnRule> {
+        self.columns.iter().find(|r| {
+            r.target.matches(target)
+                && schema.is_none_or(|s| r.schema.matches(s))
+                && r.table.matches(table)
+        })
+    }
+
     /// Whether some column rule of `target` masks `schema.table.column`: for the proxy's
     /// strict mode, which must deny statements whose masked columns it cannot track.
     /// Could a column named `column` be masked by a column rule on `target`, whatever its

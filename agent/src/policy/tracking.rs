@@ -797,6 +797,14 @@ mod tests {
     }
 
     #[test]
+    fn mysql_show_warnings_is_tracked() {
+        // Diagnostics of the previous statement, no table column: masked as rows by content.
+        for sql in ["show warnings", "SHOW ERRORS", "show warnings limit 10"] {
+            assert_eq!(untracked(sql, Dialect::MySql, &masked), None, "{sql}");
+        }
+    }
+
+    #[test]
     fn the_known_escapes_are_untracked() {
         for sql in [
             "select email as contact from customers",

@@ -1,5 +1,7 @@
 //! Rewriting one result row value by value: walks a text or binary row payload, asks the
 //! caller's function about each non-NULL value, and re-encodes the row only when one changed.
+//! The same for the text of an ERR packet ([`rewrite_err_message`]) and the info of an OK
+//! packet ([`rewrite_ok_info`]): only that text is offered, every other byte is kept.
 //!
 //! ```text
 //! text row:    count x ( lenenc string | 0xFB NULL )
@@ -19,6 +21,7 @@
 //! replacement is only possible where the wire carries a length: for a fixed-width or temporal
 //! binary value the function's [`Cell::Replaced`] is written as NULL (the bitmap bit set), since
 //! no other value of that type could stand for "masked".
+use super::handshake::Capabilities;
 use super::packet::{DecodeError, Reader, put_lenenc_bytes};
 use super::resultset::{ColumnDef, types};
 
@@ -258,6 +261,99 @@ fn finish(
     }
 }
 
+/// Rewrites the message of ERR packet `payload` (0xFF, error number, `#` and SQLSTATE under
+/// protocol 4.1, message to the end). `mask(message, scratch)` is called once with an empty
+/// `scratch`; when it returns true, the packet with its replacement is appended to `out` and
+/// `Ok(true)` returned: the header, error number and SQLSTATE keep their bytes. `Ok(false)`
+/// leaves `out` untouched. A progress report (error number 0xFFFF) carries no message and is
+/// not offered.
+pub fn rewrite_err_message<F>(
+    payload: &[u8],
+    scratch: &mut Vec<u8>,
+    mut mask: F,
+    out: &mut Vec<u8>,
+) -> Result<bool, DecodeError>
+where
+    F: FnMut(&[u8], &mut Vec<u8>) -> bool,
+{
+    let mut r = Reader::new("ERR", payload);
+    let header = r.u8("header")?;
+    if header != 0xFF {
+        return Err(r.invalid("header", u64::from(header)));
+    }
+    if r.u16("error code")? == 0xFFFF {
+        return Ok(false);
+    }
+    if r.peek_rest().first() == Some(&b'#') && r.remaining() >= 6 {
+        r.bytes(6, "sql state")?;
+    }
+    let at = offset(payload, &r);
+    scratch.clear();
+    if !mask(r.rest(), scratch) {
+        return Ok(false);
+    }
+    out.extend_from_slice(&payload[..at]);
+    out.extend_from_slice(scratch);
+    Ok(true)
+}
+
+/// Rewrites the human-readable info of OK packet `payload` (header 0x00 or 0xFE; affected rows,
+/// last insert id, status and warnings as [`parse_ok`](super::handshake::parse_ok) reads them
+/// under `caps`; then the info, a lenenc string followed by the session state under
+/// SESSION_TRACK, else the rest of the packet). `mask(info, scratch)` as for
+/// [`rewrite_err_message`]; everything but the info (and its length) keeps its bytes. An OK
+/// without info is not offered.
+pub fn rewrite_ok_info<F>(
+    payload: &[u8],
+    caps: Capabilities,
+    scratch: &mut Vec<u8>,
+    mut mask: F,
+    out: &mut Vec<u8>,
+) -> Result<bool, DecodeError>
+where
+    F: FnMut(&[u8], &mut Vec<u8>) -> bool,
+{
+    let mut r = Reader::new("OK", payload);
+    let header = r.u8("header")?;
+    if header != 0x00 && header != 0xFE {
+        return Err(r.invalid("header", u64::from(header)));
+    }
+    r.lenenc("affected rows")?;
+    r.lenenc("last insert id")?;
+    if caps.contains(Capabilities::PROTOCOL_41) {
+        r.u16("status flags")?;
+        r.u16("warnings")?;
+    } else if caps.contains(Capabilities::TRANSACTIONS) {
+        r.u16("status flags")?;
+    }
+    if r.is_empty() {
+        return Ok(false);
+    }
+    let at = offset(payload, &r);
+    let tracked = caps.contains(Capabilities::SESSION_TRACK);
+    let info = if tracked {
+        r.lenenc_bytes("info")?
+    } else {
+        r.rest()
+    };
+    if info.is_empty() {
+        return Ok(false);
+    }
+    let end = offset(payload, &r);
+    scratch.clear();
+    if !mask(info, scratch) {
+        return Ok(false);
+    }
+    out.extend_from_slice(&payload[..at]);
+    if tracked {
+        put_lenenc_bytes(out, scratch);
+    } else {
+        out.extend_from_slice(scratch);
+    }
+    out.extend_from_slice(&payload[end..]);
+    Ok(true)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -429,6 +525,113 @@ mod tests {
             }
             let changed = raw.iter().flatten().any(|v| v.contains(&b'@') || v.windows(3).any(|w| w == b"NUL"));
             prop_assert_eq!(out.is_some(), changed);
+        }
+    }
+
+    /// Replaces every `ann@example.com` with `****`.
+    fn hide_ann(v: &[u8], out: &mut Vec<u8>) -> bool {
+        let Some(at) = v.windows(15).position(|w| w == b"ann@example.com") else {
+            return false;
+        };
+        out.extend_from_slice(&v[..at]);
+        out.extend_from_slice(b"****");
+        out.extend_from_slice(&v[at + 15..]);
+        true
+    }
+
+    #[test]
+    fn an_err_message_loses_only_its_finding_and_keeps_number_and_sqlstate() {
+        use crate::protocol::mysql::handshake::{ErrPacket, parse_err};
+        let err = ErrPacket::new(
+            1062,
+            "23000",
+            "Duplicate entry 'ann@example.com' for key 'email'",
+        )
+        .encode();
+        let mut out = Vec::new();
+        assert!(rewrite_err_message(&err, &mut Vec::new(), hide_ann, &mut out).unwrap());
+        let got = parse_err(&out).unwrap();
+        assert_eq!(
+            got,
+            ErrPacket::new(1062, "23000", "Duplicate entry '****' for key 'email'")
+        );
+        // Nothing found: nothing written.
+        let plain = ErrPacket::new(1146, "42S02", "Table 'shop.nope' doesn't exist").encode();
+        let mut out = Vec::new();
+        assert!(!rewrite_err_message(&plain, &mut Vec::new(), hide_ann, &mut out).unwrap());
+        assert!(out.is_empty());
+        // Every prefix: an error or a whole packet, never a panic; a bad header is an error.
+        for cut in 0..err.len() {
+            let mut out = Vec::new();
+            if let Ok(true) = rewrite_err_message(&err[..cut], &mut Vec::new(), hide_ann, &mut out)
+            {
+                assert!(parse_err(&out).is_ok());
+            } else {
+                assert!(out.is_empty());
+            }
+        }
+        assert!(
+            rewrite_err_message(b"\x00abc", &mut Vec::new(), hide_ann, &mut Vec::new()).is_err()
+        );
+        // A progress report is not an error message.
+        let progress = b"\xff\xff\xff\x01\x01\x00\x00\x00ann@example.com";
+        assert!(
+            !rewrite_err_message(progress, &mut Vec::new(), hide_ann, &mut Vec::new()).unwrap()
+        );
+    }
+
+    #[test]
+    fn an_ok_info_loses_only_its_finding_with_and_without_session_tracking() {
+        use crate::protocol::mysql::handshake::{OkPacket, parse_ok, status};
+        let base = Capabilities::sluice_default();
+        for caps in [base, base | Capabilities::SESSION_TRACK] {
+            for state in [false, true] {
+                if state && !caps.contains(Capabilities::SESSION_TRACK) {
+                    continue;
+                }
+                let ok = OkPacket {
+                    affected_rows: 3,
+                    last_insert_id: 9,
+                    status: if state {
+                        status::SESSION_STATE_CHANGED
+                    } else {
+                        0
+                    },
+                    warnings: 1,
+                    info: "Rows matched: 1 by ann@example.com".into(),
+                    session_state: if state {
+                        b"\x00\x05\x04ab\x01c".to_vec()
+                    } else {
+                        Vec::new()
+                    },
+                };
+                let wire = ok.encode(0x00, caps);
+                let mut out = Vec::new();
+                assert!(rewrite_ok_info(&wire, caps, &mut Vec::new(), hide_ann, &mut out).unwrap());
+                let got = parse_ok(&out, caps).unwrap();
+                assert_eq!(
+                    got,
+                    OkPacket {
+                        info: "Rows matched: 1 by ****".into(),
+                        ..ok.clone()
+                    }
+                );
+                for cut in 0..wire.len() {
+                    let mut out = Vec::new();
+                    match rewrite_ok_info(&wire[..cut], caps, &mut Vec::new(), hide_ann, &mut out) {
+                        // A cut inside the session state is passed on as it came.
+                        Ok(true) => assert_eq!(
+                            parse_ok(&out, caps).is_ok(),
+                            parse_ok(&wire[..cut], caps).is_ok()
+                        ),
+                        _ => assert!(out.is_empty()),
+                    }
+                }
+            }
+            let plain = OkPacket::default().encode(0x00, caps);
+            let mut out = Vec::new();
+            assert!(!rewrite_ok_info(&plain, caps, &mut Vec::new(), hide_ann, &mut out).unwrap());
+            assert!(out.is_empty());
         }
     }
 }

@@ -13,6 +13,12 @@
 //! end of a result set (or an ERR) yields a report for the journal, as for PostgreSQL: which
 //! rule or detector fired on which column, with what strategy, how many values, never a value.
 //!
+//! Text outside rows goes through the same engine: the message of every ERR packet (its number
+//! and SQLSTATE keep their bytes) and the info of every OK packet, content detectors replacing
+//! their findings in place, each rewritten packet followed by its report. MySQL's errors name
+//! no column, so column rules do not apply to them. Warnings are a result set (SHOW WARNINGS),
+//! masked as rows.
+//!
 //! Types ([`value_kind`]): strings, blobs, enums and sets are text (findings replaced in place,
 //! a whole-value mask is text); JSON is JSON (masks stay JSON strings); numbers, decimals,
 //! dates and times, bits and geometry are never scanned and a column rule on them gives NULL,
@@ -35,10 +41,16 @@ use sluice_journal::MaskReport;
 
 use crate::mask::engine::{Change, ColumnDesc, MaskPlan, ValueKind};
 use crate::mask::rules::{Audience, Origin, RuleSet};
+use crate::protocol::mysql::handshake::Capabilities;
 use crate::protocol::mysql::packet::{Decoder, encode_packet};
 use crate::protocol::mysql::response::{Event, ResponseMachine};
 use crate::protocol::mysql::resultset::{ColumnDef, types};
-use crate::protocol::mysql::rewrite::{Cell, RowFormat, rewrite_row};
+use crate::protocol::mysql::rewrite::{
+    Cell, RowFormat, rewrite_err_message, rewrite_ok_info, rewrite_row,
+};
+
+/// The kinds of text outside rows, as named in the journal's reports.
+const TEXT_COLUMNS: [&str; 2] = ["error message", "ok info"];
 
 /// How the engine treats the values of a MySQL column (both protocols).
 pub(crate) fn value_kind(def: &ColumnDef) -> ValueKind {
@@ -90,6 +102,8 @@ pub(crate) struct Masker {
     target: String,
     groups: Vec<String>,
     plan: Plan,
+    /// The plan for text outside rows (columns: [`TEXT_COLUMNS`]).
+    text: MaskPlan,
     /// Where one value's replacement is built.
     scratch: Vec<u8>,
     /// Where a rewritten row's payload is built.
@@ -101,11 +115,18 @@ pub(crate) struct Masker {
 
 impl Masker {
     pub(crate) fn new(rules: Arc<RuleSet>, target: &str, groups: &[String]) -> Masker {
+        let text = MaskPlan::for_text(
+            rules.clone(),
+            target,
+            Audience::Groups(groups),
+            &TEXT_COLUMNS,
+        );
         Masker {
             rules,
             target: target.to_string(),
             groups: groups.to_vec(),
             plan: Plan::Unplanned,
+            text,
             scratch: Vec::new(),
             row: Vec::new(),
             shift: 0,
@@ -138,9 +159,14 @@ impl Masker {
             let event = machine.server(&packet.payload).map_err(|e| e.to_string())?;
             let rewritten = match event {
                 Event::Row(payload) => self.row(payload, machine)?,
-                _ => {
+                event => {
                     self.end_result(&mut reports);
-                    false
+                    self.mask_text(
+                        &event,
+                        &packet.payload,
+                        machine.capabilities(),
+                        &mut reports,
+                    )?
                 }
             };
             let seq = packet.seq.wrapping_add(self.shift);
@@ -194,6 +220,58 @@ impl Masker {
             &mut self.row,
         )
         .map_err(|e| format!("cannot mask a result row: {e}"))
+    }
+
+    /// Masks the message of an ERR or the info of an OK (one that ends a result set too);
+    /// true when `self.row` holds the new payload.
+    fn mask_text(
+        &mut self,
+        event: &Event<'_>,
+        payload: &[u8],
+        caps: Capabilities,
+        reports: &mut Vec<MaskReport>,
+    ) -> Result<bool, String> {
+        let text = &mut self.text;
+        self.row.clear();
+        let rewritten = match event {
+            Event::Err(_) => rewrite_err_message(
+                payload,
+                &mut self.scratch,
+                |m, out| text.apply_message_into(0, m, out),
+                &mut self.row,
+            ),
+            // An unsolicited ERR (a server shutting down, a killed connection).
+            Event::Unexpected if payload.first() == Some(&0xFF) => rewrite_err_message(
+                payload,
+                &mut self.scratch,
+                |m, out| text.apply_message_into(0, m, out),
+                &mut self.row,
+            ),
+            Event::Ok(_) => rewrite_ok_info(
+                payload,
+                caps,
+                &mut self.scratch,
+                |i, out| text.apply_message_into(1, i, out),
+                &mut self.row,
+            ),
+            // An OK (0xFE) ending a result set under DEPRECATE_EOF; an EOF carries no text.
+            Event::ResultDone { .. } if caps.contains(Capabilities::DEPRECATE_EOF) => {
+                rewrite_ok_info(
+                    payload,
+                    caps,
+                    &mut self.scratch,
+                    |i, out| text.apply_message_into(1, i, out),
+                    &mut self.row,
+                )
+            }
+            _ => Ok(false),
+        }
+        .map_err(|e| format!("cannot mask a server message: {e}"))?;
+        if rewritten && self.text.masked_values() > 0 {
+            reports.push(self.text.journal_report());
+            self.text.reset_counts();
+        }
+        Ok(rewritten)
     }
 
     fn plan_for(&self, columns: &[ColumnDef]) -> Plan {
@@ -618,5 +696,51 @@ mod tests {
             .chunk(framed(1, &payloads), &mut machine, 1 << 24)
             .unwrap_err();
         assert!(err.contains("cannot mask a result row"), "{err}");
+    }
+
+    #[test]
+    fn err_messages_lose_their_findings_and_keep_number_and_sqlstate() {
+        use crate::protocol::mysql::handshake::{ErrPacket, parse_err};
+        let mut machine = ResponseMachine::new(caps());
+        machine
+            .client(0, b"\x03insert into people select * from x")
+            .unwrap();
+        let err = ErrPacket::new(
+            1062,
+            "23000",
+            "Duplicate entry 'ada@example.com' for key 'email'",
+        );
+        let chunk = framed(1, &[err.encode().to_vec()]);
+        let mut m = masker(&[]);
+        let (out, reports) = m.chunk(chunk, &mut machine, 1 << 24).unwrap();
+        assert!(machine.is_idle());
+        let got = unframe(&out);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, 1);
+        assert_eq!(
+            parse_err(&got[0].1).unwrap(),
+            ErrPacket::new(1062, "23000", "Duplicate entry '****' for key 'email'")
+        );
+        assert_eq!(reports.len(), 1);
+        assert_eq!(reports[0].fired[0].column, "error message");
+        assert_eq!(reports[0].fired[0].rule, "detector:email");
+
+        // An OK with nothing to hide, and an ERR with nothing found: the same bytes.
+        machine.client(0, b"\x03update t set a = 1").unwrap();
+        let ok = OkPacket {
+            affected_rows: 1,
+            info: "Rows matched: 1  Changed: 1  Warnings: 0".into(),
+            ..OkPacket::default()
+        };
+        let wire = framed(1, &[ok.encode(0, caps()).to_vec()]);
+        let (out, reports) = m.chunk(wire.clone(), &mut machine, 1 << 24).unwrap();
+        assert_eq!(out.as_ptr(), wire.as_ptr());
+        assert!(reports.is_empty());
+        machine.client(0, b"\x03select nope").unwrap();
+        let plain = ErrPacket::new(1054, "42S22", "Unknown column 'nope' in 'field list'");
+        let wire = framed(1, &[plain.encode().to_vec()]);
+        let (out, reports) = m.chunk(wire.clone(), &mut machine, 1 << 24).unwrap();
+        assert_eq!(out.as_ptr(), wire.as_ptr());
+        assert!(reports.is_empty());
     }
 }

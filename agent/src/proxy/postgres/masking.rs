@@ -11,6 +11,15 @@
 //! anything was masked, yields a report for the journal: which rule or detector fired on which
 //! column, with what strategy, how many values (never a value).
 //!
+//! Text outside rows goes through the same engine: the free-text fields of every ErrorResponse
+//! and NoticeResponse (message, detail, hint, context, internal query; codes and names stay
+//! as they are), NotificationResponse payloads, and ParameterStatus values that echo a client
+//! (`application_name`, ...), as chosen by [`rewrite_text_fields`]. Content detectors replace
+//! their findings in place; where an error names its table (fields `t`, and `c` for a column),
+//! the column rule for that column (or, with no column named, the first rule on the table)
+//! masks the detail whole, since it shows the row's or the key's values. Each rewritten
+//! message is followed by its report.
+//!
 //! Unchanged messages keep their bytes; a chunk is copied only from its first rewritten
 //! message on. A binary-format COPY cannot be masked row by row, so with masking on it ends
 //! the session rather than pass clear values.
@@ -25,6 +34,7 @@ use crate::mask::engine::{ColumnDesc, MaskPlan};
 use crate::mask::pgrow::{Format, RowRewrite, rewrite_copy_text, rewrite_data_row, value_kind};
 use crate::mask::rules::{Audience, Origin, RuleSet};
 use crate::protocol::postgres::backend::{Backend, decode_backend};
+use crate::protocol::postgres::backend::{TextField, rewrite_text_fields};
 use crate::protocol::postgres::body::Format as WireFormat;
 use crate::protocol::postgres::frame::{HEADER_LEN, messages};
 
@@ -36,8 +46,37 @@ pub(crate) struct Masker {
     /// Column origins by table OID (sessions sluice logged in for); None: names only.
     catalog: Option<CatalogAccess>,
     plan: Option<MaskPlan>,
+    /// Text outside rows.
+    text: TextMasker,
     /// Where a rewritten message is built before it joins the output.
     scratch: BytesMut,
+}
+
+/// The kinds of text outside rows, as named in the journal's reports.
+const TEXT_COLUMNS: [&str; 8] = [
+    "message",
+    "detail",
+    "hint",
+    "context",
+    "internal query",
+    "diagnostic",
+    "notification payload",
+    "parameter value",
+];
+/// The detail's column in [`TEXT_COLUMNS`].
+const DETAIL: usize = 1;
+
+fn text_column(field: TextField) -> usize {
+    match field {
+        TextField::Diagnostic(b'M') => 0,
+        TextField::Diagnostic(b'D') => DETAIL,
+        TextField::Diagnostic(b'H') => 2,
+        TextField::Diagnostic(b'W') => 3,
+        TextField::Diagnostic(b'q') => 4,
+        TextField::Diagnostic(_) => 5,
+        TextField::NotificationPayload => 6,
+        TextField::ParameterValue => 7,
+    }
 }
 
 impl Masker {
@@ -47,12 +86,22 @@ impl Masker {
         groups: &[String],
         catalog: Option<CatalogAccess>,
     ) -> Masker {
+        let text = TextMasker {
+            plan: MaskPlan::for_text(
+                rules.clone(),
+                target,
+                Audience::Groups(groups),
+                &TEXT_COLUMNS,
+            ),
+            field: Vec::new(),
+        };
         Masker {
             rules,
             target: target.to_string(),
             groups: groups.to_vec(),
             catalog,
             plan: None,
+            text,
             scratch: BytesMut::new(),
         }
     }
@@ -201,7 +250,33 @@ impl Masker {
                     self.report(&mut reports);
                     self.plan = None;
                 }
-                b'Z' | b'E' => self.plan = None,
+                b'Z' => self.plan = None,
+                b'E' | b'N' | b'A' | b'S' => {
+                    if tag == b'E' {
+                        // An error ends the result set: what its rows had masked is reported.
+                        self.report(&mut reports);
+                        self.plan = None;
+                    }
+                    let target = match out.as_mut() {
+                        Some(o) => o,
+                        None => {
+                            self.scratch.clear();
+                            &mut self.scratch
+                        }
+                    };
+                    let (rules, name, groups) = (&self.rules, &self.target, &self.groups);
+                    if self
+                        .text
+                        .mask(rules, name, groups, tag, body, target, &mut reports)?
+                    {
+                        if out.is_none() {
+                            let mut o = copy_prefix(&chunk, start);
+                            o.extend_from_slice(&self.scratch);
+                            out = Some(o);
+                        }
+                        rewritten = true;
+                    }
+                }
                 _ => {}
             }
             if !rewritten && let Some(o) = out.as_mut() {
@@ -209,6 +284,72 @@ impl Masker {
             }
         }
         Ok((out.map(BytesMut::freeze).unwrap_or(chunk), reports))
+    }
+}
+
+/// The masking of text outside rows, for one session.
+struct TextMasker {
+    /// Columns: [`TEXT_COLUMNS`].
+    plan: MaskPlan,
+    /// Where one field's replacement is built.
+    field: Vec<u8>,
+}
+
+impl TextMasker {
+    /// Masks the text of an ErrorResponse, NoticeResponse, NotificationResponse or
+    /// ParameterStatus; true when the rewritten message was appended to `out` (and its report
+    /// to `reports`).
+    #[allow(clippy::too_many_arguments)]
+    fn mask(
+        &mut self,
+        rules: &RuleSet,
+        target: &str,
+        groups: &[String],
+        tag: u8,
+        body: &[u8],
+        out: &mut BytesMut,
+        reports: &mut Vec<MaskReport>,
+    ) -> Result<bool, String> {
+        let audience = Audience::Groups(groups);
+        // The table (and column) an error names, when it names one (and is UTF-8).
+        let rule = match decode_backend(tag, body) {
+            Ok(Backend::ErrorResponse(d) | Backend::NoticeResponse(d)) => {
+                d.get(b't').and_then(|table| match d.get(b'c') {
+                    Some(column) => rules.column_rule(
+                        target,
+                        &Origin {
+                            schema: d.get(b's'),
+                            table: Some(table),
+                            column: Some(column),
+                            name: column,
+                        },
+                    ),
+                    None => rules.table_rule(target, d.get(b's'), table),
+                })
+            }
+            _ => None,
+        };
+        let ruled = rule.is_some();
+        if ruled {
+            self.plan.set_rule(DETAIL, rule, audience);
+        }
+        let plan = &mut self.plan;
+        let result = rewrite_text_fields(
+            tag,
+            body,
+            &mut self.field,
+            |field, value, scratch| plan.apply_message_into(text_column(field), value, scratch),
+            out,
+        );
+        if ruled {
+            self.plan.set_rule(DETAIL, None, audience);
+        }
+        let rewritten = result.map_err(|e| format!("cannot mask a server message: {e}"))?;
+        if rewritten && self.plan.masked_values() > 0 {
+            reports.push(self.plan.journal_report());
+            self.plan.reset_counts();
+        }
+        Ok(rewritten)
     }
 }
 
@@ -293,5 +434,169 @@ mod tests {
         let (out, reports) = m.chunk(plain.clone()).unwrap();
         assert_eq!(out.as_ptr(), plain.as_ptr());
         assert!(reports.is_empty());
+    }
+
+    fn strict_masker() -> Masker {
+        let rules = r#"
+            [[column]]
+            name = "customer-email"
+            table = "customers"
+            column = "email"
+            strategy = "redact"
+            [[detector]]
+            name = "email"
+            strategy = "redact"
+            [[detector]]
+            name = "card"
+            strategy = "redact"
+        "#;
+        let rules = Arc::new(RuleSet::from_toml(rules, None).unwrap());
+        Masker::new(rules, "app-db", &[], None)
+    }
+
+    fn diagnostic(tag: u8, fields: &[(u8, &str)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (c, v) in fields {
+            b.push(*c);
+            b.extend_from_slice(v.as_bytes());
+            b.push(0);
+        }
+        b.push(0);
+        msg(tag, &b)
+    }
+
+    #[test]
+    fn errors_notices_and_notifications_lose_their_findings_and_keep_their_codes() {
+        let mut m = strict_masker();
+        let error = diagnostic(
+            b'E',
+            &[
+                (b'S', "ERROR"),
+                (b'V', "ERROR"),
+                (b'C', "22P02"),
+                (
+                    b'M',
+                    "invalid input syntax for type integer: \"ann@example.com\"",
+                ),
+                (b'P', "30"),
+            ],
+        );
+        let notice = diagnostic(
+            b'N',
+            &[
+                (b'S', "NOTICE"),
+                (b'C', "00000"),
+                (b'M', "card 4111 1111 1111 1111"),
+                (b'W', "PL/pgSQL function f() line 3 at RAISE"),
+            ],
+        );
+        let mut notify = 9i32.to_be_bytes().to_vec();
+        notify.extend_from_slice(b"orders\0{\"by\":\"ann@example.com\"}\0");
+        let mut chunk = notice.clone();
+        chunk.extend(msg(b'A', &notify));
+        chunk.extend(error);
+        chunk.extend(msg(b'Z', b"I"));
+        let (out, reports) = m.chunk(Bytes::from(chunk)).unwrap();
+        let all = String::from_utf8_lossy(&out);
+        assert!(
+            !all.contains("ann@example.com") && !all.contains("4111"),
+            "{all}"
+        );
+        let Ok(Backend::ErrorResponse(d)) = messages(&out)
+            .flatten()
+            .find(|(t, _)| *t == b'E')
+            .map(|(t, b)| decode_backend(t, b))
+            .unwrap()
+        else {
+            panic!("no error")
+        };
+        assert_eq!(d.sqlstate(), Some("22P02"));
+        assert_eq!(d.get(b'P'), Some("30"));
+        assert_eq!(
+            d.message(),
+            Some("invalid input syntax for type integer: \"****\"")
+        );
+        let Ok(Backend::NotificationResponse {
+            payload, channel, ..
+        }) = messages(&out)
+            .flatten()
+            .find(|(t, _)| *t == b'A')
+            .map(|(t, b)| decode_backend(t, b))
+            .unwrap()
+        else {
+            panic!("no notification")
+        };
+        assert_eq!((channel, payload), ("orders", "{\"by\":\"****\"}"));
+        // The context had nothing to mask: its bytes are the same.
+        let Ok(Backend::NoticeResponse(n)) = messages(&out)
+            .flatten()
+            .find(|(t, _)| *t == b'N')
+            .map(|(t, b)| decode_backend(t, b))
+            .unwrap()
+        else {
+            panic!("no notice")
+        };
+        assert_eq!(n.get(b'W'), Some("PL/pgSQL function f() line 3 at RAISE"));
+        assert_eq!(n.message(), Some("card ****"));
+        let fired: Vec<String> = reports
+            .iter()
+            .flat_map(|r| r.fired.iter().map(|f| format!("{} {}", f.column, f.rule)))
+            .collect();
+        assert_eq!(
+            fired,
+            vec![
+                "message detector:card",
+                "notification payload detector:email",
+                "message detector:email"
+            ]
+        );
+
+        // Nothing to mask: the very same bytes.
+        let plain = Bytes::from(diagnostic(
+            b'E',
+            &[(b'C', "42P01"), (b'M', "no such table")],
+        ));
+        let (out, reports) = m.chunk(plain.clone()).unwrap();
+        assert_eq!(out.as_ptr(), plain.as_ptr());
+        assert!(reports.is_empty());
+    }
+
+    #[test]
+    fn an_error_naming_a_masked_table_has_its_detail_masked_whole() {
+        let mut m = strict_masker();
+        let unique = diagnostic(
+            b'E',
+            &[
+                (b'C', "23505"),
+                (
+                    b'M',
+                    "duplicate key value violates unique constraint \"customers_email_key\"",
+                ),
+                (b'D', "Key (email)=(ANN AT EXAMPLE) already exists."),
+                (b's', "public"),
+                (b't', "customers"),
+                (b'n', "customers_email_key"),
+            ],
+        );
+        let (out, reports) = m.chunk(Bytes::from(unique)).unwrap();
+        let (t, b) = messages(&out).flatten().next().unwrap();
+        let Ok(Backend::ErrorResponse(d)) = decode_backend(t, b) else {
+            panic!("no error")
+        };
+        assert_eq!(d.get(b'D'), Some("****"));
+        assert_eq!(d.get(b'n'), Some("customers_email_key"));
+        assert_eq!(reports[0].fired[0].rule, "column:customer-email");
+        // Another table's detail is left to the detectors.
+        let other = diagnostic(
+            b'E',
+            &[
+                (b'C', "23505"),
+                (b'D', "Key (sku)=(A-1) already exists."),
+                (b't', "items"),
+            ],
+        );
+        let other = Bytes::from(other);
+        let (out, _) = m.chunk(other.clone()).unwrap();
+        assert_eq!(out.as_ptr(), other.as_ptr());
     }
 }
