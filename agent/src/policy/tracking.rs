@@ -19,23 +19,21 @@ use std::ops::ControlFlow;
 use sqlparser::ast::{
     CopySource, Expr, Query, SelectItem, SetExpr, Statement, TableFactor, Visit, Visitor,
 };
-use sqlparser::dialect::{MySqlDialect, PostgreSqlDialect};
-use sqlparser::parser::Parser;
 
 use super::facts::Dialect;
+use super::parse::{Parsed, parse};
 
 /// Why `sql` would return a column that `masked(name)` says is masked without sluice being
 /// able to recognise it by name; None when every such column is tracked (or there is none).
 pub fn untracked(sql: &str, dialect: Dialect, masked: &dyn Fn(&str) -> bool) -> Option<String> {
-    let parsed = match dialect {
-        Dialect::Postgres => Parser::parse_sql(&PostgreSqlDialect {}, sql),
-        Dialect::MySql => Parser::parse_sql(&MySqlDialect {}, sql),
-    };
-    let Ok(statements) = parsed else {
+    let Ok(statements) = parse(sql, dialect) else {
         return Some("the statement does not parse, so its columns cannot be tracked".into());
     };
     for statement in &statements {
-        if let Some(why) = statement_untracked(statement, masked) {
+        // A MOVE returns no rows.
+        if let Parsed::Sql(statement) = statement
+            && let Some(why) = statement_untracked(statement, masked)
+        {
             return Some(why);
         }
     }
