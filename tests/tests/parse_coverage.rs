@@ -569,3 +569,57 @@ fn fetch_all_through_a_cursor_works_on_a_strict_masking_target_and_stays_masked(
         "{out}"
     );
 }
+
+#[test]
+fn mysqldump_and_the_mariadb_clis_show_commands_work_on_a_target_that_denies_what_it_cannot_parse()
+{
+    let test = "mysqldump_and_the_mariadb_clis_show_commands_work_on_a_target_that_denies_what_it_cannot_parse";
+    if !require_root(test) || !require_mariadb(test) {
+        return;
+    }
+    let s = mariadb::Intercepted::start("parse-deny-mysql", |o| {
+        o.targets = o
+            .targets
+            .iter()
+            .map(|t| format!("{t}unparsed = \"deny\"\n"))
+            .collect();
+        o.policy_dir = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies"));
+    })
+    .unwrap();
+    s.db.sql(MARIADB_SCHEMA).unwrap();
+
+    let out = s.mariadb(
+        "SHOW CREATE DATABASE shop; SHOW PROCEDURE STATUS WHERE Db = 'shop'; SHOW FUNCTION STATUS WHERE Db = 'shop'",
+    );
+    let text = out.ok();
+    assert!(text.contains("CREATE DATABASE `shop`"), "{text}");
+    assert!(text.contains("order_count"), "{text}");
+
+    let mut cmd = s.command(true, "mysqldump");
+    cmd.args(&MariaDb::client_args(s.db.port)[..10])
+        .args(["--routines", "--triggers", "--events", mariadb::DATABASE]);
+    let dump = run_bounded(&mut cmd, LIMIT).unwrap();
+    let dump = dump.ok();
+    for seen in [
+        "CREATE TABLE `people`",
+        "INSERT INTO `people` VALUES",
+        "CREATE DEFINER=`root`@`localhost` PROCEDURE `order_count`",
+        "orders_positive",
+    ] {
+        assert!(dump.contains(seen), "{seen} missing from mysqldump's output:\n{dump}");
+    }
+    let unparsed: Vec<Value> = s
+        .agent
+        .export()
+        .unwrap()
+        .into_iter()
+        .filter(|r| {
+            r["kind"] == "decision" && r["facts"].as_str().unwrap_or_default().contains("parse_error")
+        })
+        .collect();
+    assert!(unparsed.is_empty(), "statements sluice could not parse: {unparsed:#?}");
+
+    // What the fallback does not know is still denied.
+    let out = s.mariadb("LOCK TABLES mysql.proc READ LOCAL x");
+    assert!(out.stderr.contains("sluice-unparsed"), "{}\n{}", out.stdout, out.stderr);
+}

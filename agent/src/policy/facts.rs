@@ -182,7 +182,7 @@ pub fn analyze(sql: &str, dialect: Dialect) -> Vec<Facts> {
             .iter()
             .map(|s| match s {
                 Parsed::Sql(s) => statement_facts(s),
-                Parsed::Move => Facts::new(Kind::Other),
+                Parsed::Move | Parsed::Metadata => Facts::new(Kind::Other),
             })
             .collect(),
         Err(_) => vec![Facts::unparsed()],

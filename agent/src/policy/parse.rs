@@ -46,10 +46,14 @@ pub enum Parsed {
     Sql(Statement),
     /// `MOVE ...`: repositions a cursor; returns no rows and changes no data.
     Move,
+    /// A MySQL statement sqlparser has no AST for that reads only server metadata or takes
+    /// table locks, and changes no data: `SHOW CREATE DATABASE`, `LOCK TABLES` of qualified
+    /// names.
+    Metadata,
 }
 
-/// The longest recognised statement, in tokens (`FETCH BACKWARD - 10 FROM "c"` is 6).
-const MAX_SHAPE_TOKENS: usize = 8;
+/// The longest statement the fallback looks at, in tokens (a LOCK TABLES of many tables).
+const MAX_SHAPE_TOKENS: usize = 4096;
 
 /// The statements of `sql` in order (see the module doc), or sqlparser's error when some
 /// statement is neither sqlparser's nor a recognised shape.
@@ -121,7 +125,7 @@ fn statements(
         if p.peek_token_ref().token == Token::EOF {
             return Ok(out);
         }
-        match recognise(&p, dialect) {
+        match recognise(&p, d, dialect) {
             Some((parsed, used)) => {
                 for _ in 0..used {
                     p.advance_token();
@@ -141,11 +145,8 @@ fn statements(
 
 /// A recognised statement at the parser's position and how many (non-whitespace) tokens it
 /// spans, or None.
-fn recognise(p: &Parser<'_>, dialect: Dialect) -> Option<(Parsed, usize)> {
-    if dialect != Dialect::Postgres {
-        return None;
-    }
-    let mut words: Vec<&Token> = Vec::with_capacity(MAX_SHAPE_TOKENS);
+fn recognise(p: &Parser<'_>, d: &dyn SqlDialect, dialect: Dialect) -> Option<(Parsed, usize)> {
+    let mut words: Vec<&Token> = Vec::new();
     loop {
         let t = &p.peek_nth_token_ref(words.len()).token;
         if matches!(t, Token::SemiColon | Token::EOF) {
@@ -156,10 +157,18 @@ fn recognise(p: &Parser<'_>, dialect: Dialect) -> Option<(Parsed, usize)> {
         }
         words.push(t);
     }
+    let parsed = match dialect {
+        Dialect::Postgres => postgres_shape(&words)?,
+        Dialect::MySql => mysql_shape(d, &words)?,
+    };
+    Some((parsed, words.len()))
+}
+
+/// FETCH and MOVE (see the module doc), all of `words`.
+fn postgres_shape(words: &[&Token]) -> Option<Parsed> {
     let (first, rest) = words.split_first()?;
     // sqlparser has no MOVE keyword: the word itself, unquoted.
-    let is_move =
-        matches!(first, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case("move"));
+    let is_move = bare(first, "move");
     let parsed = match keyword(first)? {
         _ if is_move => {
             cursor_command(rest)?;
@@ -176,7 +185,109 @@ fn recognise(p: &Parser<'_>, dialect: Dialect) -> Option<(Parsed, usize)> {
         }
         _ => return None,
     };
-    Some((parsed, words.len()))
+    Some(parsed)
+}
+
+/// MySQL/MariaDB statements mysqldump and the mariadb CLI send that sqlparser refuses, all of
+/// `words`:
+/// - `SHOW {PROCEDURE | FUNCTION | PACKAGE | PACKAGE BODY} STATUS [LIKE 'p' | WHERE expr]`
+///   becomes the `Statement::ShowStatus` sqlparser builds for `SHOW STATUS` with the same
+///   filter (both list server metadata; a WHERE's expression, parsed by sqlparser, keeps its
+///   subqueries and functions as facts);
+/// - `SHOW CREATE {DATABASE | SCHEMA} [IF NOT EXISTS] name` is [`Parsed::Metadata`];
+/// - `LOCK {TABLES | TABLE} t [[AS] a] lock [, ...]` where some `t` is qualified (`mysql.proc`:
+///   sqlparser takes only a bare name) is [`Parsed::Metadata`], as sqlparser's own
+///   `LOCK TABLES` is kind `other` with no tables.
+fn mysql_shape(d: &dyn SqlDialect, words: &[&Token]) -> Option<Parsed> {
+    let kw = |i: usize| words.get(i).and_then(|t| keyword(t));
+    match kw(0)? {
+        Keyword::SHOW => {
+            let status_at = match (kw(1)?, kw(2)) {
+                (Keyword::PROCEDURE | Keyword::FUNCTION, _) => 2,
+                (Keyword::PACKAGE, _) if words.get(2).is_some_and(|t| bare(t, "body")) => 3,
+                (Keyword::PACKAGE, _) => 2,
+                (Keyword::CREATE, Some(Keyword::DATABASE | Keyword::SCHEMA)) => {
+                    let name = match (kw(3), kw(4), kw(5)) {
+                        (Some(Keyword::IF), Some(Keyword::NOT), Some(Keyword::EXISTS)) => 6,
+                        _ => 3,
+                    };
+                    return (words.len() == name + 1 && matches!(words[name], Token::Word(_)))
+                        .then_some(Parsed::Metadata);
+                }
+                _ => return None,
+            };
+            if kw(status_at)? != Keyword::STATUS {
+                return None;
+            }
+            let rest: Vec<Token> = words[status_at + 1..].iter().map(|&t| t.clone()).collect();
+            let mut sub = Parser::new(d).with_tokens(rest);
+            let filter = sub.parse_show_statement_filter().ok()?;
+            (sub.peek_token_ref().token == Token::EOF).then_some(Parsed::Sql(Statement::ShowStatus {
+                filter,
+                global: false,
+                session: false,
+            }))
+        }
+        Keyword::LOCK if matches!(kw(1)?, Keyword::TABLES | Keyword::TABLE) => {
+            lock_tables(&words[2..]).then_some(Parsed::Metadata)
+        }
+        _ => None,
+    }
+}
+
+/// `t [[AS] a] lock [, ...]`, all of `tokens`: `t` a name or `db.name`; lock `READ [LOCAL]`,
+/// `[LOW_PRIORITY] WRITE` or `WRITE CONCURRENT`.
+fn lock_tables(tokens: &[&Token]) -> bool {
+    let name = |t: &Token| matches!(t, Token::Word(_));
+    let mut i = 0;
+    loop {
+        // The table, maybe qualified.
+        if !tokens.get(i).is_some_and(|t| name(t)) {
+            return false;
+        }
+        i += 1;
+        if tokens.get(i) == Some(&&Token::Period) {
+            if !tokens.get(i + 1).is_some_and(|t| name(t)) {
+                return false;
+            }
+            i += 2;
+        }
+        let kw = |i: usize| tokens.get(i).and_then(|t| keyword(t));
+        // An alias: AS name, or a name that is not a lock type.
+        if kw(i) == Some(Keyword::AS) {
+            if !tokens.get(i + 1).is_some_and(|t| name(t)) {
+                return false;
+            }
+            i += 2;
+        } else if tokens.get(i).is_some_and(|t| name(t))
+            && !matches!(
+                kw(i),
+                Some(Keyword::READ | Keyword::WRITE | Keyword::LOW_PRIORITY)
+            )
+        {
+            i += 1;
+        }
+        i += match (kw(i), kw(i + 1)) {
+            (Some(Keyword::READ), Some(Keyword::LOCAL)) => 2,
+            (Some(Keyword::READ), _) => 1,
+            (Some(Keyword::LOW_PRIORITY), Some(Keyword::WRITE)) => 2,
+            (Some(Keyword::WRITE), _) if tokens.get(i + 1).is_some_and(|t| bare(t, "concurrent")) => {
+                2
+            }
+            (Some(Keyword::WRITE), _) => 1,
+            _ => return false,
+        };
+        match tokens.get(i) {
+            None => return true,
+            Some(Token::Comma) => i += 1,
+            Some(_) => return false,
+        }
+    }
+}
+
+/// Whether `t` is the unquoted word `word` (for words sqlparser has no keyword for).
+fn bare(t: &Token, word: &str) -> bool {
+    matches!(t, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case(word))
 }
 
 /// The keyword of an unquoted word.
@@ -363,6 +474,7 @@ mod tests {
             .map(|p| match p {
                 Parsed::Sql(s) => s.to_string().split(' ').next().unwrap().to_string(),
                 Parsed::Move => "MOVE".into(),
+                Parsed::Metadata => "metadata".into(),
             })
             .collect();
         assert_eq!(
@@ -416,8 +528,69 @@ mod tests {
     }
 
     #[test]
-    fn the_fallback_is_postgresql_only() {
+    fn fetch_and_move_are_postgresql_only() {
         assert!(parse("FETCH ALL c", Dialect::MySql).is_err());
+        assert!(parse("MOVE ALL c", Dialect::MySql).is_err());
+    }
+
+    #[test]
+    fn mysqldump_and_mariadb_cli_statements_sqlparser_refuses_are_recognised() {
+        let my = |sql: &str| parse(sql, Dialect::MySql);
+        for sql in [
+            "SHOW CREATE DATABASE shop",
+            "show create schema if not exists `shop`",
+            "LOCK TABLES mysql.proc READ",
+            "LOCK TABLES mysql.event READ LOCAL, `shop`.`people` AS p WRITE, t2 LOW_PRIORITY WRITE",
+            "LOCK TABLE a.b x WRITE CONCURRENT",
+        ] {
+            assert!(
+                Parser::parse_sql(&MySqlDialect {}, sql).is_err(),
+                "{sql}: sqlparser parses it"
+            );
+            assert_eq!(my(sql).unwrap(), vec![Parsed::Metadata], "{sql}");
+        }
+        for (sql, filter) in [
+            ("SHOW PROCEDURE STATUS WHERE Db = 'shop'", " WHERE Db = 'shop'"),
+            ("SHOW FUNCTION STATUS WHERE Db = 'shop'", " WHERE Db = 'shop'"),
+            ("SHOW PACKAGE BODY STATUS WHERE Db = 'shop'", " WHERE Db = 'shop'"),
+            ("show package status where Db = 'shop'", " WHERE Db = 'shop'"),
+        ] {
+            assert!(
+                Parser::parse_sql(&MySqlDialect {}, sql).is_err(),
+                "{sql}: sqlparser parses it"
+            );
+            let parsed = my(sql).unwrap();
+            let Parsed::Sql(s @ Statement::ShowStatus { .. }) = &parsed[0] else {
+                panic!("{sql}: {parsed:?}");
+            };
+            assert_eq!(s.to_string(), format!("SHOW STATUS{filter}"), "{sql}");
+        }
+        // A subquery in the filter stays a fact.
+        let parsed = my("SHOW FUNCTION STATUS WHERE Db IN (SELECT name FROM secrets)").unwrap();
+        assert!(parsed[0] != Parsed::Metadata);
+        for sql in [
+            "SHOW CREATE DATABASE",
+            "SHOW CREATE DATABASE a b",
+            "SHOW PROCEDURE STATUS WHERE",
+            "SHOW PROCEDURE STATUS LIKE x y",
+            "SHOW PROCEDURE",
+            "SHOW PACKAGE BODY",
+            "LOCK TABLES mysql.proc",
+            "LOCK TABLES mysql.proc READ,",
+            "LOCK TABLES mysql.proc READ x",
+            "LOCK TABLES mysql. READ",
+            "LOCK TABLES a.b.c READ",
+            "LOCK TABLES mysql.proc READ; DELETE FROM",
+            "LOCK TABLES mysql.proc READ DELETE FROM t",
+        ] {
+            // sqlparser takes some of these as `SHOW <variable>`; those are its own.
+            if Parser::parse_sql(&MySqlDialect {}, sql).is_ok() {
+                continue;
+            }
+            assert!(my(sql).is_err(), "{sql} must stay unparsed: {:?}", my(sql));
+        }
+        // These are MySQL's: the PostgreSQL dialect does not take them.
+        assert!(pg("SHOW CREATE DATABASE shop").is_err());
     }
 
     #[test]

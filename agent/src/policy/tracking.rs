@@ -30,7 +30,7 @@ pub fn untracked(sql: &str, dialect: Dialect, masked: &dyn Fn(&str) -> bool) -> 
         return Some("the statement does not parse, so its columns cannot be tracked".into());
     };
     for statement in &statements {
-        // A MOVE returns no rows.
+        // A MOVE, LOCK TABLES or SHOW CREATE DATABASE returns no table rows.
         if let Parsed::Sql(statement) = statement
             && let Some(why) = statement_untracked(statement, masked)
         {
