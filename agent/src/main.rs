@@ -156,7 +156,8 @@ enum Command {
         #[arg(long, short, env = "SLUICE_CONFIG", default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
-    /// Check a config file and print the targets it protects.
+    /// Check a config file (and its masking file) and print the targets it protects, with the
+    /// masking each gets; warns about masking rules whose target globs match no target.
     CheckConfig {
         #[arg(long, short, env = "SLUICE_CONFIG", default_value = config::DEFAULT_PATH)]
         config: PathBuf,
@@ -548,8 +549,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CheckConfig { config } => {
             let loaded = Config::load(&config)?;
+            let masking = loaded
+                .agent
+                .masking_file
+                .as_deref()
+                .map(|path| sluice::proxy::load_masking(path).map(|rules| (path, rules)))
+                .transpose()?;
+            let targets = loaded.targets()?;
             println!("{}: ok", config.display());
-            for t in loaded.targets()? {
+            match &masking {
+                Some((path, _)) => println!("masking rules {}: ok", path.display()),
+                None => println!("masking: none (no masking_file): results pass unmasked"),
+            }
+            for t in &targets {
                 println!(
                     "  target {} ({}): match {} listen {} backend {}",
                     t.name,
@@ -564,6 +576,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .map(|a| a.to_string())
                         .unwrap_or_else(|| "-".into()),
                 );
+                if let Some((_, rules)) = &masking {
+                    let m = rules.for_target(&t.name);
+                    let list = |names: &[&str]| {
+                        if names.is_empty() {
+                            "none".to_string()
+                        } else {
+                            names.join(", ")
+                        }
+                    };
+                    println!(
+                        "    masking: {}; column rules: {}; detectors: {}",
+                        match (m.strict, m.mode_glob) {
+                            (true, Some(g)) => format!("strict ([[target]] {g:?})"),
+                            (false, Some(g)) => format!("not strict ([[target]] {g:?})"),
+                            (_, None) => "not strict (no [[target]] matches)".to_string(),
+                        },
+                        list(&m.columns),
+                        list(&m.detectors)
+                    );
+                }
+            }
+            if let Some((path, rules)) = &masking {
+                let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+                for glob in rules.unmatched_target_globs(&names) {
+                    eprintln!(
+                        "warning: {}: {glob} matches none of the configured targets ({}), so it never applies",
+                        path.display(),
+                        names.join(", ")
+                    );
+                }
             }
             Ok(())
         }

@@ -275,6 +275,11 @@ impl Glob {
     pub fn matches(&self, name: &str) -> bool {
         self.any || wildcard(self.pattern.as_bytes(), name.as_bytes())
     }
+
+    /// The pattern, lowercased.
+    pub fn pattern(&self) -> &str {
+        &self.pattern
+    }
 }
 
 /// Iterative `*` matching with single backtracking point (linear in practice).
@@ -662,6 +667,76 @@ impl RuleSet {
     }
 }
 
+/// What the rules do on one target, as `sluice check-config` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetMasking<'s> {
+    /// The `[[target]]` glob that set the mode (the first that matches), if any.
+    pub mode_glob: Option<&'s str>,
+    pub strict: bool,
+    /// The column rules whose `target` matches, in order.
+    pub columns: Vec<&'s str>,
+    /// The detectors enabled on the target, in order.
+    pub detectors: Vec<&'s str>,
+}
+
+impl RuleSet {
+    /// Strict or not (and why), and which column rules and detectors apply to `target`.
+    pub fn for_target(&self, target: &str) -> TargetMasking<'_> {
+        let mode = self.targets.iter().find(|(g, _)| g.matches(target));
+        TargetMasking {
+            mode_glob: mode.map(|(g, _)| g.pattern()),
+            strict: mode.is_some_and(|&(_, strict)| strict),
+            columns: self
+                .columns
+                .iter()
+                .filter(|r| r.target.matches(target))
+                .map(|r| r.name.as_str())
+                .collect(),
+            detectors: self
+                .detector_rules
+                .iter()
+                .filter(|r| r.target.matches(target))
+                .map(|r| r.name.as_str())
+                .collect(),
+        }
+    }
+
+    /// Every target glob of the file (`[[target]] name`, a column rule's or a detector's
+    /// `target`) that matches none of `targets`, described as the file names it: such a rule
+    /// never applies, which is usually a typo or a renamed target.
+    pub fn unmatched_target_globs(&self, targets: &[&str]) -> Vec<String> {
+        let none = |g: &Glob| !targets.iter().any(|t| g.matches(t));
+        let mut out = Vec::new();
+        for (g, strict) in &self.targets {
+            if none(g) {
+                out.push(format!(
+                    "[[target]] name = {:?} (strict = {strict})",
+                    g.pattern()
+                ));
+            }
+        }
+        for r in &self.columns {
+            if none(&r.target) {
+                out.push(format!(
+                    "column rule {:?}: target = {:?}",
+                    r.name,
+                    r.target.pattern()
+                ));
+            }
+        }
+        for r in &self.detector_rules {
+            if none(&r.target) {
+                out.push(format!(
+                    "detector {:?}: target = {:?}",
+                    r.name,
+                    r.target.pattern()
+                ));
+            }
+        }
+        out
+    }
+}
+
 impl ColumnRule {
     pub fn choice(&self) -> &Choice {
         &self.choice
@@ -815,6 +890,38 @@ mod tests {
         assert!(!set.is_strict("dev-db"));
         assert!(set.masks_column("app-db", "public", "customers", "email"));
         assert!(set.detectors().len() >= 9);
+    }
+
+    #[test]
+    fn what_applies_to_a_target_and_globs_matching_no_target_are_reported() {
+        let set = compile(
+            "[[target]]\nname = \"Prod-*\"\nstrict = true\n[[target]]\nname = \"stage-*\"\n\
+             [[column]]\nname = \"mail\"\ncolumn = \"email\"\nstrategy = \"redact\"\n\
+             [[column]]\nname = \"cards\"\ntarget = \"prod-*\"\ncolumn = \"card\"\nstrategy = \"redact\"\n\
+             [[detector]]\nname = \"email\"\nstrategy = \"redact\"\n\
+             [[detector]]\nname = \"iban\"\ntarget = \"qa-*\"\nstrategy = \"redact\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            set.for_target("prod-db"),
+            TargetMasking {
+                mode_glob: Some("prod-*"),
+                strict: true,
+                columns: vec!["mail", "cards"],
+                detectors: vec!["email"],
+            }
+        );
+        let dev = set.for_target("dev-db");
+        assert_eq!((dev.mode_glob, dev.strict), (None, false));
+        assert_eq!(dev.columns, vec!["mail"]);
+        assert_eq!(
+            set.unmatched_target_globs(&["prod-db", "dev-db"]),
+            vec![
+                "[[target]] name = \"stage-*\" (strict = false)".to_string(),
+                "detector \"iban\": target = \"qa-*\"".to_string(),
+            ]
+        );
+        assert_eq!(set.unmatched_target_globs(&[]).len(), 6);
     }
 
     #[test]

@@ -27,6 +27,9 @@
 //! - **A text that does not parse** yields one fact set with `parse_error` (kind `other`): the
 //!   caller decides, per target, whether that is denied (default) or allowed and flagged. The
 //!   PostgreSQL dialect accepts some statements PostgreSQL rejects: facts are never a validator.
+//!   Parsing is [`super::parse`]'s: sqlparser, plus the shapes it refuses that sluice
+//!   recognises whole (FETCH/MOVE forms); a MOVE is kind `other` with no tables, as sqlparser's
+//!   FETCH is.
 //! - **Dialect is a parameter** ([`Dialect`]), so MySQL shares this module.
 //! - **Cache.** Parsing costs microseconds; [`FactsCache`] keeps results by statement text in
 //!   two generations (an LRU approximation: a hit in the old generation is promoted, and when
@@ -43,8 +46,8 @@ use sqlparser::ast::{
     CopySource, CopyTarget, Expr, FromTable, ObjectName, ObjectNamePart, Query, Statement,
     TableFactor, TableObject, Visit, Visitor,
 };
-use sqlparser::dialect::{MySqlDialect, PostgreSqlDialect};
-use sqlparser::parser::Parser;
+
+use super::parse::{Parsed, parse};
 
 /// The SQL dialect a target speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -174,12 +177,14 @@ impl Facts {
 /// The facts of every statement in `sql`, in order. An empty text yields none; a text that does
 /// not parse yields one fact set with `parse_error`.
 pub fn analyze(sql: &str, dialect: Dialect) -> Vec<Facts> {
-    let parsed = match dialect {
-        Dialect::Postgres => Parser::parse_sql(&PostgreSqlDialect {}, sql),
-        Dialect::MySql => Parser::parse_sql(&MySqlDialect {}, sql),
-    };
-    match parsed {
-        Ok(statements) => statements.iter().map(statement_facts).collect(),
+    match parse(sql, dialect) {
+        Ok(statements) => statements
+            .iter()
+            .map(|s| match s {
+                Parsed::Sql(s) => statement_facts(s),
+                Parsed::Move | Parsed::Metadata => Facts::new(Kind::Other),
+            })
+            .collect(),
         Err(_) => vec![Facts::unparsed()],
     }
 }

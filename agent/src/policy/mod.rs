@@ -3,6 +3,8 @@
 //! - [`facts`]: what a SQL text does (kind, tables, WHERE, functions, COPY PROGRAM), cached by
 //!   text.
 //! - [`engine`]: the Cedar schema + policy set from a directory, validated, and decisions.
+//! - [`parse`]: sqlparser, plus the statement shapes it refuses that sluice recognises whole
+//!   (PostgreSQL's FETCH/MOVE forms), and MariaDB's `/*M! */` comments read as code.
 //! - [`principal`]: who a connection belongs to, from the config's `[[identity]]` entries.
 //! - [`tracking`]: for masking's strict mode, whether a statement returns masked columns under
 //!   their own names and moves none anywhere else (tables, columns, views, variables, files,
@@ -18,6 +20,7 @@
 
 pub mod engine;
 pub mod facts;
+pub mod parse;
 pub mod principal;
 pub mod tracking;
 

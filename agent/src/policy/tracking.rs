@@ -53,10 +53,10 @@ use sqlparser::ast::{
     OnConflictAction, OnInsert, Query, SelectItem, SetExpr, Statement, TableFactor, Value, Visit,
     Visitor,
 };
-use sqlparser::dialect::{MySqlDialect, PostgreSqlDialect};
-use sqlparser::parser::{Parser, ParserError};
+use sqlparser::parser::ParserError;
 
 use super::facts::Dialect;
+use super::parse::Parsed;
 
 /// What a moved column's denial tells the person to do.
 const MOVE_ADVICE: &str = "on a strict target masked columns leave only as query results under their own names, never copied into tables, columns, views, variables, files or routines";
@@ -89,11 +89,17 @@ pub fn untracked(sql: &str, dialect: Dialect, masked: Masked<'_>) -> Option<Stri
     None
 }
 
+/// The statements of `sql` that have an AST, through the policy layer's one parser (its
+/// fallback included). The shapes the fallback knows without an AST (a MOVE, LOCK TABLES, SHOW
+/// CREATE DATABASE) return no table rows and move no data, so they have nothing to track.
 fn parse(sql: &str, dialect: Dialect) -> Result<Vec<Statement>, ParserError> {
-    match dialect {
-        Dialect::Postgres => Parser::parse_sql(&PostgreSqlDialect {}, sql),
-        Dialect::MySql => Parser::parse_sql(&MySqlDialect {}, sql),
-    }
+    Ok(super::parse::parse(sql, dialect)?
+        .into_iter()
+        .filter_map(|parsed| match parsed {
+            Parsed::Sql(statement) => Some(statement),
+            Parsed::Move | Parsed::Metadata => None,
+        })
+        .collect())
 }
 
 /// The statement PREPARE / EXPLAIN wrap (or the statement itself).
