@@ -180,7 +180,7 @@ impl Postgres {
             ];
         }
         let port = free_port();
-        // `ip netns exec` execs the program, so the child's pid stays the server's.
+        // In a network namespace the child is still the server itself (see netns::in_netns).
         let in_netns = |c: Command| match &options.netns {
             Some(ns) => netns::in_netns(ns, &c),
             None => c,

@@ -12,8 +12,8 @@
 //! - Only namespaces this module creates get addresses, and only from 198.18.0.0/15 and
 //!   loopback; the host's own interfaces, routes, /etc/hosts and resolver are never touched.
 //!   Each namespace's name resolution is `/etc/netns/<ns>/hosts` (and a `resolv.conf` naming
-//!   no reachable server), which `ip netns exec` bind-mounts over /etc's for the processes it
-//!   starts (and only for them).
+//!   no reachable server), which [`in_netns`] bind-mounts over /etc's in a private mount
+//!   namespace for the processes it starts (and only for them).
 //! - [`Topology`] is the guard: dropping it (on success, error or panic) kills what runs in
 //!   its namespaces, deletes them (which deletes their veths) and their /etc/netns directories.
 //! - Every command is bounded in time ([`crate::run_bounded`]).
@@ -91,15 +91,6 @@ impl Topology {
         ip(&["-n", &topo.db, "addr", "add", &format!("{DB_FAILOVER}/24"), "dev", "eth0"])?;
         ip(&["-n", &topo.bastion, "route", "add", "default", "via", &ROUTER_BASTION.to_string()])?;
         ip(&["-n", &topo.db, "route", "add", "default", "via", &ROUTER_DB.to_string()])?;
-        // Forwarding is per namespace: this changes the router's, not the host's.
-        let out = crate::run_bounded(
-            topo.exec(&topo.router, "sysctl")
-                .args(["-q", "-w", "net.ipv4.ip_forward=1"]),
-            LIMIT,
-        )?;
-        if !out.status.success() {
-            bail!("enabling forwarding in {} failed: {}", topo.router, out.stderr);
-        }
         for ns in topo.all() {
             topo.set_hosts(ns, &[])?;
             // No DNS server here: names come from /etc/hosts, and a lookup of anything else
@@ -109,6 +100,15 @@ impl Topology {
                 "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
             )?;
         }
+        // Forwarding is per namespace: this changes the router's, not the host's.
+        let out = crate::run_bounded(
+            topo.exec(&topo.router, "sysctl")
+                .args(["-q", "-w", "net.ipv4.ip_forward=1"]),
+            LIMIT,
+        )?;
+        if !out.status.success() {
+            bail!("enabling forwarding in {} failed: {}", topo.router, out.stderr);
+        }
         Ok(topo)
     }
 
@@ -116,7 +116,7 @@ impl Topology {
         [&self.bastion, &self.router, &self.db]
     }
 
-    /// `/etc/netns/<ns>`: the files `ip netns exec` mounts over /etc's for that namespace.
+    /// `/etc/netns/<ns>`: the files [`in_netns`] mounts over /etc's for that namespace.
     pub fn etc(&self, ns: &str) -> PathBuf {
         PathBuf::from("/etc/netns").join(ns)
     }
@@ -144,7 +144,11 @@ impl Topology {
             {
                 let pids: Vec<&str> = out.stdout.split_whitespace().collect();
                 if !pids.is_empty() {
-                    let _ = Command::new("kill").arg("-KILL").args(&pids).status();
+                    let _ = Command::new("kill")
+                        .arg("-KILL")
+                        .args(&pids)
+                        .stderr(std::process::Stdio::null())
+                        .status();
                 }
             }
             let _ = crate::run_bounded(Command::new("ip").args(["netns", "del", ns]), LIMIT);
@@ -153,11 +157,21 @@ impl Topology {
     }
 }
 
-/// `cmd` (program, arguments, environment) run in namespace `ns` by `ip netns exec`, which
-/// execs it: the child's pid is the program's.
+/// `cmd` (program, arguments, environment) run in network namespace `ns`, with that
+/// namespace's /etc/hosts and /etc/resolv.conf bind-mounted over the host's in a private mount
+/// namespace of its own (`nsenter --net`, `unshare -m`, `mount --bind`). Not `ip netns exec`:
+/// it remounts /sys, which hides the cgroup2 and bpffs mounts the agent and the clients need.
+/// Every step execs the next, so the child's pid is the program's.
 pub fn in_netns(ns: &str, cmd: &Command) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns])
+    let etc = PathBuf::from("/etc/netns").join(ns);
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{ns}"))
+        .args(["--", "unshare", "--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(
+            "mount --bind \"$0\" /etc/hosts && mount --bind \"$1\" /etc/resolv.conf && shift && exec \"$@\"",
+        )
+        .arg(etc.join("hosts"))
+        .arg(etc.join("resolv.conf"))
         .arg(cmd.get_program())
         .args(cmd.get_args());
     for (k, v) in cmd.get_envs() {

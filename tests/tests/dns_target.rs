@@ -1,8 +1,9 @@
 //! End to end: a target named by DNS (`match = "db:PORT"`) on another host, reached over a
 //! routed link (network namespaces, see `sluice_tests::netns`). The name is resolved by the
-//! system resolver from the bastion's own /etc/hosts (`ip netns exec` bind-mounts
-//! /etc/netns/<bastion>/hosts there for the agent and the clients, and only for them), which
-//! the test rewrites while the agent runs, as a failover would move the name.
+//! system resolver from the bastion's own /etc/hosts (`netns::in_netns` bind-mounts
+//! /etc/netns/<bastion>/hosts there, in a private mount namespace, for the agent and the
+//! clients and only for them), which the test rewrites while the agent runs, as a failover
+//! would move the name.
 #![allow(clippy::unwrap_used)]
 
 use std::process::Command;

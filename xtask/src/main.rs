@@ -1,9 +1,10 @@
-//! `cargo xtask`: the project's own tasks (build the eBPF object, demo, tests, benchmarks).
+//! `cargo xtask`: the project's own tasks (build the eBPF object, demo, lab, tests, benchmarks).
 //! Each subcommand lives in its own module; this file only dispatches.
 
 mod bench;
 mod demo;
 mod ebpf;
+mod lab;
 mod packages;
 mod test;
 mod util;
@@ -25,6 +26,9 @@ enum Command {
     Test(test::Args),
     /// Start a throwaway PostgreSQL and the agent, run psql through it, print the replay.
     Demo(demo::Args),
+    /// The two-host lab of vagrant/ (bastion, router, db) in network namespaces, and an
+    /// engineer's walk-through on it.
+    Lab(lab::Args),
     /// pgbench -S and sysbench (MySQL) direct vs through sluice (1 and 8 clients), with ratios.
     Bench(bench::Args),
 }
@@ -34,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         Command::BuildEbpf(args) => ebpf::run(args),
         Command::Test(args) => test::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Lab(args) => lab::run(args),
         Command::Bench(args) => bench::run(args),
     }
 }
