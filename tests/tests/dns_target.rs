@@ -17,11 +17,12 @@ use sluice_tests::{
 
 const LIMIT: Duration = Duration::from_secs(60);
 
+/// Dropped in field order: the agent first (it seals and detaches), the namespaces last.
 struct Setup {
-    topo: Topology,
-    pg: Postgres,
-    cgroup: Cgroup,
     agent: Agent,
+    cgroup: Cgroup,
+    pg: Postgres,
+    topo: Topology,
 }
 
 impl Setup {
@@ -86,10 +87,10 @@ fn setup(name: &str) -> Setup {
     })
     .unwrap();
     Setup {
-        topo,
-        pg,
-        cgroup,
         agent,
+        cgroup,
+        pg,
+        topo,
     }
 }
 
