@@ -328,6 +328,11 @@ pub struct AgentConfig {
     /// minutes are refreshed when a refresh token exists).
     #[serde(default = "default_login_refresh")]
     pub login_refresh_secs: u64,
+    /// How often a target named by DNS (`match = "db.internal:5432"`) is resolved again, in
+    /// seconds. The system resolver (getaddrinfo: /etc/hosts, DNS) gives no TTL, so this
+    /// interval stands for it; a changed answer is logged and takes effect at once.
+    #[serde(default = "default_resolve_interval")]
+    pub resolve_interval_secs: u64,
     /// Serve Prometheus metrics (spool size, shipping backlog and lag) over plain HTTP here,
     /// e.g. "127.0.0.1:9187" (default: no endpoint).
     #[serde(default)]
@@ -356,7 +361,8 @@ impl Protocol {
 pub struct TargetConfig {
     pub name: String,
     pub protocol: Protocol,
-    /// `HOST:PORT`, `[V6]:PORT`, or `*:PORT` for any address on the port.
+    /// `IP:PORT`, `[V6]:PORT`, `NAME:PORT` (a DNS name: every address it resolves to, kept
+    /// current, see `agent.resolve_interval_secs`), or `*:PORT` for any address on the port.
     #[serde(rename = "match")]
     pub match_: Option<String>,
     /// An explicit listener for this target (for hosts without eBPF, or clients that connect
@@ -402,11 +408,19 @@ pub struct TargetConfig {
     pub roles: Vec<RoleConfig>,
 }
 
-/// A target's address match, resolved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A target's address match, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TargetMatch {
     Exact(SocketAddr),
-    AnyAddress { port: u16 },
+    AnyAddress {
+        port: u16,
+    },
+    /// A DNS name and port: the agent protects every address `host` resolves to (see
+    /// `crate::resolve`).
+    Name {
+        host: String,
+        port: u16,
+    },
 }
 
 /// One configured target, resolved.
@@ -504,6 +518,9 @@ fn default_spool_max() -> u64 {
 fn default_login_refresh() -> u64 {
     60
 }
+fn default_resolve_interval() -> u64 {
+    30
+}
 fn default_jit_max() -> u64 {
     8 * 3600
 }
@@ -517,6 +534,9 @@ impl AgentConfig {
     }
     pub fn approval_timeout(&self) -> Duration {
         Duration::from_secs(self.approval_timeout_secs)
+    }
+    pub fn resolve_interval(&self) -> Duration {
+        Duration::from_secs(self.resolve_interval_secs.max(1))
     }
 }
 
@@ -570,9 +590,9 @@ impl Config {
                     t.name
                 )));
             }
-            let backend = match (t.backend, matches) {
+            let backend = match (t.backend, &matches) {
                 (Some(b), _) => Some(b),
-                (None, Some(TargetMatch::Exact(a))) => Some(a),
+                (None, Some(TargetMatch::Exact(a))) => Some(*a),
                 (None, _) => None,
             };
             if t.listen.is_some() && backend.is_none() {
@@ -699,17 +719,48 @@ fn resolve_role(r: &RoleConfig) -> Result<Role, String> {
     })
 }
 
-/// Parses `HOST:PORT`, `[V6]:PORT` or `*:PORT`.
+/// Parses `IP:PORT`, `[V6]:PORT`, `NAME:PORT` or `*:PORT`.
 pub fn parse_match(text: &str) -> Result<TargetMatch, String> {
-    if let Some(port) = text.strip_prefix("*:") {
-        let port: u16 = port
-            .parse()
-            .map_err(|_| format!("bad port in match {text:?}"))?;
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(TargetMatch::Exact(addr));
+    }
+    let bad = || format!("match {text:?} is not IP:PORT, [V6]:PORT, NAME:PORT or *:PORT");
+    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("bad port in match {text:?}"))?;
+    if port == 0 {
+        return Err(format!("bad port in match {text:?}"));
+    }
+    if host == "*" {
         return Ok(TargetMatch::AnyAddress { port });
     }
-    text.parse::<SocketAddr>()
-        .map(TargetMatch::Exact)
-        .map_err(|_| format!("match {text:?} is not HOST:PORT, [V6]:PORT or *:PORT"))
+    if !is_dns_name(host) {
+        return Err(bad());
+    }
+    Ok(TargetMatch::Name {
+        host: host.to_ascii_lowercase(),
+        port,
+    })
+}
+
+/// A host name as DNS and /etc/hosts spell one: dot-separated labels of letters, digits, `-`
+/// and `_` (not first or last `-`), at most 253 characters, and not all digits and dots (that
+/// is a malformed IPv4 address, not a name).
+fn is_dns_name(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    !host.is_empty()
+        && host.len() <= 253
+        && !host.chars().all(|c| c.is_ascii_digit() || c == '.')
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
 }
 
 #[cfg(test)]
@@ -764,8 +815,47 @@ mod tests {
             parse_match("*:5432").unwrap(),
             TargetMatch::AnyAddress { port: 5432 }
         );
-        assert!(parse_match("db:5432").is_err());
         assert!(parse_match("*:x").is_err());
+    }
+
+    #[test]
+    fn a_dns_name_is_a_match_and_malformed_names_are_refused() {
+        assert_eq!(
+            parse_match("prod-db.internal:5432").unwrap(),
+            TargetMatch::Name {
+                host: "prod-db.internal".into(),
+                port: 5432
+            }
+        );
+        assert_eq!(
+            parse_match("DB:3306").unwrap(),
+            TargetMatch::Name {
+                host: "db".into(),
+                port: 3306
+            }
+        );
+        for bad in [
+            "db",
+            "db:",
+            "db:0",
+            "db:99999",
+            ":5432",
+            "-db:5432",
+            "a..b:5432",
+            "10.0.0:5432",
+            "db/x:5432",
+            "[db]:5432",
+        ] {
+            assert!(parse_match(bad).is_err(), "{bad}");
+        }
+        let text = "[agent]\n[[target]]\nname='a'\nprotocol='postgres'\nmatch='prod-db.internal:5432'\n";
+        let c: Config = toml::from_str(text).unwrap();
+        assert_eq!(c.agent.resolve_interval(), Duration::from_secs(30));
+        let t = c.targets().unwrap();
+        assert_eq!(t[0].backend, None);
+        let listen = format!("{text}listen='127.0.0.1:7000'\n");
+        let c: Config = toml::from_str(&listen).unwrap();
+        assert!(c.targets().unwrap_err().to_string().contains("no `backend`"));
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub mod policy;
 pub mod protocol;
 pub mod proxy;
 pub mod read;
+pub mod resolve;
 pub mod ship;
 pub mod tls;
 

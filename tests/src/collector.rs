@@ -44,6 +44,8 @@ pub struct Collector {
     started: bool,
     pub port: u16,
     pub options: ServeOptions,
+    /// Serve in this network namespace, on this address (default: the host's 127.0.0.1).
+    netns: Option<(String, std::net::Ipv4Addr)>,
     child: Option<Child>,
     log: Arc<Mutex<String>>,
 }
@@ -64,7 +66,25 @@ impl Collector {
         Collector::init_in(None, home)
     }
 
+    /// `sluice-collector init` in a new temporary directory, to serve inside network namespace
+    /// `ns` on `addr` (see [`crate::netns::Topology`]).
+    pub fn init_in_netns(ns: &str, addr: std::net::Ipv4Addr) -> anyhow::Result<Collector> {
+        let dir = tempfile::Builder::new()
+            .prefix("sluice-collector-")
+            .tempdir()?;
+        let home = dir.path().join("collector");
+        Collector::init_with(Some(dir), home, Some((ns.to_string(), addr)))
+    }
+
     fn init_in(dir: Option<tempfile::TempDir>, home: PathBuf) -> anyhow::Result<Collector> {
+        Collector::init_with(dir, home, None)
+    }
+
+    fn init_with(
+        dir: Option<tempfile::TempDir>,
+        home: PathBuf,
+        netns: Option<(String, std::net::Ipv4Addr)>,
+    ) -> anyhow::Result<Collector> {
         let port = listen_port();
         let c = Collector {
             dir,
@@ -72,6 +92,7 @@ impl Collector {
             started: false,
             port,
             options: ServeOptions::default(),
+            netns,
             child: None,
             log: Arc::new(Mutex::new(String::new())),
         };
@@ -95,7 +116,10 @@ impl Collector {
     }
 
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        match &self.netns {
+            Some((_, ip)) => format!("{ip}:{}", self.port),
+            None => format!("127.0.0.1:{}", self.port),
+        }
     }
 
     pub fn store(&self) -> PathBuf {
@@ -142,6 +166,12 @@ impl Collector {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        if let Some((ns, _)) = &self.netns {
+            cmd = crate::netns::in_netns(ns, &cmd);
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+        }
         let mut child = cmd.spawn().context("cannot start sluice-collector serve")?;
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         if let Some(stderr) = child.stderr.take() {

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 pub mod collector;
+pub mod lab;
 pub mod mariadb;
+pub mod netns;
 pub mod oidc;
 
 /// The uid/gid intercepted clients run as in tests (`nobody`), so the recorded uid is not root's.
@@ -119,6 +121,9 @@ pub struct PgOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// pg_hba.conf lines put before the default `trust` ones (e.g. SCRAM for one role).
     pub hba: Vec<String>,
+    /// Run the server in this network namespace, listening on every address there (see
+    /// [`netns::Topology`]; give `hba` lines for the clients' network).
+    pub netns: Option<String>,
 }
 
 impl Postgres {
@@ -175,7 +180,17 @@ impl Postgres {
             ];
         }
         let port = free_port();
-        let mut postgres = user_cmd(as_root, &bin.join("postgres"));
+        // In a network namespace the child is still the server itself (see netns::in_netns).
+        let in_netns = |c: Command| match &options.netns {
+            Some(ns) => netns::in_netns(ns, &c),
+            None => c,
+        };
+        let mut postgres = in_netns(user_cmd(as_root, &bin.join("postgres")));
+        let listen = if options.netns.is_some() {
+            "listen_addresses=*"
+        } else {
+            "listen_addresses=127.0.0.1,::1"
+        };
         postgres
             .arg("-D")
             .arg(&data)
@@ -183,7 +198,7 @@ impl Postgres {
             .arg(&sock)
             .args([
                 "-c",
-                "listen_addresses=127.0.0.1,::1",
+                listen,
                 "-c",
                 "fsync=off",
                 "-c",
@@ -204,7 +219,7 @@ impl Postgres {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let ready = Command::new(pg.bin.join("pg_isready"))
+            let ready = in_netns(Command::new(pg.bin.join("pg_isready")))
                 .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q"])
                 .status()
                 .map(|s| s.success())
@@ -514,6 +529,8 @@ pub struct AgentOptions {
     pub agent_config: String,
     /// Environment variables for the agent process (e.g. a role's `password_env`).
     pub env: Vec<(String, String)>,
+    /// Run the agent in this network namespace (see [`netns::Topology`]).
+    pub netns: Option<String>,
 }
 
 impl Default for AgentOptions {
@@ -532,6 +549,7 @@ impl Default for AgentOptions {
             extra_config: String::new(),
             agent_config: String::new(),
             env: Vec::new(),
+            netns: None,
         }
     }
 }
@@ -598,31 +616,77 @@ impl Agent {
         std::fs::write(&config, text)?;
 
         let bin = options.bin.clone().unwrap_or_else(sluice_bin);
+        let program = |p: &dyn AsRef<std::ffi::OsStr>| match &options.netns {
+            Some(ns) => netns::in_netns(ns, &Command::new(p)),
+            None => Command::new(p),
+        };
         let mut cmd = match &options.run_in_cgroup {
             Some(cg) => {
-                let mut c = Command::new("sh");
+                let mut c = program(&"sh");
                 c.arg("-c")
                     .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
                     .arg(cg)
                     .arg(&bin);
                 c
             }
-            None => Command::new(&bin),
+            None => program(&bin),
         };
         cmd.arg("agent").arg("--config").arg(&config);
         if options.no_ebpf {
             cmd.arg("--no-ebpf");
         }
         cmd.envs(options.env.iter().map(|(k, v)| (k, v)));
+        Agent::spawn(
+            cmd,
+            Agent {
+                dir,
+                socket,
+                journal,
+                proxy_port,
+                config,
+                bin,
+                child: None,
+                log: Arc::default(),
+            },
+        )
+    }
+
+    /// An agent started by `cmd` (which runs `bin agent --config config` its own way, e.g. as
+    /// a systemd unit would) whose control socket, journal and proxy port are those given.
+    pub fn start_command(
+        cmd: Command,
+        bin: PathBuf,
+        config: PathBuf,
+        socket: PathBuf,
+        journal: PathBuf,
+        proxy_port: u16,
+    ) -> anyhow::Result<Agent> {
+        let dir = tempfile::Builder::new().prefix("sluice-agent-").tempdir()?;
+        Agent::spawn(
+            cmd,
+            Agent {
+                dir,
+                socket,
+                journal,
+                proxy_port,
+                config,
+                bin,
+                child: None,
+                log: Arc::default(),
+            },
+        )
+    }
+
+    /// Spawns `cmd` as `agent`'s process and waits (bounded) until it says it is ready.
+    fn spawn(mut cmd: Command, mut agent: Agent) -> anyhow::Result<Agent> {
         cmd.env("RUST_LOG", "info,sluice=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().context("cannot start sluice agent")?;
-        let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         if let Some(stderr) = child.stderr.take() {
-            let log = log.clone();
+            let log = agent.log.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     if line.contains("sluice agent ready") {
@@ -638,16 +702,7 @@ impl Agent {
                 }
             });
         }
-        let mut agent = Agent {
-            dir,
-            socket,
-            journal,
-            proxy_port,
-            config,
-            bin,
-            child: Some(child),
-            log,
-        };
+        agent.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if rx.recv_timeout(Duration::from_millis(100)).is_ok() {

@@ -56,6 +56,7 @@ fn setup_with(name: &str, idp: &'static Provider, agent_config: &str) -> Option<
             "hostssl all app_rw all scram-sha-256".into(),
             "host all app_md5 all md5".into(),
         ],
+        ..PgOptions::default()
     })
     .unwrap();
     pg.sql(&format!(
@@ -678,6 +679,7 @@ fn a_relayed_scram_login_leaves_no_guessable_material_in_the_journal() {
     let pg = Postgres::start_with(PgOptions {
         tls: None,
         hba: vec!["host all scram_user all scram-sha-256".into()],
+        ..PgOptions::default()
     })
     .unwrap();
     pg.sql("create role scram_user login password 'Scram-Pass-55e1'")

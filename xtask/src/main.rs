@@ -1,4 +1,4 @@
-//! `cargo xtask`: the project's own tasks (build the eBPF object, demo, tests, packages,
+//! `cargo xtask`: the project's own tasks (build the eBPF object, demo, lab, tests, packages,
 //! benchmarks).
 //! Each subcommand lives in its own module; this file only dispatches.
 
@@ -6,6 +6,7 @@ mod bench;
 mod demo;
 mod ebpf;
 mod package;
+mod lab;
 mod packages;
 mod test;
 mod util;
@@ -29,6 +30,10 @@ enum Command {
     Demo(demo::Args),
     /// Build the Debian packages `sluice` and `sluice-collector` into $CARGO_TARGET_DIR/debian/.
     Package(package::Args),
+
+    /// The two-host lab of vagrant/ (bastion, router, db) in network namespaces, and an
+    /// engineer's walk-through on it.
+    Lab(lab::Args),
     /// pgbench -S and sysbench (MySQL) direct vs through sluice (1 and 8 clients), with ratios.
     Bench(bench::Args),
 }
@@ -39,6 +44,8 @@ fn main() -> anyhow::Result<()> {
         Command::Test(args) => test::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Package(args) => package::run_cmd(args),
+
+        Command::Lab(args) => lab::run(args),
         Command::Bench(args) => bench::run(args),
     }
 }

@@ -1,7 +1,8 @@
-//! What sluice's build, demo, tests and benchmark need on a Debian machine: the one list.
-//! `cargo xtask demo` installs [`Need::Demo`], `cargo xtask test` [`Need::Tests`], `cargo xtask
-//! bench` [`Need::Bench`], and `.ci/run` runs the first two, so no other file names a package. dpkg is asked first, so a
-//! machine that has everything installs nothing and needs no root.
+//! What sluice's build, demo, lab, tests and benchmark need on a Debian machine: the one list.
+//! `cargo xtask demo` installs [`Need::Demo`], `cargo xtask lab` [`Need::Lab`], `cargo xtask
+//! test` [`Need::Tests`], `cargo xtask bench` [`Need::Bench`], and `.ci/run` runs the demo and
+//! the tests, so no other file names a package. dpkg is asked first, so a machine that has
+//! everything installs nothing and needs no root.
 
 use std::process::Command;
 
@@ -16,7 +17,9 @@ pub enum Need {
     Build,
     /// `cargo xtask demo`: the build, the servers and the CA it starts.
     Demo,
-    /// `cargo xtask test`: the demo's, plus every client and tool the tests run.
+    /// `cargo xtask lab`: the demo's, plus the network namespaces' tools.
+    Lab,
+    /// `cargo xtask test`: the lab's, plus every client and tool the tests run.
     Tests,
     /// `cargo xtask bench`: the tests', plus the peers it measures against.
     Bench,
@@ -43,6 +46,9 @@ const PACKAGES: &[Package] = &[
     pkg(Need::Demo, "openssl", "the throwaway CA and certificates"),
     pkg(Need::Demo, "mariadb-server", "the MariaDB server"),
     pkg(Need::Demo, "mariadb-client", "the mariadb CLI"),
+    pkg(Need::Lab, "iproute2", "the lab's network namespaces and veth links (ip netns)"),
+    pkg(Need::Lab, "util-linux", "the lab's engineer as another uid, the agent with its unit's capabilities (setpriv)"),
+    pkg(Need::Lab, "procps", "forwarding on the lab's router namespace (sysctl)"),
     pkg(Need::Tests, "clang-19", "rebuilding the eBPF object to check the committed one"),
     pkg(Need::Tests, "llvm-19", "the eBPF object's tools"),
     pkg(Need::Tests, "bpftool", "BPF introspection"),
@@ -50,8 +56,6 @@ const PACKAGES: &[Package] = &[
     pkg(Need::Tests, "python3", "the raw wire clients (tests/clients/*.py)"),
     pkg(Need::Tests, "python3-psycopg", "psycopg 3"),
     pkg(Need::Tests, "python3-venv", "the venv of mysql-connector-python and PyMySQL"),
-    pkg(Need::Tests, "util-linux", "running clients as another uid"),
-    pkg(Need::Tests, "procps", "process checks"),
     pkg(Need::Tests, "systemd", "systemd-analyze verify of the packaged units, sysusers and tmpfiles in a scratch root"),
     pkg(Need::Tests, "default-jdk-headless", "the JDBC clients"),
     pkg(Need::Tests, "libpostgresql-jdbc-java", "the PostgreSQL JDBC driver"),

@@ -18,6 +18,9 @@
 //!   leaves connections redirected to a port nobody answers; only [`Interceptor::detach`]
 //!   lets traffic flow directly again. A new [`Interceptor::attach`] on the same `pin_dir`
 //!   attaches first, then replaces the stale links.
+//! - The `targets` map changes only through [`TargetTable::replace`] (DNS-named targets whose
+//!   addresses moved): new entries are inserted before stale ones are removed, so an address
+//!   that stays protected is never unprotected in between.
 //! - A record is consumed once: `take` deletes it, so an LRU map never fills with accepted
 //!   connections; entries nobody takes (the proxy was down) are evicted by the LRU.
 //! - The proxy must listen on `127.0.0.1:proxy_port` and `[::1]:proxy_port`, and mark its
@@ -225,6 +228,7 @@ pub struct Interceptor {
     links: Vec<PinnedLink>,
     pin_dir: PathBuf,
     conns: ConnTable,
+    targets: TargetTable,
     counters: PerCpuArray<MapData, u64>,
     /// Keeps the programs and the remaining maps loaded for the agent's lifetime.
     _ebpf: Ebpf,
@@ -264,13 +268,13 @@ impl Interceptor {
             exempt_cgroup_id: cfg.exempt_cgroup_id.unwrap_or(0),
         })?;
 
-        let mut target_map: HashMap<_, TargetKey, TargetValue> =
+        let target_map: HashMap<_, TargetKey, TargetValue> =
             HashMap::try_from(take_map(&mut ebpf, "targets")?).map_err(map_err("targets"))?;
-        for (key, value) in &entries {
-            target_map
-                .insert(key, value, 0)
-                .map_err(map_err("targets"))?;
-        }
+        let targets = TargetTable {
+            map: Arc::new(Mutex::new(target_map)),
+            proxy_port: cfg.proxy_port,
+        };
+        targets.write(&entries)?;
         let conns: HashMap<_, ConnKey, RawOrigRecord> =
             HashMap::try_from(take_map(&mut ebpf, "conns")?).map_err(map_err("conns"))?;
         let counters: PerCpuArray<_, u64> =
@@ -291,6 +295,7 @@ impl Interceptor {
             conns: ConnTable {
                 map: Arc::new(Mutex::new(conns)),
             },
+            targets,
             counters,
             _ebpf: ebpf,
         })
@@ -299,6 +304,11 @@ impl Interceptor {
     /// A cheap, clonable, Send + Sync handle the accept loop uses.
     pub fn connections(&self) -> ConnTable {
         self.conns.clone()
+    }
+
+    /// A clonable handle on the `targets` map, to change what is protected while attached.
+    pub fn targets(&self) -> TargetTable {
+        self.targets.clone()
     }
 
     /// The eBPF counters, summed over CPUs.
@@ -394,6 +404,54 @@ impl ConnTable {
     }
 }
 
+/// The `targets` map: which destinations are protected, by which target id.
+#[derive(Clone)]
+pub struct TargetTable {
+    /// Held for the map syscalls of one replacement, never across an await point.
+    map: Arc<Mutex<HashMap<MapData, TargetKey, TargetValue>>>,
+    proxy_port: u16,
+}
+
+impl std::fmt::Debug for TargetTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetTable").finish_non_exhaustive()
+    }
+}
+
+impl TargetTable {
+    /// Makes the map hold exactly the entries of `targets` (checked as at attach: conflicts and
+    /// the proxy's own port are refused, and the map is left as it was). Entries are inserted
+    /// first and stale ones removed after, so what stays protected never has a gap.
+    pub fn replace(&self, targets: &[(Match, u32)]) -> Result<(), InterceptError> {
+        let entries = maps::target_entries(targets, self.proxy_port)?;
+        self.write(&entries)
+    }
+
+    fn write(&self, entries: &[(TargetKey, TargetValue)]) -> Result<(), InterceptError> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, value) in entries {
+            map.insert(key, value, 0).map_err(map_err("targets"))?;
+        }
+        let stale: Vec<TargetKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !entries.iter().any(|(e, _)| e == k))
+            .collect();
+        for key in &stale {
+            match map.remove(key) {
+                Ok(()) | Err(MapError::KeyNotFound | MapError::ElementNotFound) => {}
+                Err(source) => {
+                    return Err(InterceptError::Map {
+                        map: "targets",
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl OrigRecord {
     fn from_raw(raw: &RawOrigRecord) -> Result<Self, InterceptError> {
         let comm_len = raw
@@ -422,6 +480,7 @@ pub fn local_addresses() -> Result<Vec<IpAddr>, InterceptError> {
 const _: () = {
     const fn send_sync<T: Send + Sync + Clone>() {}
     send_sync::<ConnTable>();
+    send_sync::<TargetTable>();
 };
 
 #[cfg(test)]

@@ -65,6 +65,8 @@ pub enum ProxyError {
         path: std::path::PathBuf,
         message: String,
     },
+    #[error(transparent)]
+    Resolve(#[from] crate::resolve::ResolveError),
     #[error(
         "cannot set up eBPF interception (run as root, or use --no-ebpf with explicit listeners)"
     )]
@@ -201,6 +203,8 @@ pub(crate) struct Shared {
     pub masking: Option<Arc<crate::mask::rules::RuleSet>>,
     /// Column origins for masking, per target and database.
     pub pg_catalogs: Arc<postgres::Catalogs>,
+    /// Targets named by DNS: their addresses, and the sessions using each.
+    pub names: Arc<crate::resolve::Names>,
 }
 
 impl Shared {
@@ -423,6 +427,7 @@ pub async fn run(
         None => None,
     };
 
+    let names = Arc::new(crate::resolve::Names::resolve(&targets).await?);
     let mut listeners: Vec<(TcpListener, Entry)> = Vec::new();
     let mut interceptor = None;
     if !options.no_ebpf {
@@ -435,7 +440,7 @@ pub async fn run(
                 warn!(error = %e, "no IPv6 loopback: IPv6 clients of protected targets will be refused")
             }
         }
-        let matches = intercept_matches(&targets)?;
+        let matches = intercept_matches(&targets, &names.protected())?;
         let cgroup = match &config.agent.cgroup {
             Some(c) => c.clone(),
             None => intercept::cgroup2_root()?,
@@ -475,6 +480,7 @@ pub async fn run(
         identity: identity.clone(),
         masking,
         pg_catalogs: Arc::default(),
+        names: names.clone(),
     });
     let (stop_tx, _) = broadcast::channel::<()>(1);
     let ship_metrics = Arc::new(crate::ship::ShipMetrics::default());
@@ -521,6 +527,24 @@ pub async fn run(
             info!("no [shipper] section: the journal stays on this host (nothing is shipped)");
             None
         }
+    };
+    let names_task = match &interceptor {
+        Some(i) if !names.is_empty() => {
+            let table = i.targets();
+            let targets = shared.targets.clone();
+            let apply = move |named: &[(u32, SocketAddr)]| {
+                match intercept_matches(&targets, named).and_then(|m| Ok(table.replace(&m)?)) {
+                    Ok(()) => info!(protected = named.len(), "protected addresses of named targets updated"),
+                    Err(e) => error!(error = %crate::error_chain(&e), "cannot update the protected addresses: the previous ones stay protected"),
+                }
+            };
+            Some(tokio::spawn(names.clone().watch(
+                shared.config.resolve_interval(),
+                apply,
+                stop_tx.subscribe(),
+            )))
+        }
+        _ => None,
     };
     let refresh_metrics_task = tokio::spawn(crate::ship::refresh_metrics(
         shared.journal.clone(),
@@ -579,7 +603,7 @@ pub async fn run(
         let _ = t.await;
     }
     let _ = refresh_metrics_task.await;
-    for t in [ship_task, metrics_task].into_iter().flatten() {
+    for t in [ship_task, metrics_task, names_task].into_iter().flatten() {
         let _ = t.await;
     }
     let _ = std::fs::remove_file(&shared.config.control_socket);
@@ -709,28 +733,40 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
         .map_err(|source| ProxyError::Listen { addr, source })
 }
 
-/// The eBPF map entries for the configured targets. A backend on this host is reachable
-/// through every local address (loopback, unspecified, each interface address), so an exact
-/// match on any of them protects all of them: otherwise `127.0.0.2` or the host's own address
-/// would be a way around the proxy.
-fn intercept_matches(targets: &[Target]) -> Result<Vec<(Match, u32)>, ProxyError> {
+/// The eBPF map entries for the configured targets, a named target's being the addresses in
+/// `named` (target id, address). A backend on this host is reachable through every local
+/// address (loopback, unspecified, each interface address), so an exact match on any of them
+/// protects all of them: otherwise `127.0.0.2` or the host's own address would be a way around
+/// the proxy.
+fn intercept_matches(
+    targets: &[Target],
+    named: &[(u32, SocketAddr)],
+) -> Result<Vec<(Match, u32)>, ProxyError> {
     let locals = intercept::local_addresses()?;
     let mut out = Vec::new();
     for t in targets {
-        match t.matches {
-            Some(TargetMatch::Exact(addr)) => {
-                let ip = addr.ip();
-                let local = ip.is_loopback() || ip.is_unspecified() || locals.contains(&ip);
-                out.push((Match::Exact(addr), t.id));
-                if local {
-                    out.push((Match::AnyLocal { port: addr.port() }, t.id));
-                    for l in &locals {
-                        out.push((Match::Exact(SocketAddr::new(*l, addr.port())), t.id));
-                    }
+        let exact: Vec<SocketAddr> = match &t.matches {
+            Some(TargetMatch::Exact(addr)) => vec![*addr],
+            Some(TargetMatch::Name { .. }) => named
+                .iter()
+                .filter(|(id, _)| *id == t.id)
+                .map(|(_, addr)| *addr)
+                .collect(),
+            Some(TargetMatch::AnyAddress { port }) => {
+                out.push((Match::Any { port: *port }, t.id));
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
+        for addr in exact {
+            let ip = addr.ip().to_canonical();
+            out.push((Match::Exact(addr), t.id));
+            if ip.is_loopback() || ip.is_unspecified() || locals.contains(&ip) {
+                out.push((Match::AnyLocal { port: addr.port() }, t.id));
+                for l in &locals {
+                    out.push((Match::Exact(SocketAddr::new(*l, addr.port())), t.id));
                 }
             }
-            Some(TargetMatch::AnyAddress { port }) => out.push((Match::Any { port }, t.id)),
-            None => {}
         }
     }
     Ok(out)
@@ -794,6 +830,8 @@ async fn handle(
         Some(r) => r,
         None => return,
     };
+    // A named target's old address stays protected while this session uses it.
+    let _in_use = shared.names.hold(routed.target.id, routed.backend);
     let span = info_span!("session", target = %routed.target.name, client = %peer, session = tracing::field::Empty, principal = tracing::field::Empty);
     match routed.target.protocol {
         Protocol::Postgres => {

@@ -1,0 +1,15 @@
+//! The lab as a test: `sluice_tests::lab::run`, the code `cargo xtask lab` runs (network
+//! namespaces standing for the bastion and database hosts of `vagrant/`, provisioned by the
+//! same scripts, then the engineer's walk-through), fails the test when anything it shows is
+//! not so.
+
+#[test]
+fn an_engineer_on_the_bastion_is_intercepted_identified_denied_masked_and_recorded_on_the_collector()
+ {
+    if !sluice_tests::require_root("lab") {
+        return;
+    }
+    if let Err(e) = sluice_tests::lab::run(&sluice_tests::sluice_bin()) {
+        panic!("the lab failed: {e:#}");
+    }
+}
