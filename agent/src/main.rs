@@ -567,6 +567,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     t.name,
                     t.protocol.as_str(),
                     t.matches
+                        .as_ref()
                         .map(|m| format!("{m:?}"))
                         .unwrap_or_else(|| "-".into()),
                     t.listen

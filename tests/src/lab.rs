@@ -94,7 +94,10 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
     provision(
         &topo.db,
         "db.sh",
-        &[("SLUICE_LAB_STATE", state.path().join("db").display().to_string())],
+        &[(
+            "SLUICE_LAB_STATE",
+            state.path().join("db").display().to_string(),
+        )],
     )?;
 
     step("starting a collector on db");
@@ -124,7 +127,14 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
     let unit = Cgroup::create("lab-agent")?;
     let installed = root.join("usr/bin/sluice");
     let config = root.join("etc/sluice/sluice.toml");
-    let caps = format!("-all,{}", UNIT_CAPS.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(","));
+    let caps = format!(
+        "-all,{}",
+        UNIT_CAPS
+            .iter()
+            .map(|c| format!("+{c}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg("echo $$ > \"$0/cgroup.procs\" && umask 077 && exec \"$@\"")
@@ -161,17 +171,38 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
         run_bounded(&mut in_netns(&topo.bastion, &cmd), LIMIT)
     };
     let psql = |sql: &str| {
-        let out = engineer("psql", &["-X", "-h", "db", "-U", "ada", "-d", "lab", "-c", sql])?;
-        show(&format!("ada@bastion$ psql -h db -U ada lab -c '{sql}'"), &out);
+        let out = engineer(
+            "psql",
+            &["-X", "-h", "db", "-U", "ada", "-d", "lab", "-c", sql],
+        )?;
+        show(
+            &format!("ada@bastion$ psql -h db -U ada lab -c '{sql}'"),
+            &out,
+        );
         Ok::<_, anyhow::Error>(out)
     };
     let mariadb = |sql: &str| {
         let password = format!("-p{PASSWORD}");
         let out = engineer(
             "mariadb",
-            &["--no-defaults", "-h", "db", "-u", "ada", &password, "--connect-timeout=10", "-t", "lab", "-e", sql],
+            &[
+                "--no-defaults",
+                "-h",
+                "db",
+                "-u",
+                "ada",
+                &password,
+                "--connect-timeout=10",
+                "-t",
+                "lab",
+                "-e",
+                sql,
+            ],
         )?;
-        show(&format!("ada@bastion$ mariadb -h db -u ada lab -e '{sql}'"), &out);
+        show(
+            &format!("ada@bastion$ mariadb -h db -u ada lab -e '{sql}'"),
+            &out,
+        );
         Ok::<_, anyhow::Error>(out)
     };
 
@@ -208,7 +239,10 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
         let of: Vec<&serde_json::Value> =
             sessions.iter().filter(|s| s["target"] == target).collect();
         if of.len() != 2 {
-            bail!("expected 2 sessions of {target}, the collector has {}", of.len());
+            bail!(
+                "expected 2 sessions of {target}, the collector has {}",
+                of.len()
+            );
         }
         for s in &of {
             if s["orig_dst"] != format!("{DB}:{port}").as_str()

@@ -587,11 +587,7 @@ fn a_strict_target_denies_every_statement_that_moves_a_masked_column_and_nothing
         "{}",
         direct.stdout
     );
-    assert_eq!(
-        find_leak(&seen, CLEAR),
-        None,
-        "client output:\n{seen}"
-    );
+    assert_eq!(find_leak(&seen, CLEAR), None, "client output:\n{seen}");
     let export = serde_json::to_string(&setup.s.agent.export().unwrap()).unwrap();
     assert_eq!(find_leak(&export, CLEAR), None, "export");
 }

@@ -5,8 +5,8 @@
 mod bench;
 mod demo;
 mod ebpf;
-mod package;
 mod lab;
+mod package;
 mod packages;
 mod test;
 mod util;
