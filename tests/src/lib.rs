@@ -809,6 +809,15 @@ impl Agent {
         Ok(v.as_array().cloned().unwrap_or_default())
     }
 
+    /// Every ended session's end reason, oldest session first.
+    pub fn end_reasons(&self) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .sessions()?
+            .iter()
+            .filter_map(|x| x["end_reason"].as_str().map(str::to_string))
+            .collect())
+    }
+
     /// How many sessions the journal holds, and how many statements they ran.
     pub fn recorded(&self) -> anyhow::Result<(usize, u64)> {
         let sessions = self.sessions()?;

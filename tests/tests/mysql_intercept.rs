@@ -453,13 +453,7 @@ fn a_packet_over_max_message_bytes_gets_error_1153_naming_the_setting() {
             .rev()
             .collect::<String>()
     );
-    let ends: Vec<String> = s
-        .agent
-        .sessions()
-        .unwrap()
-        .iter()
-        .filter_map(|x| x["end_reason"].as_str().map(str::to_string))
-        .collect();
+    let ends = s.agent.end_reasons().unwrap();
     assert!(
         ends.iter()
             .any(|e| e.contains("exceeds max_message_bytes (1048576 bytes)")),

@@ -297,13 +297,7 @@ fn bad_tokens_wrong_roles_and_plaintext_are_refused_clearly_and_journaled() {
         }
     }
     // Each refusal is a journaled session whose end says why.
-    let ends: Vec<String> = s
-        .agent
-        .sessions()
-        .unwrap()
-        .iter()
-        .filter_map(|x| x["end_reason"].as_str().map(str::to_string))
-        .collect();
+    let ends = s.agent.end_reasons().unwrap();
     for (_, _, expected) in &cases {
         assert!(
             ends.iter().any(|e| e.contains(expected)),
@@ -791,13 +785,7 @@ fn a_token_with_many_groups_logs_in_and_one_over_64_kb_is_refused_as_too_large()
     assert!(!out.status.success());
     assert!(out.stderr.contains(&sentence), "{}", out.stderr);
     // Refused sessions say why, and hold no part of the token.
-    let ends: Vec<String> = s
-        .agent
-        .sessions()
-        .unwrap()
-        .iter()
-        .filter_map(|x| x["end_reason"].as_str().map(str::to_string))
-        .collect();
+    let ends = s.agent.end_reasons().unwrap();
     assert_eq!(
         ends.iter().filter(|e| e.contains(&sentence)).count(),
         2,
