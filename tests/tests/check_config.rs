@@ -35,13 +35,17 @@ fn check_config(config: &str) -> (bool, String, String) {
 fn example_with_masking(masking: &std::path::Path) -> String {
     let text = std::fs::read_to_string(policies().join("sluice.toml")).unwrap();
     let line = "# masking_file = \"/etc/sluice/masking.toml\"";
-    assert!(text.contains(line), "the example config names no masking_file");
+    assert!(
+        text.contains(line),
+        "the example config names no masking_file"
+    );
     text.replace(line, &format!("masking_file = \"{}\"", masking.display()))
 }
 
 #[test]
 fn the_example_config_and_masking_file_check_clean_and_show_each_targets_masking() {
-    let (ok, stdout, stderr) = check_config(&example_with_masking(&policies().join("masking.toml")));
+    let (ok, stdout, stderr) =
+        check_config(&example_with_masking(&policies().join("masking.toml")));
     assert!(ok, "{stdout}\n{stderr}");
     assert!(
         !stderr.contains("warning"),
@@ -56,12 +60,27 @@ fn the_example_config_and_masking_file_check_clean_and_show_each_targets_masking
         lines.next().unwrap().trim().to_string()
     };
     let prod = masking_of("prod-db");
-    assert!(prod.starts_with("masking: strict ([[target]] \"prod-*\")"), "{prod}");
-    assert!(prod.contains("column rules: customer-email, card-numbers, ssn, customer-id-join-key"), "{prod}");
-    assert!(prod.contains("phone"), "the prod-only detector applies to prod-db: {prod}");
+    assert!(
+        prod.starts_with("masking: strict ([[target]] \"prod-*\")"),
+        "{prod}"
+    );
+    assert!(
+        prod.contains("column rules: customer-email, card-numbers, ssn, customer-id-join-key"),
+        "{prod}"
+    );
+    assert!(
+        prod.contains("phone"),
+        "the prod-only detector applies to prod-db: {prod}"
+    );
     let app = masking_of("app-db");
-    assert!(app.starts_with("masking: not strict ([[target]] \"*\")"), "{app}");
-    assert!(app.contains("detectors: email, card, iban, us_ssn, ipv4"), "{app}");
+    assert!(
+        app.starts_with("masking: not strict ([[target]] \"*\")"),
+        "{app}"
+    );
+    assert!(
+        app.contains("detectors: email, card, iban, us_ssn, ipv4"),
+        "{app}"
+    );
     assert!(!app.contains("phone"), "{app}");
 }
 
@@ -83,10 +102,15 @@ fn masking_globs_that_match_no_configured_target_are_warned_about() {
             && stderr.contains("[[target]] name = \"production-*\" (strict = true) matches none of the configured targets (app-db, prod-db)"),
         "{stderr}"
     );
-    assert!(stderr.contains("detector \"card\": target = \"billing\""), "{stderr}");
+    assert!(
+        stderr.contains("detector \"card\": target = \"billing\""),
+        "{stderr}"
+    );
     assert!(!stderr.contains("\"mail\""), "app-db exists: {stderr}");
     assert!(
-        stdout.contains("masking: not strict (no [[target]] matches); column rules: none; detectors: none"),
+        stdout.contains(
+            "masking: not strict (no [[target]] matches); column rules: none; detectors: none"
+        ),
         "{stdout}"
     );
 }
@@ -96,14 +120,21 @@ fn without_a_masking_file_check_config_says_results_pass_unmasked() {
     let text = std::fs::read_to_string(policies().join("sluice.toml")).unwrap();
     let (ok, stdout, stderr) = check_config(&text);
     assert!(ok, "{stdout}\n{stderr}");
-    assert!(stdout.contains("masking: none (no masking_file)"), "{stdout}");
+    assert!(
+        stdout.contains("masking: none (no masking_file)"),
+        "{stdout}"
+    );
 }
 
 #[test]
 fn a_masking_file_that_does_not_load_fails_the_check() {
     let dir = tempfile::tempdir().unwrap();
     let rules = dir.path().join("masking.toml");
-    std::fs::write(&rules, "[[detector]]\nname = \"emial\"\nstrategy = \"redact\"\n").unwrap();
+    std::fs::write(
+        &rules,
+        "[[detector]]\nname = \"emial\"\nstrategy = \"redact\"\n",
+    )
+    .unwrap();
     let (ok, stdout, stderr) = check_config(&example_with_masking(&rules));
     assert!(!ok, "{stdout}");
     assert!(stderr.contains("emial"), "{stderr}");

@@ -206,7 +206,11 @@ fn new_decisions(agent: &Agent, seen: &mut BTreeSet<String>) -> Tally {
         t.sessions += 1;
         for d in decisions {
             t.sent += 1;
-            if d["facts"].as_str().unwrap_or_default().contains("parse_error") {
+            if d["facts"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("parse_error")
+            {
                 t.refused += 1;
                 let sql = d["sql"].as_str().unwrap_or_default();
                 let flat = sql.split_whitespace().collect::<Vec<_>>().join(" ");
@@ -261,7 +265,10 @@ fn the_statements_real_clients_send_are_measured_for_parse_coverage() {
     let clients = readable_clients();
     let cdir = clients.path();
     let port = pg.port.to_string();
-    let conninfo = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", pg.port);
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        pg.port
+    );
     let mut rows: Vec<(String, Tally)> = Vec::new();
     let mut seen = BTreeSet::new();
     let mut run = |name: &str, mut cmd: Command| {
@@ -275,14 +282,26 @@ fn the_statements_real_clients_send_are_measured_for_parse_coverage() {
     c.args(psql_session_args(pg.port, PSQL_META));
     run("psql \\d \\l \\du \\df \\dn \\x ...", c);
     let mut c = client("psql");
-    c.args(psql_session_args(pg.port, &["select * from people order by id"]))
-        .args(["-v", "FETCH_COUNT=2"]);
+    c.args(psql_session_args(
+        pg.port,
+        &["select * from people order by id"],
+    ))
+    .args(["-v", "FETCH_COUNT=2"]);
     run("psql FETCH_COUNT=2 (cursor)", c);
     let mut c = client("psql");
     c.args(psql_session_args(pg.port, PSQL_CURSORS));
     run("psql cursors by hand", c);
     let mut c = client("pg_dump");
-    c.args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-d", "postgres"]);
+    c.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-U",
+        "postgres",
+        "-d",
+        "postgres",
+    ]);
     run("pg_dump", c);
     let mut c = client("/usr/bin/python3");
     c.arg(cdir.join("psycopg_metadata.py")).arg(&conninfo);
@@ -308,11 +327,16 @@ fn the_statements_real_clients_send_are_measured_for_parse_coverage() {
     }
 
     let mut c = client("mariadb");
-    c.args(MariaDb::client_args(db.port)).args(["-e", MARIADB_CLI]);
+    c.args(MariaDb::client_args(db.port))
+        .args(["-e", MARIADB_CLI]);
     run("mariadb CLI status + SHOW ...", c);
     let mut c = client("mysqldump");
-    c.args(&MariaDb::client_args(db.port)[..10])
-        .args(["--routines", "--triggers", "--events", mariadb::DATABASE]);
+    c.args(&MariaDb::client_args(db.port)[..10]).args([
+        "--routines",
+        "--triggers",
+        "--events",
+        mariadb::DATABASE,
+    ]);
     run("mysqldump --routines --triggers", c);
     let mut c = client("java");
     c.args(["-cp", "/usr/share/java/mariadb-java-client.jar"])
@@ -344,7 +368,10 @@ fn the_statements_real_clients_send_are_measured_for_parse_coverage() {
         "| {:<40} | {:>8} | {:>10} | {:>6} | {:>7} |",
         "client", "sessions", "statements", "parsed", "refused"
     );
-    println!("|{:-<42}|{:->10}|{:->12}|{:->8}|{:->9}|", "", "", "", "", "");
+    println!(
+        "|{:-<42}|{:->10}|{:->12}|{:->8}|{:->9}|",
+        "", "", "", "", ""
+    );
     let mut total = (0, 0, 0);
     for (name, t) in &rows {
         println!(
@@ -355,7 +382,11 @@ fn the_statements_real_clients_send_are_measured_for_parse_coverage() {
             t.sent - t.refused,
             t.refused
         );
-        total = (total.0 + t.sent, total.1 + t.sent - t.refused, total.2 + t.refused);
+        total = (
+            total.0 + t.sent,
+            total.1 + t.sent - t.refused,
+            total.2 + t.refused,
+        );
     }
     println!(
         "| {:<40} | {:>8} | {:>10} | {:>6} | {:>7} |",
@@ -371,7 +402,11 @@ fn the_statements_real_clients_send_are_measured_for_parse_coverage() {
     }
     // The measurement is only worth its table if every client really talked through sluice.
     for (name, t) in &rows {
-        assert!(t.sent > 0, "{name} sent nothing through sluice:\n{}", agent.log());
+        assert!(
+            t.sent > 0,
+            "{name} sent nothing through sluice:\n{}",
+            agent.log()
+        );
     }
 }
 
@@ -438,7 +473,10 @@ impl Denying {
             .into_iter()
             .filter(|r| {
                 r["kind"] == "decision"
-                    && r["facts"].as_str().unwrap_or_default().contains("parse_error")
+                    && r["facts"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .contains("parse_error")
             })
             .map(|r| r["sql"].as_str().unwrap_or_default().to_string())
             .collect()
@@ -447,16 +485,24 @@ impl Denying {
 
 #[test]
 fn psql_meta_commands_pg_dump_and_fetch_all_work_on_a_target_that_denies_what_it_cannot_parse() {
-    let test =
-        "psql_meta_commands_pg_dump_and_fetch_all_work_on_a_target_that_denies_what_it_cannot_parse";
+    let test = "psql_meta_commands_pg_dump_and_fetch_all_work_on_a_target_that_denies_what_it_cannot_parse";
     if !require_root(test) {
         return;
     }
     let s = denying("parse-deny", "");
 
     let out = s.psql(PSQL_META);
-    for seen in ["people_v", "orders_person_idx", "order_total", "psy_mood", "postgres"] {
-        assert!(out.contains(seen), "{seen} missing from psql's output:\n{out}");
+    for seen in [
+        "people_v",
+        "orders_person_idx",
+        "order_total",
+        "psy_mood",
+        "postgres",
+    ] {
+        assert!(
+            out.contains(seen),
+            "{seen} missing from psql's output:\n{out}"
+        );
     }
 
     let out = s.psql(&[
@@ -475,13 +521,28 @@ fn psql_meta_commands_pg_dump_and_fetch_all_work_on_a_target_that_denies_what_it
     );
 
     let mut cmd = s.cgroup.command(Some(CLIENT_UID), "psql");
-    cmd.args(psql_session_args(s.pg.port, &["select name from people order by id"]))
-        .args(["-v", "FETCH_COUNT=2", "-v", "ON_ERROR_STOP=1"]);
+    cmd.args(psql_session_args(
+        s.pg.port,
+        &["select name from people order by id"],
+    ))
+    .args(["-v", "FETCH_COUNT=2", "-v", "ON_ERROR_STOP=1"]);
     let out = run_bounded(&mut cmd, LIMIT).unwrap();
-    assert_eq!(out.ok().lines().collect::<Vec<_>>(), ["ada", "grace", "edsger"]);
+    assert_eq!(
+        out.ok().lines().collect::<Vec<_>>(),
+        ["ada", "grace", "edsger"]
+    );
 
     let mut cmd = s.cgroup.command(Some(CLIENT_UID), "pg_dump");
-    cmd.args(["-h", "127.0.0.1", "-p", &s.pg.port.to_string(), "-U", "postgres", "-d", "postgres"]);
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &s.pg.port.to_string(),
+        "-U",
+        "postgres",
+        "-d",
+        "postgres",
+    ]);
     let dump = run_bounded(&mut cmd, LIMIT).unwrap();
     let dump = dump.ok();
     for seen in [
@@ -491,16 +552,24 @@ fn psql_meta_commands_pg_dump_and_fetch_all_work_on_a_target_that_denies_what_it
         "COPY public.people (id, name, mood) FROM stdin;",
         "1\tada\thappy",
     ] {
-        assert!(dump.contains(seen), "{seen} missing from pg_dump's output:\n{dump}");
+        assert!(
+            dump.contains(seen),
+            "{seen} missing from pg_dump's output:\n{dump}"
+        );
     }
 
-    assert_eq!(s.unparsed(), Vec::<String>::new(), "statements sluice could not parse");
+    assert_eq!(
+        s.unparsed(),
+        Vec::<String>::new(),
+        "statements sluice could not parse"
+    );
     // The fallback never lets what it does not know through: a near miss is still denied.
     let mut cmd = s.cgroup.command(Some(CLIENT_UID), "psql");
     cmd.args(psql_session_args(s.pg.port, &["FETCH ALL c INTO people"]));
     let out = run_bounded(&mut cmd, LIMIT).unwrap();
     assert!(
-        out.stderr.contains("sluice: denied by policy \"sluice-unparsed\""),
+        out.stderr
+            .contains("sluice: denied by policy \"sluice-unparsed\""),
         "{}\n{}",
         out.stdout,
         out.stderr
@@ -517,10 +586,11 @@ fn psycopg_server_side_cursors_and_jdbc_metadata_work_on_a_target_that_denies_wh
     let s = denying("parse-deny-drivers", "");
     let clients = readable_clients();
     let mut cmd = s.cgroup.command(Some(CLIENT_UID), "/usr/bin/python3");
-    cmd.arg(clients.path().join("psycopg_metadata.py")).arg(format!(
-        "host=127.0.0.1 port={} user=postgres dbname=postgres",
-        s.pg.port
-    ));
+    cmd.arg(clients.path().join("psycopg_metadata.py"))
+        .arg(format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            s.pg.port
+        ));
     let out = run_bounded(&mut cmd, LIMIT).unwrap();
     let v: Value = serde_json::from_str(out.ok().trim()).unwrap();
     assert_eq!(v["first_two"], serde_json::json!([1, 2]));
@@ -539,11 +609,20 @@ fn psycopg_server_side_cursors_and_jdbc_metadata_work_on_a_target_that_denies_wh
         .args(["", "public", "people"]);
     let out = run_bounded(&mut cmd, LIMIT).unwrap();
     let out = out.ok();
-    for line in ["columns=3", "primary_keys=1", "exported_keys=1", "result_columns=3 nullable=1"] {
+    for line in [
+        "columns=3",
+        "primary_keys=1",
+        "exported_keys=1",
+        "result_columns=3 nullable=1",
+    ] {
         assert!(out.lines().any(|l| l == line), "{line} missing:\n{out}");
     }
     assert!(!out.contains("error:"), "{out}");
-    assert_eq!(s.unparsed(), Vec::<String>::new(), "statements sluice could not parse");
+    assert_eq!(
+        s.unparsed(),
+        Vec::<String>::new(),
+        "statements sluice could not parse"
+    );
 }
 
 #[test]
@@ -596,8 +675,12 @@ fn mysqldump_and_the_mariadb_clis_show_commands_work_on_a_target_that_denies_wha
     assert!(text.contains("order_count"), "{text}");
 
     let mut cmd = s.command(true, "mysqldump");
-    cmd.args(&MariaDb::client_args(s.db.port)[..10])
-        .args(["--routines", "--triggers", "--events", mariadb::DATABASE]);
+    cmd.args(&MariaDb::client_args(s.db.port)[..10]).args([
+        "--routines",
+        "--triggers",
+        "--events",
+        mariadb::DATABASE,
+    ]);
     let dump = run_bounded(&mut cmd, LIMIT).unwrap();
     let dump = dump.ok();
     for seen in [
@@ -606,7 +689,10 @@ fn mysqldump_and_the_mariadb_clis_show_commands_work_on_a_target_that_denies_wha
         "CREATE DEFINER=`root`@`localhost` PROCEDURE `order_count`",
         "orders_positive",
     ] {
-        assert!(dump.contains(seen), "{seen} missing from mysqldump's output:\n{dump}");
+        assert!(
+            dump.contains(seen),
+            "{seen} missing from mysqldump's output:\n{dump}"
+        );
     }
     let unparsed: Vec<Value> = s
         .agent
@@ -614,12 +700,24 @@ fn mysqldump_and_the_mariadb_clis_show_commands_work_on_a_target_that_denies_wha
         .unwrap()
         .into_iter()
         .filter(|r| {
-            r["kind"] == "decision" && r["facts"].as_str().unwrap_or_default().contains("parse_error")
+            r["kind"] == "decision"
+                && r["facts"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("parse_error")
         })
         .collect();
-    assert!(unparsed.is_empty(), "statements sluice could not parse: {unparsed:#?}");
+    assert!(
+        unparsed.is_empty(),
+        "statements sluice could not parse: {unparsed:#?}"
+    );
 
     // What the fallback does not know is still denied.
     let out = s.mariadb("LOCK TABLES mysql.proc READ LOCAL x");
-    assert!(out.stderr.contains("sluice-unparsed"), "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("sluice-unparsed"),
+        "{}\n{}",
+        out.stdout,
+        out.stderr
+    );
 }

@@ -222,11 +222,13 @@ fn mysql_shape(d: &dyn SqlDialect, words: &[&Token]) -> Option<Parsed> {
             let rest: Vec<Token> = words[status_at + 1..].iter().map(|&t| t.clone()).collect();
             let mut sub = Parser::new(d).with_tokens(rest);
             let filter = sub.parse_show_statement_filter().ok()?;
-            (sub.peek_token_ref().token == Token::EOF).then_some(Parsed::Sql(Statement::ShowStatus {
-                filter,
-                global: false,
-                session: false,
-            }))
+            (sub.peek_token_ref().token == Token::EOF).then_some(Parsed::Sql(
+                Statement::ShowStatus {
+                    filter,
+                    global: false,
+                    session: false,
+                },
+            ))
         }
         Keyword::LOCK if matches!(kw(1)?, Keyword::TABLES | Keyword::TABLE) => {
             lock_tables(&words[2..]).then_some(Parsed::Metadata)
@@ -271,7 +273,9 @@ fn lock_tables(tokens: &[&Token]) -> bool {
             (Some(Keyword::READ), Some(Keyword::LOCAL)) => 2,
             (Some(Keyword::READ), _) => 1,
             (Some(Keyword::LOW_PRIORITY), Some(Keyword::WRITE)) => 2,
-            (Some(Keyword::WRITE), _) if tokens.get(i + 1).is_some_and(|t| bare(t, "concurrent")) => {
+            (Some(Keyword::WRITE), _)
+                if tokens.get(i + 1).is_some_and(|t| bare(t, "concurrent")) =>
+            {
                 2
             }
             (Some(Keyword::WRITE), _) => 1,
@@ -304,9 +308,8 @@ fn cursor_command(tokens: &[&Token]) -> Option<(FetchDirection, FetchPosition, I
         cursor(&tokens[used..]).map(|(position, name)| (direction, position, name))
     });
     // Without a direction PostgreSQL fetches the NEXT row.
-    with_direction.or_else(|| {
-        cursor(tokens).map(|(position, name)| (FetchDirection::Next, position, name))
-    })
+    with_direction
+        .or_else(|| cursor(tokens).map(|(position, name)| (FetchDirection::Next, position, name)))
 }
 
 /// A direction at the start of `tokens`, and how many tokens it uses.
@@ -383,8 +386,8 @@ fn cursor(tokens: &[&Token]) -> Option<(FetchPosition, Ident)> {
     let Token::Word(w) = name else {
         return None;
     };
-    let reserved = w.quote_style.is_none()
-        && matches!(w.keyword, Keyword::ALL | Keyword::FROM | Keyword::IN);
+    let reserved =
+        w.quote_style.is_none() && matches!(w.keyword, Keyword::ALL | Keyword::FROM | Keyword::IN);
     if reserved {
         return None;
     }
@@ -550,10 +553,22 @@ mod tests {
             assert_eq!(my(sql).unwrap(), vec![Parsed::Metadata], "{sql}");
         }
         for (sql, filter) in [
-            ("SHOW PROCEDURE STATUS WHERE Db = 'shop'", " WHERE Db = 'shop'"),
-            ("SHOW FUNCTION STATUS WHERE Db = 'shop'", " WHERE Db = 'shop'"),
-            ("SHOW PACKAGE BODY STATUS WHERE Db = 'shop'", " WHERE Db = 'shop'"),
-            ("show package status where Db = 'shop'", " WHERE Db = 'shop'"),
+            (
+                "SHOW PROCEDURE STATUS WHERE Db = 'shop'",
+                " WHERE Db = 'shop'",
+            ),
+            (
+                "SHOW FUNCTION STATUS WHERE Db = 'shop'",
+                " WHERE Db = 'shop'",
+            ),
+            (
+                "SHOW PACKAGE BODY STATUS WHERE Db = 'shop'",
+                " WHERE Db = 'shop'",
+            ),
+            (
+                "show package status where Db = 'shop'",
+                " WHERE Db = 'shop'",
+            ),
         ] {
             assert!(
                 Parser::parse_sql(&MySqlDialect {}, sql).is_err(),
@@ -602,9 +617,22 @@ mod tests {
             "{parsed:?}"
         );
         // MySQL's own form, which sqlparser reads as code already.
-        assert_eq!(parse("/*!50000 DROP TABLE t */", Dialect::MySql).unwrap().len(), 1);
+        assert_eq!(
+            parse("/*!50000 DROP TABLE t */", Dialect::MySql)
+                .unwrap()
+                .len(),
+            1
+        );
         // An ordinary comment is still a comment; PostgreSQL has no such comments.
-        assert!(parse("/* M! DROP TABLE t */", Dialect::MySql).unwrap().is_empty());
-        assert!(parse("/*M!100100 DROP TABLE t */", Dialect::Postgres).unwrap().is_empty());
+        assert!(
+            parse("/* M! DROP TABLE t */", Dialect::MySql)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            parse("/*M!100100 DROP TABLE t */", Dialect::Postgres)
+                .unwrap()
+                .is_empty()
+        );
     }
 }
