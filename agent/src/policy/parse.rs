@@ -8,7 +8,7 @@
 //! the end) has one of the shapes below is taken by sluice. Every other statement still goes
 //! through sqlparser, so one statement nobody recognises leaves the whole text unparsed.
 //!
-//! Recognised shapes (PostgreSQL dialect only; each is PostgreSQL's grammar for it, complete):
+//! Recognised shapes, PostgreSQL dialect (each PostgreSQL's grammar for it, complete):
 //! - `FETCH [direction] [FROM | IN] cursor` and `MOVE [direction] [FROM | IN] cursor`, where
 //!   direction is `NEXT | PRIOR | FIRST | LAST | ABSOLUTE n | RELATIVE n | n | ALL | FORWARD
 //!   [n | ALL] | BACKWARD [n | ALL]` and `n` a signed integer. sqlparser demands `FROM`/`IN` and
@@ -17,6 +17,11 @@
 //!   becomes the `Statement::Fetch` sqlparser builds for the same FETCH written with `FROM`;
 //!   a MOVE (no AST in sqlparser) is [`Parsed::Move`]. Neither changes data: they read or
 //!   reposition a cursor whose query was decided when it was DECLAREd.
+//!
+//! MySQL dialect (what mysqldump and the mariadb CLI send; see `mysql_shape`):
+//! `SHOW {PROCEDURE | FUNCTION | PACKAGE [BODY]} STATUS {LIKE 'p' | WHERE expr}` (taken as
+//! sqlparser's `SHOW STATUS` with the same filter), `SHOW CREATE {DATABASE | SCHEMA} name` and
+//! `LOCK TABLES` naming `db.table` ([`Parsed::Metadata`]).
 //!
 //! What the fallback must never do: accept a statement it has not matched token for token
 //! (a near miss, such as `FETCH ALL c INTO t`, `FETCH 1.5 c` or `FETCH ALL c; DROP TABLE t` with
