@@ -70,7 +70,7 @@ fn doctor_on_this_host_prints_every_check_ok() {
         "cgroup/sock_release",
     ] {
         assert!(
-            lines.iter().any(|l| l.contains(&format!("hook {}", hook))
+            lines.iter().any(|l| l.contains(&format!("hook {hook}"))
                 && l.contains("loaded, verified and attached")),
             "no probe line for {hook}:\n{}",
             out.stdout
