@@ -848,14 +848,20 @@ mod tests {
         ] {
             assert!(parse_match(bad).is_err(), "{bad}");
         }
-        let text = "[agent]\n[[target]]\nname='a'\nprotocol='postgres'\nmatch='prod-db.internal:5432'\n";
+        let text =
+            "[agent]\n[[target]]\nname='a'\nprotocol='postgres'\nmatch='prod-db.internal:5432'\n";
         let c: Config = toml::from_str(text).unwrap();
         assert_eq!(c.agent.resolve_interval(), Duration::from_secs(30));
         let t = c.targets().unwrap();
         assert_eq!(t[0].backend, None);
         let listen = format!("{text}listen='127.0.0.1:7000'\n");
         let c: Config = toml::from_str(&listen).unwrap();
-        assert!(c.targets().unwrap_err().to_string().contains("no `backend`"));
+        assert!(
+            c.targets()
+                .unwrap_err()
+                .to_string()
+                .contains("no `backend`")
+        );
     }
 
     #[test]

@@ -31,7 +31,9 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
-    #[error("target {target}: its match name {host:?} does not resolve ({reason}); check the name and this host's resolver (/etc/hosts, /etc/resolv.conf)")]
+    #[error(
+        "target {target}: its match name {host:?} does not resolve ({reason}); check the name and this host's resolver (/etc/hosts, /etc/resolv.conf)"
+    )]
     Unresolved {
         target: String,
         host: String,

@@ -94,7 +94,10 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
     provision(
         &topo.db,
         "db.sh",
-        &[("SLUICE_LAB_STATE", state.path().join("db").display().to_string())],
+        &[(
+            "SLUICE_LAB_STATE",
+            state.path().join("db").display().to_string(),
+        )],
     )?;
 
     step("starting a collector on db");
@@ -124,7 +127,14 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
     let unit = Cgroup::create("lab-agent")?;
     let installed = root.join("usr/bin/sluice");
     let config = root.join("etc/sluice/sluice.toml");
-    let caps = format!("-all,{}", UNIT_CAPS.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(","));
+    let caps = format!(
+        "-all,{}",
+        UNIT_CAPS
+            .iter()
+            .map(|c| format!("+{c}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg("echo $$ > \"$0/cgroup.procs\" && umask 077 && exec \"$@\"")
@@ -149,6 +159,7 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
         config.display(),
         UNIT_CAPS.join(", ")
     );
+    check_caps(&agent)?;
     if !agent.logged("target name resolved") {
         bail!("the agent did not resolve `db`:\n{}", agent.log());
     }
@@ -161,17 +172,38 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
         run_bounded(&mut in_netns(&topo.bastion, &cmd), LIMIT)
     };
     let psql = |sql: &str| {
-        let out = engineer("psql", &["-X", "-h", "db", "-U", "ada", "-d", "lab", "-c", sql])?;
-        show(&format!("ada@bastion$ psql -h db -U ada lab -c '{sql}'"), &out);
+        let out = engineer(
+            "psql",
+            &["-X", "-h", "db", "-U", "ada", "-d", "lab", "-c", sql],
+        )?;
+        show(
+            &format!("ada@bastion$ psql -h db -U ada lab -c '{sql}'"),
+            &out,
+        );
         Ok::<_, anyhow::Error>(out)
     };
     let mariadb = |sql: &str| {
         let password = format!("-p{PASSWORD}");
         let out = engineer(
             "mariadb",
-            &["--no-defaults", "-h", "db", "-u", "ada", &password, "--connect-timeout=10", "-t", "lab", "-e", sql],
+            &[
+                "--no-defaults",
+                "-h",
+                "db",
+                "-u",
+                "ada",
+                &password,
+                "--connect-timeout=10",
+                "-t",
+                "lab",
+                "-e",
+                sql,
+            ],
         )?;
-        show(&format!("ada@bastion$ mariadb -h db -u ada lab -e '{sql}'"), &out);
+        show(
+            &format!("ada@bastion$ mariadb -h db -u ada lab -e '{sql}'"),
+            &out,
+        );
         Ok::<_, anyhow::Error>(out)
     };
 
@@ -208,7 +240,10 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
         let of: Vec<&serde_json::Value> =
             sessions.iter().filter(|s| s["target"] == target).collect();
         if of.len() != 2 {
-            bail!("expected 2 sessions of {target}, the collector has {}", of.len());
+            bail!(
+                "expected 2 sessions of {target}, the collector has {}",
+                of.len()
+            );
         }
         for s in &of {
             if s["orig_dst"] != format!("{DB}:{port}").as_str()
@@ -237,6 +272,36 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
     drop(topo);
     drop(state);
     println!("\nThe lab ran end to end.");
+    Ok(())
+}
+
+/// The capability numbers of [`UNIT_CAPS`] (linux/capability.h).
+fn cap_number(name: &str) -> Option<u32> {
+    match name {
+        "net_admin" => Some(12),
+        "perfmon" => Some(38),
+        "bpf" => Some(39),
+        _ => None,
+    }
+}
+
+/// The running agent's effective capabilities are exactly [`UNIT_CAPS`].
+fn check_caps(agent: &Agent) -> anyhow::Result<()> {
+    let pid = agent.pid().context("the agent has no pid")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .context("no CapEff in the agent's status")?;
+    let want = UNIT_CAPS
+        .iter()
+        .filter_map(|c| cap_number(c))
+        .fold(0u64, |m, n| m | (1 << n));
+    if eff != want {
+        bail!("the agent runs with capabilities {eff:#x}, its unit grants {want:#x}");
+    }
+    println!("    effective capabilities {eff:#x} (exactly the unit's)");
     Ok(())
 }
 

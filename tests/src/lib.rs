@@ -196,14 +196,7 @@ impl Postgres {
             .arg(&data)
             .args(["-p", &port.to_string(), "-k"])
             .arg(&sock)
-            .args([
-                "-c",
-                listen,
-                "-c",
-                "fsync=off",
-                "-c",
-                "max_connections=200",
-            ])
+            .args(["-c", listen, "-c", "fsync=off", "-c", "max_connections=200"])
             .args(&tls_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -73,12 +73,32 @@ impl Topology {
         }
         // Both ends are created inside their namespaces: no name on the host can clash.
         ip(&[
-            "link", "add", "eth0", "netns", &topo.bastion, "type", "veth", "peer", "name",
-            "eth0", "netns", &topo.router,
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            &topo.bastion,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &topo.router,
         ])?;
         ip(&[
-            "link", "add", "eth1", "netns", &topo.router, "type", "veth", "peer", "name", "eth0",
-            "netns", &topo.db,
+            "link",
+            "add",
+            "eth1",
+            "netns",
+            &topo.router,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &topo.db,
         ])?;
         let addr = |ns: &str, dev: &str, a: Ipv4Addr| -> anyhow::Result<()> {
             ip(&["-n", ns, "addr", "add", &format!("{a}/24"), "dev", dev])?;
@@ -88,9 +108,33 @@ impl Topology {
         addr(&topo.router, "eth0", ROUTER_BASTION)?;
         addr(&topo.router, "eth1", ROUTER_DB)?;
         addr(&topo.db, "eth0", DB)?;
-        ip(&["-n", &topo.db, "addr", "add", &format!("{DB_FAILOVER}/24"), "dev", "eth0"])?;
-        ip(&["-n", &topo.bastion, "route", "add", "default", "via", &ROUTER_BASTION.to_string()])?;
-        ip(&["-n", &topo.db, "route", "add", "default", "via", &ROUTER_DB.to_string()])?;
+        ip(&[
+            "-n",
+            &topo.db,
+            "addr",
+            "add",
+            &format!("{DB_FAILOVER}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&[
+            "-n",
+            &topo.bastion,
+            "route",
+            "add",
+            "default",
+            "via",
+            &ROUTER_BASTION.to_string(),
+        ])?;
+        ip(&[
+            "-n",
+            &topo.db,
+            "route",
+            "add",
+            "default",
+            "via",
+            &ROUTER_DB.to_string(),
+        ])?;
         for ns in topo.all() {
             topo.set_hosts(ns, &[])?;
             // No DNS server here: names come from /etc/hosts, and a lookup of anything else
@@ -107,7 +151,11 @@ impl Topology {
             LIMIT,
         )?;
         if !out.status.success() {
-            bail!("enabling forwarding in {} failed: {}", topo.router, out.stderr);
+            bail!(
+                "enabling forwarding in {} failed: {}",
+                topo.router,
+                out.stderr
+            );
         }
         Ok(topo)
     }
@@ -140,7 +188,8 @@ impl Topology {
     fn remove(&self) {
         for ns in self.all() {
             // Whatever still runs there (servers, the agent) goes first, then the namespace.
-            if let Ok(out) = crate::run_bounded(Command::new("ip").args(["netns", "pids", ns]), LIMIT)
+            if let Ok(out) =
+                crate::run_bounded(Command::new("ip").args(["netns", "pids", ns]), LIMIT)
             {
                 let pids: Vec<&str> = out.stdout.split_whitespace().collect();
                 if !pids.is_empty() {

@@ -105,7 +105,10 @@ fn a_target_named_by_dns_is_intercepted_at_its_old_and_new_addresses_when_the_na
     assert!(s.agent.logged("target name resolved"));
 
     // The engineer's psql resolves `db` itself and connects there: intercepted.
-    assert!(s.psql("db", "select inet_server_addr()").contains(&DB.to_string()));
+    assert!(
+        s.psql("db", "select inet_server_addr()")
+            .contains(&DB.to_string())
+    );
     assert_eq!(s.recorded(), vec![old.clone()]);
 
     // A session on the old address stays open while the name moves (a failover).
@@ -132,7 +135,10 @@ fn a_target_named_by_dns_is_intercepted_at_its_old_and_new_addresses_when_the_na
     );
 
     // The name's new address is intercepted ...
-    assert!(s.psql("db", "select inet_server_addr()").contains(&DB_FAILOVER.to_string()));
+    assert!(
+        s.psql("db", "select inet_server_addr()")
+            .contains(&DB_FAILOVER.to_string())
+    );
     // ... and so is the old one while the long session uses it.
     s.psql(&DB.to_string(), "select 1");
     assert_eq!(s.recorded()[2..], [new.clone(), old.clone()]);
@@ -143,7 +149,11 @@ fn a_target_named_by_dns_is_intercepted_at_its_old_and_new_addresses_when_the_na
     s.wait_logged("no session uses the old address any more", 1);
     let before = s.recorded().len();
     s.psql(&DB.to_string(), "select 1");
-    assert_eq!(s.recorded().len(), before, "the retired address was intercepted");
+    assert_eq!(
+        s.recorded().len(),
+        before,
+        "the retired address was intercepted"
+    );
     s.psql("db", "select 1");
     assert_eq!(s.recorded().last(), Some(&new));
 

@@ -490,10 +490,15 @@ pub async fn run(
         Some(i) if !names.is_empty() => {
             let table = i.targets();
             let targets = shared.targets.clone();
-            let apply = move |named: &[(u32, SocketAddr)]| {
-                match intercept_matches(&targets, named).and_then(|m| Ok(table.replace(&m)?)) {
-                    Ok(()) => info!(protected = named.len(), "protected addresses of named targets updated"),
-                    Err(e) => error!(error = %crate::error_chain(&e), "cannot update the protected addresses: the previous ones stay protected"),
+            let apply = move |named: &[(u32, SocketAddr)]| match intercept_matches(&targets, named)
+                .and_then(|m| Ok(table.replace(&m)?))
+            {
+                Ok(()) => info!(
+                    protected = named.len(),
+                    "protected addresses of named targets updated"
+                ),
+                Err(e) => {
+                    error!(error = %crate::error_chain(&e), "cannot update the protected addresses: the previous ones stay protected")
                 }
             };
             Some(tokio::spawn(names.clone().watch(
