@@ -159,6 +159,7 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
         config.display(),
         UNIT_CAPS.join(", ")
     );
+    check_caps(&agent)?;
     if !agent.logged("target name resolved") {
         bail!("the agent did not resolve `db`:\n{}", agent.log());
     }
@@ -271,6 +272,36 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
     drop(topo);
     drop(state);
     println!("\nThe lab ran end to end.");
+    Ok(())
+}
+
+/// The capability numbers of [`UNIT_CAPS`] (linux/capability.h).
+fn cap_number(name: &str) -> Option<u32> {
+    match name {
+        "net_admin" => Some(12),
+        "perfmon" => Some(38),
+        "bpf" => Some(39),
+        _ => None,
+    }
+}
+
+/// The running agent's effective capabilities are exactly [`UNIT_CAPS`].
+fn check_caps(agent: &Agent) -> anyhow::Result<()> {
+    let pid = agent.pid().context("the agent has no pid")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .context("no CapEff in the agent's status")?;
+    let want = UNIT_CAPS
+        .iter()
+        .filter_map(|c| cap_number(c))
+        .fold(0u64, |m, n| m | (1 << n));
+    if eff != want {
+        bail!("the agent runs with capabilities {eff:#x}, its unit grants {want:#x}");
+    }
+    println!("    effective capabilities {eff:#x} (exactly the unit's)");
     Ok(())
 }
 
