@@ -488,11 +488,7 @@ fn a_strict_target_denies_every_statement_that_moves_a_masked_column_and_nothing
         .sql("select reverse(email), encode(convert_to(ssn, 'UTF8'), 'base64'), encode(convert_to(card_number, 'UTF8'), 'hex') from customers")
         .unwrap();
     assert!(find_leak(&direct, CLEAR).is_some(), "{direct}");
-    assert_eq!(
-        find_leak(&seen, CLEAR),
-        None,
-        "client output:\n{seen}"
-    );
+    assert_eq!(find_leak(&seen, CLEAR), None, "client output:\n{seen}");
     let export = serde_json::to_string(&s.agent.export().unwrap()).unwrap();
     assert_eq!(find_leak(&export, CLEAR), None, "export");
 }
