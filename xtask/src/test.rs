@@ -45,7 +45,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let debs = crate::package::run_package(&crate::package::Args { dev: true })?;
     let skips = tempfile::NamedTempFile::new()?;
     let mut test = cargo();
-    test.args(["test", "--workspace"])
+    // Every test binary runs even after one fails, so a run shows every failure at once.
+    test.args(["test", "--workspace", "--no-fail-fast"])
         .env("SLUICE_BIN", target_dir().join("debug/sluice"))
         .env("SLUICE_DEBS", std::env::join_paths(&debs)?)
         .env("SLUICE_SKIP_LOG", skips.path());
