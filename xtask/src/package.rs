@@ -25,9 +25,12 @@ pub struct Args {
     pub dev: bool,
 }
 
+/// A man page's FILES section: each path and what it is.
+type Files = &'static [(&'static str, &'static str)];
+
 /// The packages, each with its binary, the crate holding its metadata, and the man page's
 /// FILES section.
-const PACKAGES: &[(&str, &str, &[(&str, &str)])] = &[
+const PACKAGES: &[(&str, &str, Files)] = &[
     (
         "sluice",
         "sluice",
