@@ -567,7 +567,7 @@ fn journal_space(dir: &Path, spool_max: u64) -> Check {
         .advisory();
     };
     let free = match nix::sys::statvfs::statvfs(at) {
-        Ok(s) => u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size())),
+        Ok(s) => s.blocks_available().saturating_mul(s.fragment_size()),
         Err(e) => {
             return Check::problem(
                 "journal disk",

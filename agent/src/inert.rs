@@ -190,7 +190,8 @@ mod tests {
         let mut out = Vec::new();
         {
             let mut lines = Lines::new(&mut out);
-            writeln!(lines, "> {}", "select 1;\n12:00:00  > forged\x1b[2J").unwrap();
+            let forged = "select 1;\n12:00:00  > forged\x1b[2J";
+            writeln!(lines, "> {forged}").unwrap();
             writeln!(lines).unwrap();
             write!(lines, "no newline").unwrap();
             writeln!(lines, "ends with one\n").unwrap();

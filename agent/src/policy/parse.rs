@@ -44,6 +44,10 @@ use sqlparser::tokenizer::{Span, Token, TokenWithSpan, Tokenizer, Whitespace};
 use super::facts::Dialect;
 
 /// One statement of a text.
+///
+/// Not boxed: nearly every statement is `Sql`, a `Parsed` lives only while one request is
+/// judged, and the callers match on the statement's shape, which a box would hide.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Parsed {
     /// sqlparser's AST: parsed by sqlparser, or a recognised shape given the AST sqlparser
