@@ -12,7 +12,8 @@
  * Maps: `targets` (userspace writes, BPF_F_RDONLY_PROG), `socks` (socket cookie -> record),
  * `conns` (4-tuple as the proxy sees it -> record), `counters` (per-CPU, enum sluice_counter).
  * Knobs: `const volatile` globals set by the loader before load (`proxy_port`, `proxy_ip4`,
- * `exempt_mark`, `exempt_cgroup_id`); the verifier sees them as constants.
+ * `exempt_mark`, `exempt_cgroup_id`, `proxy_netns_cookie`); the verifier sees them as
+ * constants.
  *
  * Invariants:
  *   - Every address in a map is 16 bytes, network order, IPv4 as ::ffff:a.b.c.d; ports are host
@@ -21,6 +22,11 @@
  *     cgroup): if saving its record fails it is redirected anyway (fail closed, see below).
  *   - Identity (uid, gid, pid, comm, cgroup) is captured in connect(), where `current` is the
  *     caller; sockops runs in softirq context and only moves the record.
+ *   - The proxy's listeners live in the agent's network namespace. A redirect from another
+ *     namespace (a container) would land on that namespace's own loopback, so a protected
+ *     connect from there is refused (EPERM), never redirected and never let through. A connect
+ *     there to a loopback or unspecified address is that namespace's own host, not ours: it
+ *     passes untouched.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -36,8 +42,10 @@
 /* A context load the compiler may neither sink into a branch nor merge with another one. */
 #define CTX_READ(field) (*(volatile __typeof__(field) *)&(field))
 
-/* Return codes of cgroup sock_addr programs: 1 lets the call proceed (possibly rewritten). */
+/* Return codes of cgroup sock_addr programs: 1 lets the call proceed (possibly rewritten), 0
+ * fails it with EPERM. */
 #define SLUICE_ALLOW 1
+#define SLUICE_DENY 0
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -46,6 +54,7 @@ const volatile __u32 proxy_port = 0;                    /* host order */
 const volatile __u32 proxy_ip4 = bpf_htonl(0x7f000001); /* network order, 127.0.0.1 */
 const volatile __u32 exempt_mark = 0;                   /* 0: no SO_MARK exemption */
 const volatile __u64 exempt_cgroup_id = 0;              /* 0: no cgroup exemption */
+const volatile __u64 proxy_netns_cookie = 0;            /* the agent's netns; 0: no check */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -140,9 +149,16 @@ static __always_inline int lookup_target(const __u32 addr[4], __u16 port, __u32 
 
 /* ---- connect4 / connect6 ------------------------------------------------------------- */
 
-/* Shared by both hooks once the destination is in 16-byte form. Returns 1 when the caller must
- * rewrite the destination to the proxy. */
-static __always_inline int steer(struct bpf_sock_addr *ctx, const __u32 dst[4], __u16 family)
+/* What a connect hook does with a connect. */
+enum steer_verdict {
+	STEER_PASS,     /* not protected, or exempt: untouched */
+	STEER_REDIRECT, /* rewrite the destination to the proxy */
+	STEER_REFUSE,   /* fail connect() with EPERM */
+};
+
+/* Shared by both hooks once the destination is in 16-byte form. */
+static __always_inline enum steer_verdict steer(struct bpf_sock_addr *ctx, const __u32 dst[4],
+						__u16 family)
 {
 	struct orig_record rec = {};
 	__u64 cookie = bpf_get_socket_cookie(ctx);
@@ -155,7 +171,7 @@ static __always_inline int steer(struct bpf_sock_addr *ctx, const __u32 dst[4], 
 		/* A socket may connect again after a failed connect; never let a stale record make
 		 * getpeername() lie about an unprotected peer. */
 		bpf_map_delete_elem(&socks, &cookie);
-		return 0;
+		return STEER_PASS;
 	}
 
 	/* Exemptions are checked after the lookup so that the counters only count protected
@@ -166,12 +182,21 @@ static __always_inline int steer(struct bpf_sock_addr *ctx, const __u32 dst[4], 
 	if (exempt_mark != 0 && sk && sk->mark == exempt_mark) {
 		count(SLUICE_CNT_EXEMPT_MARK);
 		bpf_map_delete_elem(&socks, &cookie);
-		return 0;
+		return STEER_PASS;
 	}
 	if (exempt_cgroup_id != 0 && bpf_get_current_cgroup_id() == exempt_cgroup_id) {
 		count(SLUICE_CNT_EXEMPT_CGROUP);
 		bpf_map_delete_elem(&socks, &cookie);
-		return 0;
+		return STEER_PASS;
+	}
+	if (proxy_netns_cookie != 0 && bpf_get_netns_cookie(ctx) != proxy_netns_cookie) {
+		bpf_map_delete_elem(&socks, &cookie);
+		/* Loopback there is that namespace's own host; anything else may be our backend,
+		 * which the proxy cannot be reached for from there. */
+		if (addr_is_local(dst))
+			return STEER_PASS;
+		count(SLUICE_CNT_OTHER_NETNS);
+		return STEER_REFUSE;
 	}
 
 	__builtin_memcpy(rec.orig_addr, dst, 16);
@@ -192,7 +217,7 @@ static __always_inline int steer(struct bpf_sock_addr *ctx, const __u32 dst[4], 
 	if (bpf_map_update_elem(&socks, &cookie, &rec, BPF_ANY) != 0)
 		count(SLUICE_CNT_RECORD_FAILED);
 	count(SLUICE_CNT_REDIRECTED);
-	return 1;
+	return STEER_REDIRECT;
 }
 
 SEC("cgroup/connect4")
@@ -203,9 +228,15 @@ int sluice_connect4(struct bpf_sock_addr *ctx)
 	if (ctx->type != SOCK_STREAM)
 		return SLUICE_ALLOW;
 	addr_from_ip4(dst, ctx->user_ip4);
-	if (steer(ctx, dst, AF_INET)) {
+	switch (steer(ctx, dst, AF_INET)) {
+	case STEER_REFUSE:
+		return SLUICE_DENY;
+	case STEER_REDIRECT:
 		ctx->user_ip4 = proxy_ip4;
 		ctx->user_port = bpf_htons((__u16)proxy_port);
+		break;
+	case STEER_PASS:
+		break;
 	}
 	return SLUICE_ALLOW;
 }
@@ -223,7 +254,12 @@ int sluice_connect6(struct bpf_sock_addr *ctx)
 	dst[1] = ctx->user_ip6[1];
 	dst[2] = ctx->user_ip6[2];
 	dst[3] = ctx->user_ip6[3];
-	if (steer(ctx, dst, AF_INET6)) {
+	switch (steer(ctx, dst, AF_INET6)) {
+	case STEER_REFUSE:
+		return SLUICE_DENY;
+	case STEER_PASS:
+		return SLUICE_ALLOW;
+	case STEER_REDIRECT:
 		if (addr_is_v4mapped(dst)) {
 			/* An AF_INET6 socket going to ::ffff:a.b.c.d speaks IPv4 on the wire: keep it
 			 * mapped, pointed at the proxy's IPv4 listener. */
@@ -238,6 +274,7 @@ int sluice_connect6(struct bpf_sock_addr *ctx)
 			ctx->user_ip6[3] = bpf_htonl(1);
 		}
 		ctx->user_port = bpf_htons((__u16)proxy_port);
+		break;
 	}
 	return SLUICE_ALLOW;
 }

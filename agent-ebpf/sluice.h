@@ -61,6 +61,7 @@ enum sluice_counter {
 	SLUICE_CNT_ESTABLISHED,     /* redirected connections whose record moved to `conns` */
 	SLUICE_CNT_PEER_RESTORED,   /* getpeername() answers rewritten to the original peer */
 	SLUICE_CNT_RECORD_FAILED,   /* map updates that failed (map full, ...) */
+	SLUICE_CNT_OTHER_NETNS,     /* protected connects from another network namespace, refused */
 	SLUICE_CNT_MAX,
 };
 

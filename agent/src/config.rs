@@ -337,6 +337,29 @@ pub struct AgentConfig {
     /// e.g. "127.0.0.1:9187" (default: no endpoint).
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the agent's unix listeners go, one per target that protects a socket name
+    /// (`<dir>/target-<id>.sock`): a directory owned by root and writable by nobody else.
+    #[serde(default = "default_unix_listen_dir")]
+    pub unix_listen_dir: PathBuf,
+    /// "protected" (default): a target that protects a unix socket name makes the agent refuse
+    /// to start when the kernel cannot load the unix hook (kernel 6.7+) or the real socket is
+    /// reachable by others than its owner. "unprotected": start anyway, loudly.
+    #[serde(default)]
+    pub unix_sockets: UnixSockets,
+    /// cgroups whose connects to protected socket names are never redirected: the database
+    /// service's (e.g. /sys/fs/cgroup/system.slice/postgresql.service), so that pg_ctl,
+    /// backups and maintenance reach the server's own socket.
+    #[serde(default)]
+    pub unix_exempt_cgroups: Vec<PathBuf>,
+}
+
+/// `agent.unix_sockets`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnixSockets {
+    #[default]
+    Protected,
+    Unprotected,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -406,6 +429,43 @@ pub struct TargetConfig {
     /// With `auth = "sluice"`: the roles clients may ask for.
     #[serde(rename = "role", default)]
     pub roles: Vec<RoleConfig>,
+    /// Unix socket names clients of this target connect to (`@name` for an abstract one);
+    /// connects to them are redirected to sluice like TCP ones. Default for a target on this
+    /// host: the standard names for its port ([`default_sockets`]); `[]`: none.
+    #[serde(default)]
+    pub sockets: Option<Vec<String>>,
+    /// The real socket sluice dials for sessions that arrived over a unix socket (default: the
+    /// name the client connected to).
+    #[serde(default)]
+    pub socket_backend: Option<PathBuf>,
+}
+
+/// The socket names a PostgreSQL or MySQL server on this host listens on for `port`, in every
+/// spelling a client may use: `/run` and `/var/run` (a symlink to it on most systems), the
+/// compiled-in `/tmp` defaults, and PostgreSQL's abstract form (`unix_socket_directories =
+/// '@/run/postgresql'`). MySQL's socket name has no port: only 3306 gets its defaults.
+pub fn default_sockets(protocol: Protocol, port: u16) -> Vec<String> {
+    match protocol {
+        Protocol::Postgres => ["/run/postgresql", "/var/run/postgresql", "/tmp"]
+            .iter()
+            .flat_map(|dir| {
+                [
+                    format!("{dir}/.s.PGSQL.{port}"),
+                    format!("@{dir}/.s.PGSQL.{port}"),
+                ]
+            })
+            .collect(),
+        Protocol::Mysql if port == 3306 => [
+            "/run/mysqld/mysqld.sock",
+            "/var/run/mysqld/mysqld.sock",
+            "/tmp/mysql.sock",
+            "/var/lib/mysql/mysql.sock",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        Protocol::Mysql => Vec::new(),
+    }
 }
 
 /// A target's address match, parsed.
@@ -444,6 +504,9 @@ pub struct Target {
     pub backend_server_name: Option<String>,
     pub auth: AuthMode,
     pub roles: Vec<Role>,
+    /// Protected unix socket names; None: the defaults, when the target is on this host.
+    pub sockets: Option<Vec<String>>,
+    pub socket_backend: Option<PathBuf>,
 }
 
 impl Target {
@@ -465,6 +528,8 @@ impl Target {
             backend_server_name: None,
             auth: AuthMode::Passthrough,
             roles: Vec::new(),
+            sockets: None,
+            socket_backend: None,
         }
     }
 }
@@ -520,6 +585,9 @@ fn default_login_refresh() -> u64 {
 }
 fn default_resolve_interval() -> u64 {
     30
+}
+fn default_unix_listen_dir() -> PathBuf {
+    PathBuf::from("/run/sluice/unix")
 }
 fn default_jit_max() -> u64 {
     8 * 3600
@@ -659,6 +727,8 @@ impl Config {
                 backend_server_name: t.backend_server_name.clone(),
                 auth: t.auth,
                 roles,
+                sockets: t.sockets.clone(),
+                socket_backend: t.socket_backend.clone(),
             });
         }
         for (i, id) in self.identities.iter().enumerate() {

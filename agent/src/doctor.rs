@@ -433,15 +433,25 @@ fn is_fs(path: &Path, magic: nix::sys::statfs::FsType) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type() == magic)
 }
 
-/// The pin directory is on bpffs, or will be created on one.
+/// The pin directory is on bpffs, or will be created on one (the agent mounts bpffs at
+/// /sys/fs/bpf itself when it is missing there, as `intercept` does at start).
 fn bpffs(pin_dir: &Path) -> Check {
     let on = if pin_dir.exists() {
         pin_dir
     } else {
         pin_dir.parent().unwrap_or(pin_dir)
     };
+    let standard = Path::new(crate::intercept::BPFFS);
     if is_fs(on, nix::sys::statfs::BPF_FS_MAGIC) {
         Check::ok("bpffs", format!("{} is on bpffs", on.display()))
+    } else if on == standard {
+        Check::ok(
+            "bpffs",
+            format!(
+                "{} is not mounted yet; the agent mounts bpffs there at start",
+                standard.display()
+            ),
+        )
     } else {
         Check::problem(
             "bpffs",
@@ -691,7 +701,7 @@ async fn targets(config: &Config, marked: bool) -> Vec<Check> {
 }
 
 async fn dial(addr: SocketAddr, mark: u32) -> std::io::Result<()> {
-    crate::proxy::dial_upstream(addr, mark, DIAL_TIMEOUT)
+    crate::proxy::dial_upstream(&crate::proxy::Addr::Tcp(addr), mark, DIAL_TIMEOUT)
         .await
         .map(drop)
 }

@@ -331,6 +331,9 @@ pub struct ShipMetrics {
     pub errors: AtomicU64,
     /// 1 while shipping fails.
     pub failing: AtomicU64,
+    /// 1 when targets protect unix sockets but the agent runs without the unix hook
+    /// (`agent.unix_sockets = "unprotected"` on a kernel that cannot load it).
+    pub unix_sockets_unprotected: AtomicU64,
 }
 
 impl ShipMetrics {
@@ -346,12 +349,15 @@ impl ShipMetrics {
              # HELP sluice_shipped_events_total Events the collector acknowledged.\n\
              # TYPE sluice_shipped_events_total counter\nsluice_shipped_events_total {}\n\
              # HELP sluice_ship_errors_total Shipments that failed (each is retried).\n\
-             # TYPE sluice_ship_errors_total counter\nsluice_ship_errors_total {}\n",
+             # TYPE sluice_ship_errors_total counter\nsluice_ship_errors_total {}\n\
+             # HELP sluice_unix_sockets_unprotected 1: the targets' unix sockets are NOT intercepted (agent.unix_sockets = \"unprotected\").\n\
+             # TYPE sluice_unix_sockets_unprotected gauge\nsluice_unix_sockets_unprotected {}\n",
             g(&self.spool_bytes),
             g(&self.backlog_events),
             g(&self.lag_seconds),
             g(&self.shipped_events),
             g(&self.errors),
+            g(&self.unix_sockets_unprotected),
         )
     }
 

@@ -8,8 +8,10 @@
 //! `sslmode=require`); `verify-full` checks the chain against `backend_ca` and the name
 //! against `backend_server_name` (default: the backend's IP address).
 //!
-//! Also the [`Stream`] type the proxy relays over: a plain TCP stream or either side of a TLS
-//! stream, with a description of the TLS parameters for the journal.
+//! Also the [`Stream`] type the proxy relays over: a plain [`Socket`] (TCP, or a unix socket
+//! for clients redirected from a database's socket and for backends dialed on theirs) or
+//! either side of a TLS stream over one, with a description of the TLS parameters for the
+//! journal.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -22,7 +24,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 /// The ALPN protocol PostgreSQL 17 clients ask for with direct SSL.
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
@@ -202,16 +204,174 @@ impl ServerCertVerifier for NoVerify {
     }
 }
 
+/// A connected socket of either family; TLS runs over it, the protocols over a [`Stream`].
+pub enum Socket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Socket {
+    /// Reads without consuming, like `TcpStream::peek` (tokio's UnixStream has none).
+    pub async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(s) => s.peek(buf).await,
+            Socket::Unix(s) => loop {
+                s.readable().await?;
+                match s.try_io(tokio::io::Interest::READABLE, || {
+                    use std::os::fd::AsRawFd as _;
+                    nix::sys::socket::recv(s.as_raw_fd(), buf, nix::sys::socket::MsgFlags::MSG_PEEK)
+                        .map_err(io::Error::from)
+                }) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    other => return other,
+                }
+            },
+        }
+    }
+
+    pub fn is_unix(&self) -> bool {
+        matches!(self, Socket::Unix(_))
+    }
+
+    /// Owned halves without a lock between them (tokio's `into_split` of either family).
+    pub fn into_split(self) -> (SocketRead, SocketWrite) {
+        match self {
+            Socket::Tcp(s) => {
+                let (r, w) = s.into_split();
+                (SocketRead::Tcp(r), SocketWrite::Tcp(w))
+            }
+            Socket::Unix(s) => {
+                let (r, w) = s.into_split();
+                (SocketRead::Unix(r), SocketWrite::Unix(w))
+            }
+        }
+    }
+}
+
+/// The read half of a [`Socket`].
+pub enum SocketRead {
+    Tcp(tokio::net::tcp::OwnedReadHalf),
+    Unix(tokio::net::unix::OwnedReadHalf),
+}
+
+/// The write half of a [`Socket`].
+pub enum SocketWrite {
+    Tcp(tokio::net::tcp::OwnedWriteHalf),
+    Unix(tokio::net::unix::OwnedWriteHalf),
+}
+
+impl AsyncRead for SocketRead {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            SocketRead::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            SocketRead::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+macro_rules! each_write_half {
+    ($self:expr, $s:ident => $e:expr) => {
+        match $self {
+            SocketWrite::Tcp($s) => $e,
+            SocketWrite::Unix($s) => $e,
+        }
+    };
+}
+
+impl AsyncWrite for SocketWrite {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        each_write_half!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each_write_half!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each_write_half!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        each_write_half!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        each_write_half!(self, s => s.is_write_vectored())
+    }
+}
+
+macro_rules! each_socket {
+    ($self:expr, $s:ident => $e:expr) => {
+        match $self {
+            Socket::Tcp($s) => $e,
+            Socket::Unix($s) => $e,
+        }
+    };
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        each_socket!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        each_socket!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each_socket!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each_socket!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        each_socket!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        each_socket!(self, s => s.is_write_vectored())
+    }
+}
+
 /// A connection the proxy relays: plain, or TLS on either side.
 pub enum Stream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+    Plain(Socket),
+    Tls(Box<tokio_rustls::TlsStream<Socket>>),
 }
 
 impl Stream {
-    /// "TLSv1_3 TLS13_AES_256_GCM_SHA384" or "plain", for the journal.
+    /// "TLSv1_3 TLS13_AES_256_GCM_SHA384", "plain" or "unix socket", for the journal.
     pub fn describe(&self) -> String {
         match self {
+            Stream::Plain(Socket::Unix(_)) => "unix socket".into(),
             Stream::Plain(_) => "plain".into(),
             Stream::Tls(t) => {
                 let (version, suite) = match t.as_ref() {

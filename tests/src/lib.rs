@@ -124,6 +124,8 @@ pub struct PgOptions {
     /// Run the server in this network namespace, listening on every address there (see
     /// [`netns::Topology`]; give `hba` lines for the clients' network).
     pub netns: Option<String>,
+    /// Server settings, each passed as `-c` (e.g. `unix_socket_permissions=0700`).
+    pub settings: Vec<String>,
 }
 
 impl Postgres {
@@ -135,6 +137,8 @@ impl Postgres {
         let bin = pg_bin_dir()?;
         let dir = tempfile::Builder::new()
             .prefix("sluice-pg-")
+            // Mode 700 whatever the umask: only the server's user reaches its unix socket.
+            .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir()
             .context("temp dir")?;
         let data = dir.path().join("data");
@@ -198,6 +202,7 @@ impl Postgres {
             .arg(&sock)
             .args(["-c", listen, "-c", "fsync=off", "-c", "max_connections=200"])
             .args(&tls_args)
+            .args(options.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(
@@ -229,6 +234,17 @@ impl Postgres {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+
+    /// The directory holding the server's unix socket (`.s.PGSQL.<port>`), inside a temp
+    /// directory of mode 700 owned by the server's user: nobody else reaches the socket.
+    pub fn socket_dir(&self) -> PathBuf {
+        self.dir.path().join("sock")
+    }
+
+    /// The server's unix socket.
+    pub fn socket(&self) -> PathBuf {
+        self.socket_dir().join(format!(".s.PGSQL.{}", self.port))
     }
 
     /// The server's own address for clients.
@@ -565,6 +581,19 @@ pub fn pg_target(name: &str, matches: &str) -> String {
     format!("[[target]]\nname = \"{name}\"\nprotocol = \"postgres\"\nmatch = \"{matches}\"\n")
 }
 
+/// Mounts bpffs at /sys/fs/bpf in the host's mount namespace unless it is there (as systemd
+/// does at boot; a bare machine or container may lack it).
+pub fn ensure_host_bpffs() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
+        return Ok(());
+    }
+    run_ok(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
 impl Agent {
     pub fn start(options: AgentOptions) -> anyhow::Result<Agent> {
         let dir = tempfile::Builder::new().prefix("sluice-agent-").tempdir()?;
@@ -579,6 +608,11 @@ impl Agent {
         let signing_key = journal.with_extension("signing.key");
         let encryption_key = journal.with_extension("data.key");
         let proxy_port = free_port();
+        if options.netns.is_some() && !options.no_ebpf {
+            // The agent would mount a missing bpffs inside its private mount namespace, where
+            // the pins (and so the attached programs) die with it: mount it for the host first.
+            ensure_host_bpffs()?;
+        }
         let pin = options.pin_dir.clone().unwrap_or_else(|| {
             format!(
                 "/sys/fs/bpf/sluice-test-{}-{proxy_port}",
@@ -586,13 +620,16 @@ impl Agent {
             )
         });
         let mut text = format!(
-            "[agent]\nproxy_listen = \"127.0.0.1:{proxy_port}\"\njournal_dir = \"{}\"\nbpf_pin_dir = \"{pin}\"\nexempt_own_cgroup = {}\nmax_message_bytes = {}\ncontrol_socket = \"{}\"\nsigning_key = \"{}\"\nencryption_key = \"{}\"\n{}",
+            "[agent]\nproxy_listen = \"127.0.0.1:{proxy_port}\"\njournal_dir = \"{}\"\nbpf_pin_dir = \"{pin}\"\nexempt_own_cgroup = {}\nmax_message_bytes = {}\ncontrol_socket = \"{}\"\nsigning_key = \"{}\"\nencryption_key = \"{}\"\nunix_listen_dir = \"{}\"\n{}",
             journal.display(),
             options.exempt_own_cgroup,
             options.max_message_bytes,
             socket.display(),
             signing_key.display(),
             encryption_key.display(),
+            // Each agent its own listener directory (the default, /run/sluice/unix, is one per
+            // host).
+            dir.path().join("unix").display(),
             options.agent_config,
         );
         if let Some(cg) = &options.cgroup {

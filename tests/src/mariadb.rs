@@ -116,6 +116,8 @@ impl MariaDb {
     fn start_inner(extra: &[&str], tls: Option<(&Path, &Path)>) -> anyhow::Result<MariaDb> {
         let dir = tempfile::Builder::new()
             .prefix("sluice-mariadb-")
+            // Mode 700 whatever the umask: only the server's user reaches its unix socket.
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir()
             .context("temp dir")?;
         let data = dir.path().join("data");

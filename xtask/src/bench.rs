@@ -191,6 +191,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "-".into()),
         );
     }
+    unix_socket(&pg, &bin, &pgbench, args.seconds)?;
     let (sessions, statements) = agent.recorded()?;
     println!("\nsluice recorded {sessions} sessions, {statements} statements");
     drop(pgbouncer);
@@ -204,6 +205,53 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     run_journal(&bin)?;
     println!();
     run_policy()
+}
+
+/// pgbench -S over the server's unix socket: direct (this process may enter the socket's
+/// directory) and through sluice (a cgroup whose connects to the socket are redirected).
+fn unix_socket(
+    pg: &Postgres,
+    bin: &std::path::Path,
+    pgbench: &std::path::Path,
+    seconds: u32,
+) -> anyhow::Result<()> {
+    let cgroup = Cgroup::create("bench-unix")?;
+    let _agent = Agent::start(AgentOptions {
+        bin: Some(bin.to_path_buf()),
+        cgroup: Some(cgroup.path.clone()),
+        targets: vec![format!(
+            "{}sockets = [\"{}\"]\n",
+            pg_target("bench-db", &format!("127.0.0.1:{}", pg.port)),
+            pg.socket().display()
+        )],
+        ..AgentOptions::default()
+    })?;
+    let dir = pg.socket_dir();
+    let dir = dir.to_str().context("socket directory is not UTF-8")?;
+    let port = pg.port.to_string();
+    println!("\npgbench -S over the unix socket, {seconds} s per run (TPS; ratio against direct)");
+    println!(
+        "{:<8} {:>10} {:>10} {:>7}",
+        "clients", "direct", "sluice", "ratio"
+    );
+    for clients in [1u32, 8] {
+        let direct = pgbench_tps_on(Command::new(pgbench), dir, &port, clients, seconds)?;
+        let through = pgbench_tps_on(
+            cgroup.command(None, pgbench.to_str().unwrap_or("pgbench")),
+            dir,
+            &port,
+            clients,
+            seconds,
+        )?;
+        println!(
+            "{:<8} {:>10.0} {:>10.0} {:>7.3}",
+            clients,
+            direct,
+            through,
+            through / direct
+        );
+    }
+    Ok(())
 }
 
 /// MySQL: sysbench `oltp_read_only` and `oltp_point_select` (prepared statements through
@@ -464,7 +512,18 @@ fn large_result(
     Ok(())
 }
 
-fn pgbench_tps(mut cmd: Command, port: &str, clients: u32, seconds: u32) -> anyhow::Result<f64> {
+fn pgbench_tps(cmd: Command, port: &str, clients: u32, seconds: u32) -> anyhow::Result<f64> {
+    pgbench_tps_on(cmd, "127.0.0.1", port, clients, seconds)
+}
+
+/// pgbench -S against `host` (an address, or a unix socket directory).
+fn pgbench_tps_on(
+    mut cmd: Command,
+    host: &str,
+    port: &str,
+    clients: u32,
+    seconds: u32,
+) -> anyhow::Result<f64> {
     let c = clients.to_string();
     cmd.args([
         "-S",
@@ -476,7 +535,7 @@ fn pgbench_tps(mut cmd: Command, port: &str, clients: u32, seconds: u32) -> anyh
         "-T",
         &seconds.to_string(),
         "-h",
-        "127.0.0.1",
+        host,
         "-p",
         port,
         "-U",

@@ -1,6 +1,8 @@
-//! `cargo xtask build-ebpf [--check]`: build `agent-ebpf/sluice.bpf.o` from `sluice.bpf.c`.
+//! `cargo xtask build-ebpf [--check]`: build the eBPF objects of `agent-ebpf/` from their C
+//! sources: `sluice.bpf.o` (TCP, loaded by aya) and `sluice_unix.bpf.o` (unix sockets, loaded
+//! by libbpf).
 //!
-//! The object is committed so that a plain `cargo build` needs no clang; CI runs `--check`,
+//! The objects are committed so that a plain `cargo build` needs no clang; CI runs `--check`,
 //! which builds into a temporary file and fails when the committed object differs.
 //!
 //! Invariant: the same source gives byte-identical objects wherever the workspace is cloned.
@@ -16,8 +18,14 @@ use std::{
 use anyhow::{Context, bail};
 
 const CLANG: &str = "clang-19";
-const SOURCE: &str = "agent-ebpf/sluice.bpf.c";
-const OBJECT: &str = "agent-ebpf/sluice.bpf.o";
+/// Every (source, object) pair, built with the same flags.
+const OBJECTS: &[(&str, &str)] = &[
+    ("agent-ebpf/sluice.bpf.c", "agent-ebpf/sluice.bpf.o"),
+    (
+        "agent-ebpf/sluice_unix.bpf.c",
+        "agent-ebpf/sluice_unix.bpf.o",
+    ),
+];
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -28,21 +36,23 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let root = workspace_root()?;
-    if args.check {
-        let dir = tempfile::tempdir().context("creating a temporary directory")?;
-        let fresh = dir.path().join("sluice.bpf.o");
-        compile(&root, &fresh)?;
-        let built =
-            std::fs::read(&fresh).with_context(|| format!("reading {}", fresh.display()))?;
-        let committed = std::fs::read(root.join(OBJECT))
-            .with_context(|| format!("reading {OBJECT} (run cargo xtask build-ebpf)"))?;
-        if built != committed {
-            bail!("{OBJECT} is stale: run cargo xtask build-ebpf and commit it");
+    for &(source, object) in OBJECTS {
+        if args.check {
+            let dir = tempfile::tempdir().context("creating a temporary directory")?;
+            let fresh = dir.path().join("fresh.bpf.o");
+            compile(&root, source, &fresh)?;
+            let built =
+                std::fs::read(&fresh).with_context(|| format!("reading {}", fresh.display()))?;
+            let committed = std::fs::read(root.join(object))
+                .with_context(|| format!("reading {object} (run cargo xtask build-ebpf)"))?;
+            if built != committed {
+                bail!("{object} is stale: run cargo xtask build-ebpf and commit it");
+            }
+            println!("{object} is up to date");
+        } else {
+            compile(&root, source, &root.join(object))?;
+            println!("built {object}");
         }
-        println!("{OBJECT} is up to date");
-    } else {
-        compile(&root, &root.join(OBJECT))?;
-        println!("built {OBJECT}");
     }
     Ok(())
 }
@@ -56,7 +66,7 @@ fn workspace_root() -> anyhow::Result<PathBuf> {
     Ok(root.to_path_buf())
 }
 
-fn compile(root: &Path, out: &Path) -> anyhow::Result<()> {
+fn compile(root: &Path, source: &str, out: &Path) -> anyhow::Result<()> {
     let prefix_map = format!("-ffile-prefix-map={}=.", root.display());
     let status = Command::new(CLANG)
         .current_dir(root)
@@ -69,14 +79,14 @@ fn compile(root: &Path, out: &Path) -> anyhow::Result<()> {
             "-I/usr/include/x86_64-linux-gnu",
             &prefix_map,
             "-c",
-            SOURCE,
+            source,
             "-o",
         ])
         .arg(out)
         .status()
         .with_context(|| format!("running {CLANG} (is it installed? apt-get install clang-19)"))?;
     if !status.success() {
-        bail!("{CLANG} failed to build {SOURCE} ({status})");
+        bail!("{CLANG} failed to build {source} ({status})");
     }
     Ok(())
 }

@@ -41,6 +41,9 @@ const PACKAGES: &[Package] = &[
     pkg(Need::Build, "libclang-19-dev", "bindgen for RocksDB's bindings (clang-sys)"),
     pkg(Need::Build, "g++", "RocksDB's C++ sources"),
     pkg(Need::Build, "gzip", "the man pages of `cargo xtask package`"),
+    pkg(Need::Build, "libelf-dev", "libbpf-sys's vendored libbpf (the unix-socket eBPF loader)"),
+    pkg(Need::Build, "zlib1g-dev", "libbpf-sys's vendored libbpf"),
+    pkg(Need::Build, "pkg-config", "libbpf-sys finds libelf and zlib with it"),
     pkg(Need::Demo, "postgresql", "the PostgreSQL server, psql and pgbench"),
     pkg(Need::Demo, "postgresql-contrib", "PostgreSQL's contrib modules"),
     pkg(Need::Demo, "openssl", "the throwaway CA and certificates"),
@@ -60,6 +63,8 @@ const PACKAGES: &[Package] = &[
     pkg(Need::Tests, "default-jdk-headless", "the JDBC clients"),
     pkg(Need::Tests, "libpostgresql-jdbc-java", "the PostgreSQL JDBC driver"),
     pkg(Need::Tests, "libmariadb-java", "MariaDB Connector/J"),
+    pkg(Need::Tests, "openssh-server", "the SSH tunnel tests' real sshd"),
+    pkg(Need::Tests, "openssh-client", "the SSH tunnel tests' ssh -L, -D and -W"),
     pkg(Need::Tests, "sysbench", "prepared statements through MariaDB Connector/C"),
     pkg(Need::Bench, "pgbouncer", "the reference proxy the benchmark compares with"),
 ];

@@ -32,11 +32,9 @@ pub(crate) const CNT_EXEMPT_CGROUP: u32 = 2;
 pub(crate) const CNT_ESTABLISHED: u32 = 3;
 pub(crate) const CNT_PEER_RESTORED: u32 = 4;
 pub(crate) const CNT_RECORD_FAILED: u32 = 5;
-pub(crate) const CNT_MAX: u32 = 6;
-const _: () = assert!(
-    CNT_RECORD_FAILED + 1 == CNT_MAX,
-    "a counter is missing here"
-);
+pub(crate) const CNT_OTHER_NETNS: u32 = 6;
+pub(crate) const CNT_MAX: u32 = 7;
+const _: () = assert!(CNT_OTHER_NETNS + 1 == CNT_MAX, "a counter is missing here");
 
 /// `struct target_key`.
 #[repr(C)]

@@ -26,11 +26,23 @@
 //! - The proxy must listen on `127.0.0.1:proxy_port` and `[::1]:proxy_port`, and mark its
 //!   upstream sockets with `SO_MARK = mark` (or run in the exempt cgroup), or its own dials
 //!   loop back into itself.
+//!
+//! Unix sockets ([`unix`], a second object loaded with libbpf, kernel 6.7+):
+//! ```text
+//! client connect("/run/postgresql/.s.PGSQL.5432") in the attached cgroup
+//!   cgroup/connect_unix protected name (unix_targets) and not exempt (SO_MARK, exempt cgroups)?
+//!                       unix_conns[client socket inode] = {name, uid, gid, pid, comm, cgroup}
+//!                       path := the target's agent listener (a file in a root-owned directory)
+//! proxy accept()        UnixTable::take(accepted) -> sock_diag peer inode -> UnixRecord
+//! ```
+//! It is loaded only when a target protects a unix socket name, and attached and pinned with
+//! the TCP programs (same pin directory, same stale-link replacement, same fail-closed rule).
 
 mod cgroup;
 mod maps;
 mod programs;
 mod sys;
+mod unix;
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -47,6 +59,8 @@ use aya::{
 
 pub use cgroup::{cgroup_id, cgroup2_root, own_cgroup_id, process_cgroup_id};
 use maps::{ConnKey, RawOrigRecord, TargetKey, TargetValue};
+pub(crate) use sys::BPFFS;
+pub use unix::{PATH_MAX as UNIX_PATH_MAX, UnixCounters, UnixMatch, UnixPath, UnixRecord};
 
 /// Where and how to intercept.
 #[derive(Clone, Debug)]
@@ -105,10 +119,17 @@ pub struct Counters {
     pub peer_restored: u64,
     /// Map updates that failed (map full, ...): those connections are refused by the proxy.
     pub record_failed: u64,
+    /// Protected connects from another network namespace, refused with EPERM.
+    pub other_netns: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum InterceptError {
+    #[error("reading the agent's network namespace cookie (SO_NETNS_COOKIE, Linux 5.14+)")]
+    NetnsCookie {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("no cgroup2 file system in /proc/self/mountinfo")]
     Cgroup2NotMounted,
     #[error("no cgroup v2 (0::) line in /proc/self/cgroup")]
@@ -216,6 +237,22 @@ pub enum InterceptError {
         #[source]
         source: nix::Error,
     },
+    /// libbpf's own messages (the verifier's log among them) are in `log`, as
+    /// " (libbpf: ...)" or empty.
+    #[error("{what}{log}")]
+    Unix {
+        what: &'static str,
+        log: String,
+        #[source]
+        source: libbpf_rs::Error,
+    },
+    #[error("agent listener path {path} does not fit in a unix socket address (108 bytes)")]
+    UnixListenerPath { path: PathBuf },
+    #[error("finding the client socket of an accepted unix connection (sock_diag)")]
+    PeerInode {
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> InterceptError {
@@ -229,6 +266,8 @@ pub struct Interceptor {
     pin_dir: PathBuf,
     conns: ConnTable,
     targets: TargetTable,
+    /// The unix side, when a target protects a socket name.
+    unix: Option<(UnixTable, libbpf_rs::MapHandle)>,
     counters: PerCpuArray<MapData, u64>,
     /// Keeps the programs and the remaining maps loaded for the agent's lifetime.
     _ebpf: Ebpf,
@@ -242,6 +281,19 @@ impl Interceptor {
     pub fn attach(
         cfg: &InterceptConfig,
         targets: &[(Match, u32 /*target_id*/)],
+    ) -> Result<Interceptor, InterceptError> {
+        Interceptor::attach_with_unix(cfg, targets, &[], &[])
+    }
+
+    /// [`Interceptor::attach`], plus `cgroup/connect_unix` for `unix` (when not empty): the
+    /// program is attached before any stale link is replaced and pinned beside the others.
+    /// `unix_exempt_cgroups` are exempt from it besides the agent's own cgroup (the database
+    /// service's, so that its own tools reach its socket).
+    pub fn attach_with_unix(
+        cfg: &InterceptConfig,
+        targets: &[(Match, u32 /*target_id*/)],
+        unix: &[UnixMatch],
+        unix_exempt_cgroups: &[u64],
     ) -> Result<Interceptor, InterceptError> {
         let entries = maps::target_entries(targets, cfg.proxy_port)?;
         if !sys::is_cgroup2(&cfg.cgroup) {
@@ -266,6 +318,8 @@ impl Interceptor {
             proxy_ip4: u32::from_ne_bytes(Ipv4Addr::LOCALHOST.octets()),
             exempt_mark: cfg.mark,
             exempt_cgroup_id: cfg.exempt_cgroup_id.unwrap_or(0),
+            proxy_netns_cookie: sys::own_netns_cookie()
+                .map_err(|source| InterceptError::NetnsCookie { source })?,
         })?;
 
         let target_map: HashMap<_, TargetKey, TargetValue> =
@@ -281,16 +335,43 @@ impl Interceptor {
             PerCpuArray::try_from(take_map(&mut ebpf, "counters")?).map_err(map_err("counters"))?;
 
         let links = programs::attach_all(&mut ebpf, &cfg.cgroup)?;
+        let mut unix_loaded: Option<unix::Loaded> = if unix.is_empty() {
+            None
+        } else {
+            let dir =
+                std::fs::File::open(&cfg.cgroup).map_err(|source| InterceptError::OpenCgroup {
+                    path: cfg.cgroup.clone(),
+                    source,
+                })?;
+            let mut exempt: Vec<u64> = unix_exempt_cgroups.to_vec();
+            exempt.extend(cfg.exempt_cgroup_id);
+            Some(unix::load_and_attach(&dir, unix, cfg.mark, &exempt)?)
+        };
         let links = programs::replace_pins(&cfg.pin_dir, links)?;
+        let unix_side = match unix_loaded.take() {
+            Some(mut loaded) => {
+                unix::pin(&mut loaded.link, &cfg.pin_dir.join(unix::PROGRAM))?;
+                // The pinned link keeps the program attached; the handle on it drops here.
+                Some((
+                    UnixTable {
+                        map: Arc::new(loaded.conns),
+                    },
+                    loaded.counters,
+                ))
+            }
+            None => None,
+        };
         tracing::info!(
             cgroup = %cfg.cgroup.display(),
             pin_dir = %cfg.pin_dir.display(),
             proxy_port = cfg.proxy_port,
             targets = entries.len(),
+            unix_names = unix.len(),
             "eBPF interception attached"
         );
         Ok(Interceptor {
             links,
+            unix: unix_side,
             pin_dir: cfg.pin_dir.clone(),
             conns: ConnTable {
                 map: Arc::new(Mutex::new(conns)),
@@ -311,6 +392,16 @@ impl Interceptor {
         self.targets.clone()
     }
 
+    /// The unix side's handle for the accept loop (None: no unix socket name is protected).
+    pub fn unix_connections(&self) -> Option<UnixTable> {
+        self.unix.as_ref().map(|(t, _)| t.clone())
+    }
+
+    /// The unix program's counters, summed over CPUs (None: not loaded).
+    pub fn unix_counters(&self) -> Option<Result<UnixCounters, InterceptError>> {
+        self.unix.as_ref().map(|(_, c)| unix::counters(c))
+    }
+
     /// The eBPF counters, summed over CPUs.
     pub fn counters(&self) -> Result<Counters, InterceptError> {
         let get = |index: u32| -> Result<u64, InterceptError> {
@@ -324,6 +415,7 @@ impl Interceptor {
             established: get(maps::CNT_ESTABLISHED)?,
             peer_restored: get(maps::CNT_PEER_RESTORED)?,
             record_failed: get(maps::CNT_RECORD_FAILED)?,
+            other_netns: get(maps::CNT_OTHER_NETNS)?,
         })
     }
 
@@ -349,6 +441,35 @@ impl Interceptor {
 
 fn take_map(ebpf: &mut Ebpf, map: &'static str) -> Result<aya::maps::Map, InterceptError> {
     ebpf.take_map(map).ok_or(InterceptError::MissingMap { map })
+}
+
+/// The `unix_conns` map: redirected unix connects by the client socket's inode.
+#[derive(Clone)]
+pub struct UnixTable {
+    map: Arc<libbpf_rs::MapHandle>,
+}
+
+impl std::fmt::Debug for UnixTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnixTable").finish_non_exhaustive()
+    }
+}
+
+impl UnixTable {
+    /// Looks up and removes the record of the client at the other end of `accepted` (a
+    /// connection accepted on an agent listener). `Ok(None)`: not redirected by us (someone
+    /// connected to the listener by its own name) or the record was lost: refuse it.
+    pub fn take(
+        &self,
+        accepted: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Option<UnixRecord>, InterceptError> {
+        let Some(ino) = sys::unix_peer_inode(accepted)
+            .map_err(|source| InterceptError::PeerInode { source })?
+        else {
+            return Ok(None);
+        };
+        unix::take(&self.map, ino)
+    }
 }
 
 /// The `conns` map: redirected connections by the 4-tuple the proxy sees at accept().
@@ -481,6 +602,7 @@ const _: () = {
     const fn send_sync<T: Send + Sync + Clone>() {}
     send_sync::<ConnTable>();
     send_sync::<TargetTable>();
+    send_sync::<UnixTable>();
 };
 
 #[cfg(test)]

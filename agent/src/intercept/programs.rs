@@ -52,6 +52,9 @@ pub(crate) struct Knobs {
     pub proxy_ip4: u32,
     pub exempt_mark: u32,
     pub exempt_cgroup_id: u64,
+    /// The agent's network namespace (SO_NETNS_COOKIE); protected connects from any other one
+    /// are refused.
+    pub proxy_netns_cookie: u64,
 }
 
 /// Parses the object and creates its maps, with the knobs frozen into `.rodata`.
@@ -61,6 +64,7 @@ pub(crate) fn load(knobs: &Knobs) -> Result<Ebpf, InterceptError> {
         .override_global("proxy_ip4", &knobs.proxy_ip4, true)
         .override_global("exempt_mark", &knobs.exempt_mark, true)
         .override_global("exempt_cgroup_id", &knobs.exempt_cgroup_id, true)
+        .override_global("proxy_netns_cookie", &knobs.proxy_netns_cookie, true)
         .load(OBJECT)
         .map_err(|source| InterceptError::Load { source })
 }

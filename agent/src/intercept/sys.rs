@@ -1,6 +1,7 @@
-//! The syscalls the intercept module makes besides aya's: mounting bpffs, checking what file
-//! system a directory is on, listing the host's interface addresses, and turning the eBPF side's
-//! `CLOCK_BOOTTIME` timestamps into wall-clock time. Nothing else in the agent makes these calls.
+//! The syscalls the intercept module makes besides aya's and libbpf's: mounting bpffs, checking
+//! what file system a directory is on, listing the host's interface addresses, turning the eBPF
+//! side's `CLOCK_BOOTTIME` timestamps into wall-clock time, and asking sock_diag for the peer of
+//! an accepted unix connection. Nothing else in the agent makes these calls.
 
 use std::{
     net::IpAddr,
@@ -87,9 +88,146 @@ pub(crate) fn boot_ns_to_system_time(boot_ns: u64) -> Result<SystemTime, Interce
     Ok(now_wall.checked_sub(ago).unwrap_or(now_wall))
 }
 
+/// The cookie of the caller's network namespace, as `bpf_get_netns_cookie()` reports it for a
+/// socket there: SO_NETNS_COOKIE on a throwaway socket.
+pub(crate) fn own_netns_cookie() -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    let socket = socket(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `socket` is an open socket for the whole call; `cookie` and `len` are live locals,
+    // and `len` holds the size of `cookie`, so the kernel writes at most that many bytes.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// The inode number of the socket at the other end of the connected unix socket `fd` (the
+/// client's socket, for a connection the agent accepted): sock_diag's UNIX_DIAG_PEER for our
+/// own socket's inode. None when the kernel reports no peer (the client is gone).
+pub(crate) fn unix_peer_inode(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Option<u64>> {
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto,
+        socket,
+    };
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::fs::MetadataExt as _;
+
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLMSG_ERROR: u16 = 2;
+    const AF_UNIX: u8 = 1;
+    const UDIAG_SHOW_PEER: u32 = 0x04;
+    const UNIX_DIAG_PEER: u16 = 2;
+    const HDR: usize = 16; // struct nlmsghdr
+    const MSG: usize = 16; // struct unix_diag_msg
+
+    // Our own socket's inode: fstat of the socket fd.
+    let own = std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))?.ino();
+    let own =
+        u32::try_from(own).map_err(|_| std::io::Error::other("socket inode beyond 32 bits"))?;
+
+    let mut req = Vec::with_capacity(HDR + 24);
+    req.extend_from_slice(&((HDR + 24) as u32).to_ne_bytes());
+    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    req.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel fills it
+    // struct unix_diag_req
+    req.extend_from_slice(&[AF_UNIX, 0, 0, 0]);
+    req.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
+    req.extend_from_slice(&own.to_ne_bytes());
+    req.extend_from_slice(&UDIAG_SHOW_PEER.to_ne_bytes());
+    req.extend_from_slice(&u32::MAX.to_ne_bytes()); // INET_DIAG_NOCOOKIE
+    req.extend_from_slice(&u32::MAX.to_ne_bytes());
+
+    let nl = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkSockDiag,
+    )?;
+    sendto(
+        nl.as_raw_fd(),
+        &req,
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )?;
+    let mut buf = [0u8; 1024];
+    let n = recv(nl.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+    let msg = &buf[..n];
+    let u16_at = |o: usize| msg.get(o..o + 2).map(|b| u16::from_ne_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        msg.get(o..o + 4)
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let short = || std::io::Error::other("short sock_diag answer");
+    let len = u32_at(0).ok_or_else(short)? as usize;
+    match u16_at(4).ok_or_else(short)? {
+        NLMSG_ERROR => {
+            let errno = i32::from_ne_bytes(u32_at(HDR).ok_or_else(short)?.to_ne_bytes());
+            return match errno {
+                0 => Ok(None),
+                e => Err(std::io::Error::from_raw_os_error(-e)),
+            };
+        }
+        SOCK_DIAG_BY_FAMILY => {}
+        other => {
+            return Err(std::io::Error::other(format!(
+                "sock_diag answered type {other}"
+            )));
+        }
+    }
+    let end = len.min(msg.len());
+    let mut at = HDR + MSG;
+    while at + 4 <= end {
+        let rta_len = usize::from(u16_at(at).ok_or_else(short)?);
+        if rta_len < 4 {
+            break;
+        }
+        if u16_at(at + 2) == Some(UNIX_DIAG_PEER) {
+            return Ok(u32_at(at + 4).map(u64::from).filter(|&i| i != 0));
+        }
+        at += (rta_len + 3) & !3;
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sock_diag_names_the_peer_of_a_connected_unix_socket() {
+        use std::os::fd::AsFd as _;
+        use std::os::unix::fs::MetadataExt as _;
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let b_ino = std::fs::metadata(format!("/proc/self/fd/{}", {
+            use std::os::fd::AsRawFd as _;
+            b.as_raw_fd()
+        }))
+        .expect("fstat")
+        .ino();
+        assert_eq!(unix_peer_inode(a.as_fd()).expect("sock_diag"), Some(b_ino));
+    }
 
     #[test]
     fn a_boot_timestamp_taken_now_is_now_on_the_wall_clock() {
@@ -104,6 +242,13 @@ mod tests {
             .duration_since(t)
             .expect("not in the future");
         assert!(diff < Duration::from_secs(1), "{diff:?}");
+    }
+
+    #[test]
+    fn the_netns_cookie_is_stable_and_nonzero() {
+        let a = own_netns_cookie().expect("SO_NETNS_COOKIE");
+        assert_ne!(a, 0);
+        assert_eq!(own_netns_cookie().expect("SO_NETNS_COOKIE"), a);
     }
 
     #[test]

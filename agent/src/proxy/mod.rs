@@ -5,7 +5,10 @@
 //!   programs send every protected connect; the accepted connection's 4-tuple finds the record
 //!   the kernel saved in `connect()` (original destination, process identity, target id);
 //! - **explicit listeners** (`target.listen`), for clients that connect to sluice on purpose and
-//!   for hosts without eBPF (`--no-ebpf`); their target and backend come from the config.
+//!   for hosts without eBPF (`--no-ebpf`); their target and backend come from the config;
+//! - **unix listeners** (`<agent.unix_listen_dir>/target-<id>.sock`), where `cgroup/connect_unix`
+//!   sends connects to a target's protected socket names ([`unix`]); the accepted connection's
+//!   peer socket finds the record saved in `connect()`, SO_PEERCRED gives uid, gid and pid.
 //!
 //! Shutdown follows mini-redis: a broadcast tells every task to stop, each connection task holds
 //! a clone of an `mpsc::Sender` so that dropping the last one means all have sealed their
@@ -19,6 +22,7 @@
 mod identify;
 pub mod mysql;
 mod postgres;
+mod unix;
 mod upstream;
 
 /// The proxy's own dial (SO_MARK set before connect), for `sluice doctor`'s reachability checks.
@@ -29,7 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use sluice_journal::{Journal, JournalOptions, ProcessInfo};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, broadcast, mpsc};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -37,8 +41,10 @@ use crate::access::Access;
 use crate::config::{Config, IdentityConfig, Protocol, Target, TargetMatch};
 use crate::control::{self, ControlContext};
 use crate::identity::Identity;
-use crate::intercept::{self, ConnTable, InterceptConfig, Interceptor, Match};
+use crate::intercept::{self, ConnTable, InterceptConfig, Interceptor, Match, UnixTable};
 use crate::policy::Policy;
+use crate::tls::Socket;
+pub(crate) use upstream::Addr;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -71,6 +77,8 @@ pub enum ProxyError {
         "cannot set up eBPF interception (run as root, or use --no-ebpf with explicit listeners)"
     )]
     Intercept(#[from] intercept::InterceptError),
+    #[error(transparent)]
+    Unix(#[from] unix::UnixError),
 }
 
 /// How the agent runs.
@@ -189,6 +197,8 @@ pub(crate) struct Shared {
     pub targets: Vec<Target>,
     pub journal: Journal,
     pub conns: Option<ConnTable>,
+    /// Redirected unix connects (None: no unix socket name is protected).
+    pub unix_conns: Option<UnixTable>,
     /// None: no `policy_dir`, every statement is allowed.
     pub policy: Option<Arc<Policy>>,
     pub identities: Vec<IdentityConfig>,
@@ -360,16 +370,56 @@ pub(crate) async fn drain<R: tokio::io::AsyncRead + Unpin>(
 #[derive(Debug, Clone, Copy)]
 enum Entry {
     Redirect,
-    Explicit { target_id: u32 },
+    Explicit {
+        target_id: u32,
+    },
+    /// A target's unix listener.
+    Unix {
+        target_id: u32,
+    },
 }
 
 /// A connection whose destination and origin are known.
 pub(crate) struct Routed {
     pub target: Target,
-    pub backend: SocketAddr,
-    pub orig_dst: SocketAddr,
-    pub client_addr: SocketAddr,
+    pub backend: Addr,
+    pub orig_dst: Addr,
+    pub client_addr: Addr,
     pub process: Option<ProcessInfo>,
+}
+
+/// A listening socket of either family.
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, std::path::PathBuf),
+}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<(Socket, Addr)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok((Socket::Tcp(s), Addr::Tcp(peer)))
+            }
+            // Clients of a database socket do not bind theirs: the peer is unnamed, and the
+            // listener's path says where it came in.
+            Listener::Unix(l, path) => {
+                let (s, _) = l.accept().await?;
+                Ok((Socket::Unix(s), Addr::Unix(path.clone())))
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "?".into()),
+            Listener::Unix(_, path) => format!("unix:{}", path.display()),
+        }
+    }
 }
 
 /// Runs the agent until `shutdown` resolves, then seals every session and detaches.
@@ -428,14 +478,15 @@ pub async fn run(
     };
 
     let names = Arc::new(crate::resolve::Names::resolve(&targets).await?);
-    let mut listeners: Vec<(TcpListener, Entry)> = Vec::new();
+    let mut listeners: Vec<(Listener, Entry)> = Vec::new();
     let mut interceptor = None;
+    let mut unix_unprotected = false;
     if !options.no_ebpf {
         let v4 = config.agent.proxy_listen;
-        listeners.push((bind(v4).await?, Entry::Redirect));
+        listeners.push((Listener::Tcp(bind(v4).await?), Entry::Redirect));
         let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), v4.port());
         match bind(v6).await {
-            Ok(l) => listeners.push((l, Entry::Redirect)),
+            Ok(l) => listeners.push((Listener::Tcp(l), Entry::Redirect)),
             Err(e) => {
                 warn!(error = %e, "no IPv6 loopback: IPv6 clients of protected targets will be refused")
             }
@@ -453,13 +504,40 @@ pub async fn run(
             exempt_cgroup_id,
             pin_dir: config.agent.bpf_pin_dir.clone(),
         };
-        let attached = Interceptor::attach(&cfg, &matches)?;
-        info!(cgroup = %cgroup.display(), protected = matches.len(), exempt_cgroup_id, "eBPF interception attached");
+        let plan = unix::plan(&config.agent, &targets, &intercept::local_addresses()?)?;
+        let exempt = unix::exempt_cgroups(&config.agent)?;
+        let attached = match Interceptor::attach_with_unix(&cfg, &matches, &plan.matches, &exempt) {
+            Ok(a) => a,
+            Err(e)
+                if !plan.matches.is_empty()
+                    && config.agent.unix_sockets == crate::config::UnixSockets::Unprotected =>
+            {
+                error!(
+                    error = %crate::error_chain(&e),
+                    "UNIX SOCKETS UNPROTECTED: the kernel cannot load the unix-socket hook \
+                     (cgroup/connect_unix, kernel 6.7+), and agent.unix_sockets = \"unprotected\": \
+                     clients that connect to the targets' unix sockets go around sluice"
+                );
+                unix_unprotected = true;
+                Interceptor::attach(&cfg, &matches)?
+            }
+            Err(e) if !plan.matches.is_empty() => return Err(unix::UnixError::Hook(e).into()),
+            Err(e) => return Err(e.into()),
+        };
+        info!(cgroup = %cgroup.display(), protected = matches.len(), unix_names = plan.matches.len(), exempt_cgroup_id, "eBPF interception attached");
+        if !unix_unprotected {
+            for (listener, target_id, path) in plan.listeners {
+                listeners.push((Listener::Unix(listener, path), Entry::Unix { target_id }));
+            }
+        }
         interceptor = Some(attached);
     }
     for t in &targets {
         match t.listen {
-            Some(addr) => listeners.push((bind(addr).await?, Entry::Explicit { target_id: t.id })),
+            Some(addr) => listeners.push((
+                Listener::Tcp(bind(addr).await?),
+                Entry::Explicit { target_id: t.id },
+            )),
             None if options.no_ebpf => {
                 warn!(target = %t.name, "target has no `listen` address: unreachable without eBPF")
             }
@@ -472,6 +550,7 @@ pub async fn run(
         targets,
         journal,
         conns: interceptor.as_ref().map(Interceptor::connections),
+        unix_conns: interceptor.as_ref().and_then(Interceptor::unix_connections),
         policy,
         identities: config.identities.clone(),
         access,
@@ -484,6 +563,10 @@ pub async fn run(
     });
     let (stop_tx, _) = broadcast::channel::<()>(1);
     let ship_metrics = Arc::new(crate::ship::ShipMetrics::default());
+    ship_metrics.unix_sockets_unprotected.store(
+        u64::from(unix_unprotected),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let control_listener = control::bind(&shared.config.control_socket)?;
     info!(socket = %shared.config.control_socket.display(), "control socket ready");
     let control_task = tokio::spawn(control::serve(
@@ -575,10 +658,7 @@ pub async fn run(
 
     let mut accept_tasks = Vec::new();
     for (listener, entry) in listeners {
-        let addr = listener.local_addr().map_err(|source| ProxyError::Listen {
-            addr: config.agent.proxy_listen,
-            source,
-        })?;
+        let addr = listener.describe();
         info!(%addr, ?entry, "listening");
         accept_tasks.push(tokio::spawn(accept_loop(
             listener,
@@ -624,6 +704,11 @@ pub async fn run(
         match i.counters() {
             Ok(c) => info!(counters = ?c, "eBPF counters at shutdown"),
             Err(e) => warn!(error = %e, "cannot read eBPF counters"),
+        }
+        match i.unix_counters() {
+            Some(Ok(c)) => info!(counters = ?c, "unix eBPF counters at shutdown"),
+            Some(Err(e)) => warn!(error = %e, "cannot read the unix eBPF counters"),
+            None => {}
         }
         i.detach()?;
         info!("eBPF interception detached");
@@ -778,7 +863,7 @@ fn intercept_matches(
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    listener: Listener,
     entry: Entry,
     shared: Arc<Shared>,
     limit: Arc<Semaphore>,
@@ -817,26 +902,30 @@ async fn accept_loop(
 }
 
 async fn handle(
-    stream: TcpStream,
-    peer: SocketAddr,
+    stream: Socket,
+    peer: Addr,
     entry: Entry,
     shared: &Shared,
     stop: &mut broadcast::Receiver<()>,
 ) {
-    let _ = stream.set_nodelay(true);
-    let local = match stream.local_addr() {
-        Ok(a) => a,
-        Err(e) => {
-            debug!(error = %e, %peer, "connection gone before it could be routed");
-            return;
+    let routed = match &stream {
+        Socket::Tcp(tcp) => {
+            let (Addr::Tcp(peer), Ok(local)) = (&peer, tcp.local_addr()) else {
+                debug!(%peer, "connection gone before it could be routed");
+                return;
+            };
+            route(*peer, local, entry, shared).await
         }
+        Socket::Unix(s) => unix::route(s, peer.clone(), entry, shared),
     };
-    let routed = match route(peer, local, entry, shared).await {
-        Some(r) => r,
-        None => return,
+    let Some(routed) = routed else {
+        return;
     };
     // A named target's old address stays protected while this session uses it.
-    let _in_use = shared.names.hold(routed.target.id, routed.backend);
+    let _in_use = match &routed.backend {
+        Addr::Tcp(backend) => shared.names.hold(routed.target.id, *backend),
+        Addr::Unix(_) => None,
+    };
     let span = info_span!("session", target = %routed.target.name, client = %peer, session = tracing::field::Empty, principal = tracing::field::Empty);
     match routed.target.protocol {
         Protocol::Postgres => {
@@ -864,12 +953,13 @@ async fn route(
             let backend = target.backend?;
             Some(Routed {
                 target,
-                backend,
-                orig_dst: local,
-                client_addr: peer,
+                backend: Addr::Tcp(backend),
+                orig_dst: Addr::Tcp(local),
+                client_addr: Addr::Tcp(peer),
                 process: None,
             })
         }
+        Entry::Unix { .. } => None,
         Entry::Redirect => {
             let conns = shared.conns.as_ref()?;
             // The sockops program stores the record before the client's ACK, so it is there
@@ -898,9 +988,9 @@ async fn route(
             };
             Some(Routed {
                 target,
-                backend: record.orig_dst,
-                orig_dst: record.orig_dst,
-                client_addr: peer,
+                backend: Addr::Tcp(record.orig_dst),
+                orig_dst: Addr::Tcp(record.orig_dst),
+                client_addr: Addr::Tcp(peer),
                 process: Some(ProcessInfo {
                     uid: record.uid,
                     gid: record.gid,

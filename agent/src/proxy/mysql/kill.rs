@@ -10,14 +10,14 @@
 //!
 //! A session's entry is removed when its [`KillRegistration`] is dropped, at session end.
 
+use crate::proxy::upstream::Addr;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
 
 /// (backend address, the backend's connection id).
-type Key = (SocketAddr, u32);
+type Key = (Addr, u32);
 
 struct Entry {
     principal: String,
@@ -37,8 +37,8 @@ impl KillTargets {
 
     /// A KILL of connection `id` on `backend` by `principal`: tells that session (its held
     /// statement, if any, is withdrawn). True when a session of the same principal was told.
-    pub(crate) fn interrupt(&self, backend: SocketAddr, id: u32, principal: &str) -> bool {
-        match self.lock().get(&(backend, id)) {
+    pub(crate) fn interrupt(&self, backend: &Addr, id: u32, principal: &str) -> bool {
+        match self.lock().get(&(backend.clone(), id)) {
             Some(e) if e.principal == principal => {
                 e.kill.send_modify(|n| *n = n.wrapping_add(1));
                 true
@@ -59,13 +59,13 @@ impl KillRegistration {
     /// changes on every KILL of it.
     pub(crate) fn new(
         targets: Arc<KillTargets>,
-        backend: SocketAddr,
+        backend: Addr,
         id: u32,
         principal: &str,
     ) -> (KillRegistration, watch::Receiver<u64>) {
         let (kill, rx) = watch::channel(0);
         targets.lock().insert(
-            (backend, id),
+            (backend.clone(), id),
             Entry {
                 principal: principal.to_string(),
                 kill,
@@ -134,15 +134,15 @@ mod tests {
     #[test]
     fn only_the_same_principal_interrupts_and_the_entry_goes_with_the_session() {
         let targets = Arc::new(KillTargets::default());
-        let addr: SocketAddr = "127.0.0.1:3306".parse().unwrap();
-        let (reg, mut rx) = KillRegistration::new(targets.clone(), addr, 12, "ada");
-        assert!(!targets.interrupt(addr, 12, "bob"));
+        let addr = Addr::Tcp("127.0.0.1:3306".parse().unwrap());
+        let (reg, mut rx) = KillRegistration::new(targets.clone(), addr.clone(), 12, "ada");
+        assert!(!targets.interrupt(&addr, 12, "bob"));
         assert!(!rx.has_changed().unwrap());
-        assert!(!targets.interrupt(addr, 13, "ada"));
-        assert!(targets.interrupt(addr, 12, "ada"));
+        assert!(!targets.interrupt(&addr, 13, "ada"));
+        assert!(targets.interrupt(&addr, 12, "ada"));
         assert!(rx.has_changed().unwrap());
         rx.borrow_and_update();
         drop(reg);
-        assert!(!targets.interrupt(addr, 12, "ada"));
+        assert!(!targets.interrupt(&addr, 12, "ada"));
     }
 }

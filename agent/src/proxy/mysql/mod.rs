@@ -87,7 +87,6 @@ use std::sync::{Arc, Mutex};
 use bytes::{Bytes, BytesMut};
 use sluice_journal::{AuthInfo, Decision, NoteLevel, Principal, SessionRecorder};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc};
 use tracing::{Span, debug, info, warn};
 
@@ -106,7 +105,7 @@ use crate::protocol::mysql::packet::{
     Decoder, HEADER_LEN, PacketError, packet, packets, whole_packets,
 };
 use crate::protocol::mysql::response::{ClientEvent, ResponseMachine};
-use crate::tls::Stream;
+use crate::tls::{Socket, Stream};
 
 /// How much a read asks for at a time.
 const READ_CHUNK: usize = 64 * 1024;
@@ -153,7 +152,7 @@ fn err(seq: u8, (code, state): (u16, &str), text: &str) -> Bytes {
 pub(crate) use kill::KillTargets;
 
 pub(crate) async fn serve(
-    tcp: TcpStream,
+    tcp: Socket,
     routed: Routed,
     shared: &Shared,
     stop: &mut broadcast::Receiver<()>,
@@ -261,7 +260,7 @@ struct Connected {
 
 /// The connection phase up to the client's HandshakeResponse. None: the connection is over
 /// (refused, with the client told and the journal written where there was something to say).
-async fn connect(mut tcp: TcpStream, routed: &Routed, shared: &Shared) -> Option<Handshaken> {
+async fn connect(mut tcp: Socket, routed: &Routed, shared: &Shared) -> Option<Handshaken> {
     if let Err(refusal) = shared.admit_session() {
         warn!("journal spool full: session refused");
         let _ = tcp.write_all(&err(0, code::SPOOL_FULL, &refusal)).await;
@@ -270,7 +269,7 @@ async fn connect(mut tcp: TcpStream, routed: &Routed, shared: &Shared) -> Option
     // The backend's greeting first: its capabilities are what the client is offered.
     let backend = async {
         let mut server = upstream::dial(
-            routed.backend,
+            &routed.backend,
             shared.config.upstream_mark,
             shared.config.connect_timeout(),
         )
@@ -544,7 +543,7 @@ async fn identify_client(
     if let Some(who) = identify::without_password(shared, process) {
         return Ok(Ok((who, seq)));
     }
-    let local_or_tls = client.is_tls() || routed.client_addr.ip().is_loopback();
+    let local_or_tls = client.is_tls() || routed.client_addr.is_local();
     if let Err(r) = identify::may_send_token(
         shared,
         process,
@@ -617,7 +616,7 @@ async fn identify_client(
 /// `auth = "sluice"`, was identified).
 struct Handshaken {
     client: Stream,
-    server: TcpStream,
+    server: Socket,
     /// The backend's greeting.
     greeting: Handshake,
     /// sluice's greeting as sent.
@@ -700,7 +699,7 @@ async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connec
     // A KILL of this connection id from the same principal withdraws a held statement.
     let (kill_registration, kill_rx) = kill::KillRegistration::new(
         shared.mysql_kills.clone(),
-        routed.backend,
+        routed.backend.clone(),
         greeting.connection_id,
         principal.as_ref().map(|p| p.name.as_str()).unwrap_or(""),
     );
@@ -724,7 +723,7 @@ async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connec
                     waiting: hold::Waiting::default(),
                     kill: kill_rx.clone(),
                     kills: shared.mysql_kills.clone(),
-                    backend: routed.backend,
+                    backend: routed.backend.clone(),
                 }),
                 Err(text) => {
                     warn!(reason = %text, "connect denied by policy");
@@ -752,7 +751,7 @@ async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connec
             waiting: hold::Waiting::default(),
             kill: kill_rx.clone(),
             kills: shared.mysql_kills.clone(),
-            backend: routed.backend,
+            backend: routed.backend.clone(),
         }),
     };
 
@@ -869,7 +868,7 @@ async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connec
 /// The backend connection after its greeting: TLS when the target's `backend_tls` asks for it
 /// (an SSLRequest with the session's capabilities, then the handshake), else as it is.
 async fn backend_leg(
-    mut server: TcpStream,
+    mut server: Socket,
     greeting: &Handshake,
     routed: &Routed,
     caps: Capabilities,
@@ -885,7 +884,7 @@ async fn backend_leg(
     login::request_tls(&mut server, greeting, &opts)
         .await
         .map_err(|e| crate::error_chain(&e))?;
-    upstream::tls(server, &routed.target, routed.backend, config, timeout).await
+    upstream::tls(server, &routed.target, &routed.backend, config, timeout).await
 }
 
 /// Sets CLIENT_SSL in a framed HandshakeResponse41's capability flags.
@@ -969,7 +968,7 @@ async fn read_packet<S: AsyncRead + Unpin>(
 /// Reads exactly one packet (no byte beyond it) with the sequence id `dec` expects: its wire
 /// bytes and payload, None when the peer closed, Err when it is not a packet or too long.
 async fn read_first_packet(
-    tcp: &mut TcpStream,
+    tcp: &mut Socket,
     dec: &mut Decoder,
 ) -> Result<Option<(Bytes, Vec<u8>)>, Unreadable> {
     let mut wire = vec![0u8; HEADER_LEN];
@@ -1037,7 +1036,7 @@ struct Gate {
     /// Where this session's own KILLs of held statements go.
     kills: Arc<KillTargets>,
     /// The backend, which with a connection id names a session.
-    backend: std::net::SocketAddr,
+    backend: super::upstream::Addr,
 }
 
 /// An error for the client: the MySQL error number and SQLSTATE, and the text.
@@ -1143,7 +1142,10 @@ impl Gate {
     /// A KILL of connection `id` from this session: withdraws that session's held statement
     /// when it is the same principal's.
     fn interrupt(&self, id: u32) {
-        if self.kills.interrupt(self.backend, id, &self.principal.name) {
+        if self
+            .kills
+            .interrupt(&self.backend, id, &self.principal.name)
+        {
             info!(
                 connection = id,
                 "KILL of a connection of the same principal: its held statement, if any, is withdrawn"
@@ -2217,7 +2219,7 @@ mod tests {
             waiting: hold::Waiting::default(),
             kill: tokio::sync::watch::channel(0).1,
             kills: Arc::default(),
-            backend: "127.0.0.1:3306".parse().unwrap(),
+            backend: crate::proxy::Addr::Tcp("127.0.0.1:3306".parse().unwrap()),
         };
         (gate, journal, journal_dir)
     }

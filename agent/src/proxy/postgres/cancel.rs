@@ -12,7 +12,6 @@
 //! A session's entry is removed when its [`CancelRegistration`] is dropped, at session end.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
@@ -23,9 +22,9 @@ use crate::protocol::postgres::frame::messages;
 pub(crate) type Key = (i32, i32);
 
 /// Where a cancel for a sluice-issued key goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct BackendCancel {
-    pub addr: SocketAddr,
+    pub addr: crate::proxy::upstream::Addr,
     pub pid: i32,
     pub key: i32,
 }
@@ -147,11 +146,11 @@ mod tests {
         assert!(rx.has_changed().unwrap());
         assert_eq!(keys.cancel((7, 8)), None);
         let b = BackendCancel {
-            addr: "127.0.0.1:5432".parse().unwrap(),
+            addr: crate::proxy::upstream::Addr::Tcp("127.0.0.1:5432".parse().unwrap()),
             pid: 7,
             key: 9,
         };
-        reg.own((100, -3), b);
+        reg.own((100, -3), b.clone());
         assert_eq!(keys.cancel((7, 9)), None, "the old key is gone");
         assert_eq!(keys.cancel((100, -3)), Some(Some(b)));
         drop(reg);

@@ -11,7 +11,6 @@
 //! OIDs, a timeout on the whole exchange, at most [`MAX_TABLES`] cached tables per database.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -53,7 +52,7 @@ impl Catalogs {
 pub(crate) struct CatalogAccess {
     pub catalogs: Arc<Catalogs>,
     pub target: Target,
-    pub backend: SocketAddr,
+    pub backend: crate::proxy::upstream::Addr,
     pub role: Role,
     pub database: String,
     pub mark: u32,
@@ -108,7 +107,7 @@ impl CatalogAccess {
     }
 
     async fn fetch(&self, oids: &[u32]) -> Result<HashMap<u32, TableNames>, String> {
-        let mut conn = super::dial(&self.target, self.backend, self.mark, self.timeout).await?;
+        let mut conn = super::dial(&self.target, &self.backend, self.mark, self.timeout).await?;
         let params = vec![
             ("database".to_string(), self.database.clone()),
             ("application_name".to_string(), "sluice catalog".to_string()),

@@ -66,7 +66,6 @@ use sluice_journal::{
     AuthInfo, Decision, NoteLevel, Principal, RequestState, Review, SessionId, SessionRecorder,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{Span, debug, info, warn};
 
@@ -90,7 +89,7 @@ use crate::protocol::postgres::frontend::{Frontend, decode_frontend};
 use crate::protocol::postgres::startup::{
     StartupPacket, is_tls_client_hello, parse_startup, startup_len,
 };
-use crate::tls::Stream;
+use crate::tls::{Socket, Stream};
 pub(crate) use cancel::CancelKeys;
 use cancel::{BackendCancel, CancelRegistration};
 pub(crate) use catalog::Catalogs;
@@ -112,7 +111,7 @@ const SYNC: &[u8] = &[b'S', 0, 0, 0, 4];
 const FASTPATH_POLICY: &str = "sluice-fastpath";
 
 pub(crate) async fn serve(
-    tcp: TcpStream,
+    tcp: Socket,
     routed: Routed,
     shared: &Shared,
     stop: &mut broadcast::Receiver<()>,
@@ -148,7 +147,7 @@ pub(crate) async fn serve(
     let who = match routed.target.auth {
         AuthMode::Passthrough => None,
         AuthMode::Sluice => {
-            let local_or_tls = client.is_tls() || routed.client_addr.ip().is_loopback();
+            let local_or_tls = client.is_tls() || routed.client_addr.is_local();
             match login::authenticate(
                 &mut client,
                 routed.process.as_ref(),
@@ -338,7 +337,7 @@ pub(crate) async fn serve(
                 registration.own(
                     own,
                     BackendCancel {
-                        addr: routed.backend,
+                        addr: routed.backend.clone(),
                         pid,
                         key,
                     },
@@ -383,7 +382,7 @@ pub(crate) async fn serve(
         let catalog = role.as_ref().map(|role| catalog::CatalogAccess {
             catalogs: shared.pg_catalogs.clone(),
             target: routed.target.clone(),
-            backend: routed.backend,
+            backend: routed.backend.clone(),
             role: role.clone(),
             database: param(&backend_params, "database")
                 .or(param(&backend_params, "user"))
@@ -450,7 +449,7 @@ fn own_key() -> (i32, i32) {
 async fn dial_backend(routed: &Routed, shared: &Shared) -> Result<Stream, String> {
     dial(
         &routed.target,
-        routed.backend,
+        &routed.backend,
         shared.config.upstream_mark,
         shared.config.connect_timeout(),
     )
@@ -460,7 +459,7 @@ async fn dial_backend(routed: &Routed, shared: &Shared) -> Result<Stream, String
 /// Dials `backend` for `target` with SO_MARK `mark`, with TLS when the target says so.
 pub(crate) async fn dial(
     target: &crate::config::Target,
-    backend: std::net::SocketAddr,
+    backend: &upstream::Addr,
     mark: u32,
     timeout: Duration,
 ) -> Result<Stream, String> {
@@ -529,7 +528,7 @@ type StartupResult =
 /// certificate; 'N' otherwise), accepts PostgreSQL 17's direct TLS (ALPN `postgresql`),
 /// answers GSSENCRequest with 'N', and passes a CancelRequest on. Returns the client stream
 /// (TLS or not), the raw StartupMessage and its parameters.
-async fn read_startup(tcp: TcpStream, routed: &Routed, shared: &Shared) -> StartupResult {
+async fn read_startup(tcp: Socket, routed: &Routed, shared: &Shared) -> StartupResult {
     let tls = routed.target.tls.clone();
     // Direct TLS: the first byte opens a ClientHello. Peeked, so the acceptor sees it all.
     let mut first = [0u8; 1];
@@ -644,8 +643,8 @@ async fn read_startup(tcp: TcpStream, routed: &Routed, shared: &Shared) -> Start
 
 async fn accept_tls(
     cfg: Arc<rustls::ServerConfig>,
-    tcp: TcpStream,
-) -> Result<tokio_rustls::server::TlsStream<TcpStream>, StartupFailure> {
+    tcp: Socket,
+) -> Result<tokio_rustls::server::TlsStream<Socket>, StartupFailure> {
     tokio_rustls::TlsAcceptor::from(cfg)
         .accept(tcp)
         .await
@@ -660,10 +659,10 @@ async fn accept_tls(
 async fn forward_cancel(routed: &Routed, shared: &Shared, packet: &Bytes, key: cancel::Key) {
     let (addr, bytes) = match shared.pg_cancels.cancel(key) {
         Some(Some(b)) => (b.addr, auth::cancel_request(b.pid, b.key)),
-        Some(None) | None => (routed.backend, packet.clone()),
+        Some(None) | None => (routed.backend.clone(), packet.clone()),
     };
     match upstream::dial(
-        addr,
+        &addr,
         shared.config.upstream_mark,
         shared.config.connect_timeout(),
     )
@@ -732,7 +731,7 @@ async fn relay(
     stop: &mut broadcast::Receiver<()>,
 ) -> End {
     match (client, server) {
-        // Plain TCP splits into owned halves without a lock between them.
+        // Plain sockets split into owned halves without a lock between them.
         (Stream::Plain(c), Stream::Plain(s)) => {
             let (client_rd, client_wr) = c.into_split();
             let (server_rd, server_wr) = s.into_split();
