@@ -521,7 +521,9 @@ pub async fn run(
                 unix_unprotected = true;
                 Interceptor::attach(&cfg, &matches)?
             }
-            Err(e) if !plan.matches.is_empty() => return Err(unix::UnixError::Hook(e).into()),
+            Err(e) if !plan.matches.is_empty() => {
+                return Err(unix::UnixError::Hook(Box::new(e)).into());
+            }
             Err(e) => return Err(e.into()),
         };
         info!(cgroup = %cgroup.display(), protected = matches.len(), unix_names = plan.matches.len(), exempt_cgroup_id, "eBPF interception attached");

@@ -45,7 +45,7 @@ pub enum UnixError {
          (cgroup/connect_unix needs Linux 6.7+): refusing to start, since clients could go \
          around sluice through them. Set agent.unix_sockets = \"unprotected\" to start anyway"
     )]
-    Hook(#[source] intercept::InterceptError),
+    Hook(#[source] Box<intercept::InterceptError>),
     #[error("target {target}: socket name {name:?} is empty or longer than 108 bytes")]
     BadName { target: String, name: String },
     #[error("targets {first} and {second} both protect the socket {name}")]
@@ -74,7 +74,7 @@ pub enum UnixError {
     ExemptCgroup {
         path: PathBuf,
         #[source]
-        source: intercept::InterceptError,
+        source: Box<intercept::InterceptError>,
     },
 }
 
@@ -163,7 +163,7 @@ pub(crate) fn exempt_cgroups(agent: &AgentConfig) -> Result<Vec<u64>, UnixError>
         .map(|path| {
             intercept::cgroup_id(path).map_err(|source| UnixError::ExemptCgroup {
                 path: path.clone(),
-                source,
+                source: Box::new(source),
             })
         })
         .collect()
