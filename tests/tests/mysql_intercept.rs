@@ -485,3 +485,54 @@ fn a_statement_over_the_pre_login_cap_may_be_the_first_of_a_fresh_session() {
     let out = run_bounded(&mut cmd, LIMIT).unwrap();
     assert_eq!(out.ok().trim(), "ROWS [['100000']]", "{}", s.agent.log());
 }
+
+#[test]
+fn load_data_local_is_denied_however_it_is_spelled_and_the_file_never_leaves_the_client() {
+    let test =
+        "load_data_local_is_denied_however_it_is_spelled_and_the_file_never_leaves_the_client";
+    if skip(test) {
+        return;
+    }
+    let s = setup("mysql-local-infile", |_| {});
+    // A file only the client's host has, readable by the client's uid.
+    let dir = tempfile::Builder::new()
+        .prefix("sluice-infile-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let file = dir.path().join("rows.tsv");
+    std::fs::write(&file, "7\tleaked\n").unwrap();
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let f = file.display();
+    for sql in [
+        format!("load data local infile '{f}' into table t"),
+        format!("LOAD DATA LOW_PRIORITY LOCAL INFILE '{f}' INTO TABLE t"),
+        format!("load data concurrent local infile '{f}' into table t"),
+        format!("LOAD /* a comment */ DATA LOCAL INFILE '{f}' INTO TABLE t"),
+        format!("LOAD DATA /*!40000 LOCAL */ INFILE '{f}' INTO TABLE t"),
+        format!("select 1; load data local infile '{f}' into table t"),
+    ] {
+        let mut cmd = s.command(true, "mariadb");
+        cmd.args(MariaDb::client_args(s.db.port))
+            .arg("--local-infile=1")
+            .args(["-e", &sql]);
+        let out = run_bounded(&mut cmd, LIMIT).unwrap();
+        assert!(
+            !out.status.success() && out.stderr.contains("sluice-local-infile"),
+            "{sql}: {}{}\n{}",
+            out.stdout,
+            out.stderr,
+            s.agent.log()
+        );
+        assert_eq!(rows_in_t(&s), "3", "{sql} loaded rows");
+    }
+    let records = s.agent.export().unwrap();
+    assert!(
+        !serde_json::to_string(&records).unwrap().contains("leaked"),
+        "the file's content reached the journal"
+    );
+}

@@ -95,6 +95,48 @@ pub fn parse(sql: &str, dialect: Dialect) -> Result<Vec<Parsed>, ParserError> {
     statements(d, dialect, tokens).map_err(|e| refused.unwrap_or(e))
 }
 
+/// Whether any statement of the MySQL text `sql` is `LOAD {DATA | XML} [LOW_PRIORITY |
+/// CONCURRENT] LOCAL ...` (the server would ask the client for one of its files). Read from
+/// sqlparser's MySQL tokens, so comments between the words, executable comments (`/*!`,
+/// `/*M!`), any case and spacing, and a LOAD after other statements of a multi-statement text
+/// are all seen; words inside strings and quoted names are not. A text that does not tokenize
+/// counts as loading when it holds the words `load` and `local` anywhere (fail closed).
+pub fn loads_local_file(sql: &str) -> bool {
+    let d = MySqlDialect {};
+    let tokens = Tokenizer::new(&d, sql)
+        .with_unescape(true)
+        .tokenize_with_location()
+        .map_err(ParserError::from)
+        .and_then(|t| mariadb_comments_as_code(&d, t));
+    let Ok(tokens) = tokens else {
+        let lower = sql.to_ascii_lowercase();
+        return lower.contains("load") && lower.contains("local");
+    };
+    let words: Vec<&Token> = tokens
+        .iter()
+        .map(|t| &t.token)
+        .filter(|t| !matches!(t, Token::Whitespace(_)))
+        .collect();
+    words
+        .split(|t| **t == Token::SemiColon)
+        .any(|statement| match statement {
+            [load, what, rest @ ..]
+                if bare(load, "load") && (bare(what, "data") || bare(what, "xml")) =>
+            {
+                let rest = match rest {
+                    [priority, rest @ ..]
+                        if bare(priority, "low_priority") || bare(priority, "concurrent") =>
+                    {
+                        rest
+                    }
+                    _ => rest,
+                };
+                rest.first().is_some_and(|t| bare(t, "local"))
+            }
+            _ => false,
+        })
+}
+
 /// `/*M!NNNNNN code */` comments replaced by the tokens of `code` (MySQL's `/*!` rule).
 fn mariadb_comments_as_code(
     d: &dyn SqlDialect,
@@ -615,6 +657,33 @@ mod tests {
         }
         // These are MySQL's: the PostgreSQL dialect does not take them.
         assert!(pg("SHOW CREATE DATABASE shop").is_err());
+    }
+
+    #[test]
+    fn load_local_is_seen_through_case_spacing_comments_priorities_and_other_statements() {
+        for sql in [
+            "LOAD DATA LOCAL INFILE '/etc/passwd' INTO TABLE t",
+            "  load\n xml  local infile 'x' into table t",
+            "LOAD DATA LOW_PRIORITY LOCAL INFILE 'x' INTO TABLE t",
+            "load data concurrent local infile 'x' into table t",
+            "LOAD /* a */ DATA -- b\n LOCAL INFILE 'x' INTO TABLE t",
+            "LOAD DATA /*! LOCAL */ INFILE 'x' INTO TABLE t",
+            "LOAD DATA /*M!100100 LOCAL */ INFILE 'x' INTO TABLE t",
+            "select 1; LOAD DATA LOCAL INFILE 'x' INTO TABLE t",
+            "LOAD DATA LOCAL INFILE 'unterminated",
+        ] {
+            assert!(loads_local_file(sql), "{sql}");
+        }
+        for sql in [
+            "LOAD DATA INFILE '/tmp/x' INTO TABLE t",
+            "LOAD DATA LOW_PRIORITY INFILE '/tmp/x' INTO TABLE t",
+            "select 'load data local'",
+            "select `load`, data, local from t",
+            "select 1 /* LOAD DATA LOCAL */",
+            "",
+        ] {
+            assert!(!loads_local_file(sql), "{sql}");
+        }
     }
 
     #[test]

@@ -1237,20 +1237,6 @@ fn builtin_denial(sql: &str, action: &str, policy: &str, reason: &str) -> Ruling
     }
 }
 
-/// `LOAD DATA LOCAL ...` or `LOAD XML LOCAL ...` (the client would send one of its files).
-fn is_load_local(sql: &str) -> bool {
-    let mut words = sql
-        .split(|c: char| c.is_whitespace() || c == '(')
-        .filter(|w| !w.is_empty());
-    matches!(
-        (words.next(), words.next(), words.next()),
-        (Some(a), Some(b), Some(c))
-            if a.eq_ignore_ascii_case("load")
-                && (b.eq_ignore_ascii_case("data") || b.eq_ignore_ascii_case("xml"))
-                && c.eq_ignore_ascii_case("local")
-    )
-}
-
 /// The command phase's state: both streams, the journal, and the response machine.
 struct Session<'a> {
     client: Stream,
@@ -1893,7 +1879,7 @@ fn gate_packets(
             match decode_command(&p.payload, caps).map_err(|e| e.to_string())? {
                 Command::Query(sql) | Command::StmtPrepare(sql) => {
                     let sql = String::from_utf8_lossy(sql);
-                    if is_load_local(&sql) {
+                    if crate::policy::parse::loads_local_file(&sql) {
                         Some(builtin_denial(
                             &sql,
                             "other",
@@ -2042,16 +2028,6 @@ mod tests {
         let mut p = vec![0x03];
         p.extend_from_slice(sql.as_bytes());
         packet(0, &p)
-    }
-
-    #[test]
-    fn load_data_local_is_recognised_in_any_case_and_spacing() {
-        assert!(is_load_local(
-            "LOAD DATA LOCAL INFILE '/etc/passwd' INTO TABLE t"
-        ));
-        assert!(is_load_local("  load\n xml  local infile 'x' into table t"));
-        assert!(!is_load_local("LOAD DATA INFILE '/tmp/x' INTO TABLE t"));
-        assert!(!is_load_local("select 'load data local'"));
     }
 
     #[test]
