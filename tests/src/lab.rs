@@ -5,11 +5,13 @@
 //!
 //! 1. `db.sh` in the db namespace: PostgreSQL and MariaDB on the routed address, seeded;
 //!    a collector is started there too;
-//! 2. `bastion.sh` in the bastion namespace: the agent's config (targets `db:5432` and
+//! 2. `bastion.sh` in the bastion namespace: the `sluice` package installed (with dpkg, into
+//!    a directory standing for the bastion's /), the agent's config (targets `db:5432` and
 //!    `db:3306`, by name; the example policies and masking rules), `db` in the bastion's
 //!    /etc/hosts, enrollment with the collector;
-//! 3. the agent started as its systemd unit would start it (no systemd as PID 1 here): its own
-//!    cgroup, `UMask=0077`, no new privileges, and only the capabilities of [`UNIT_CAPS`];
+//! 3. the agent started as its installed systemd unit would start it (no systemd as PID 1
+//!    here): the unit's `ExecStart` in a cgroup of its own, with the unit's `UMask`, no new
+//!    privileges and exactly its `CapabilityBoundingSet` ([`AgentUnit`]);
 //! 4. the engineer (an unprivileged uid, [`crate::CLIENT_UID`]) runs `psql -h db` and
 //!    `mariadb -h db`: intercepted, identified by uid as `ada`, masked (customers.email
 //!    redacted, the card number found by a detector), a DELETE without WHERE denied;
@@ -28,12 +30,8 @@ use anyhow::{Context, bail};
 
 use crate::collector::Collector;
 use crate::netns::{DB, Topology, in_netns};
+use crate::package::AgentUnit;
 use crate::{Agent, CLIENT_UID, Cgroup, Output, run_bounded};
-
-/// The capabilities the agent's unit grants it (CapabilityBoundingSet / AmbientCapabilities):
-/// loading and attaching the cgroup programs (BPF, NET_ADMIN), reading kernel memory the
-/// programs need (PERFMON), SO_MARK on its upstream sockets (NET_ADMIN).
-pub const UNIT_CAPS: &[&str] = &["bpf", "net_admin", "perfmon"];
 
 /// The engineer's password on both databases (seeded by `db.sh`; a lab, not a secret).
 const PASSWORD: &str = "ada-lab-password";
@@ -76,8 +74,9 @@ fn provision(ns: &str, script: &str, env: &[(&str, String)]) -> anyhow::Result<(
     Ok(())
 }
 
-/// Runs the lab with the `sluice` binary `bin` (`sluice-collector` beside it).
-pub fn run(bin: &Path) -> anyhow::Result<()> {
+/// Runs the lab with the agent's package `deb` (the `sluice_*.deb` of `cargo xtask package`)
+/// on the bastion; the collector on db is the build's `sluice-collector`.
+pub fn run(deb: &Path) -> anyhow::Result<()> {
     step("building the topology: bastion -- router -- db (network namespaces, 198.18.0.0/15)");
     let topo = Topology::create("lab")?;
     println!(
@@ -115,7 +114,7 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
         &[
             ("DB_ADDR", DB.to_string()),
             ("SLUICE_ROOT", root.display().to_string()),
-            ("SLUICE_BIN", bin.display().to_string()),
+            ("SLUICE_DEB", deb.display().to_string()),
             ("ENGINEER_UID", CLIENT_UID.to_string()),
             ("SLUICE_CGROUP", engineers.path.display().to_string()),
             ("COLLECTOR", collector.addr()),
@@ -123,28 +122,14 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
         ],
     )?;
 
-    step("starting the agent as its unit would (own cgroup, UMask=0077, its capabilities only)");
-    let unit = Cgroup::create("lab-agent")?;
-    let installed = root.join("usr/bin/sluice");
-    let config = root.join("etc/sluice/sluice.toml");
-    let caps = format!(
-        "-all,{}",
-        UNIT_CAPS
-            .iter()
-            .map(|c| format!("+{c}"))
-            .collect::<Vec<_>>()
-            .join(",")
+    step(
+        "starting the agent as its installed unit would (own cgroup, its umask and capabilities only)",
     );
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg("echo $$ > \"$0/cgroup.procs\" && umask 077 && exec \"$@\"")
-        .arg(&unit.path)
-        .args(["setpriv", "--no-new-privs", "--inh-caps=-all"])
-        .arg(format!("--bounding-set={caps}"))
-        .arg("--")
-        .arg(&installed)
-        .args(["agent", "--config"])
-        .arg(&config);
+    let unit = Cgroup::create("lab-agent")?;
+    let service = AgentUnit::installed(&root)?;
+    let installed = service.program(&root)?;
+    let config = service.config(&root)?;
+    let cmd = service.command(&root, &unit.path)?;
     let agent = Agent::start_command(
         in_netns(&topo.bastion, &cmd),
         installed.clone(),
@@ -154,12 +139,12 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
         15432,
     )?;
     println!(
-        "    {} agent --config {} (capabilities: {})",
-        installed.display(),
-        config.display(),
-        UNIT_CAPS.join(", ")
+        "    {} (from usr/lib/systemd/system/sluice.service; capabilities: {}, umask {})",
+        service.argv.join(" "),
+        service.caps.join(", "),
+        service.umask
     );
-    check_caps(&agent)?;
+    check_caps(&agent, &service)?;
     if !agent.logged("target name resolved") {
         bail!("the agent did not resolve `db`:\n{}", agent.log());
     }
@@ -275,18 +260,8 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The capability numbers of [`UNIT_CAPS`] (linux/capability.h).
-fn cap_number(name: &str) -> Option<u32> {
-    match name {
-        "net_admin" => Some(12),
-        "perfmon" => Some(38),
-        "bpf" => Some(39),
-        _ => None,
-    }
-}
-
-/// The running agent's effective capabilities are exactly [`UNIT_CAPS`].
-fn check_caps(agent: &Agent) -> anyhow::Result<()> {
+/// The running agent's effective capabilities are exactly its unit's bounding set.
+fn check_caps(agent: &Agent, unit: &AgentUnit) -> anyhow::Result<()> {
     let pid = agent.pid().context("the agent has no pid")?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let eff = status
@@ -294,10 +269,7 @@ fn check_caps(agent: &Agent) -> anyhow::Result<()> {
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .context("no CapEff in the agent's status")?;
-    let want = UNIT_CAPS
-        .iter()
-        .filter_map(|c| cap_number(c))
-        .fold(0u64, |m, n| m | (1 << n));
+    let want = unit.cap_mask()?;
     if eff != want {
         bail!("the agent runs with capabilities {eff:#x}, its unit grants {want:#x}");
     }

@@ -22,6 +22,7 @@ pub mod lab;
 pub mod mariadb;
 pub mod netns;
 pub mod oidc;
+pub mod package;
 
 /// The uid/gid intercepted clients run as in tests (`nobody`), so the recorded uid is not root's.
 pub const CLIENT_UID: u32 = 65534;

@@ -1,6 +1,7 @@
 //! The lab as a test: `sluice_tests::lab::run`, the code `cargo xtask lab` runs (network
 //! namespaces standing for the bastion and database hosts of `vagrant/`, provisioned by the
-//! same scripts, then the engineer's walk-through), fails the test when anything it shows is
+//! same scripts, the bastion installing the agent's package, then the engineer's walk-through),
+//! fails the test when anything it shows is
 //! not so.
 
 #[test]
@@ -9,7 +10,14 @@ fn an_engineer_on_the_bastion_is_intercepted_identified_denied_masked_and_record
     if !sluice_tests::require_root("lab") {
         return;
     }
-    if let Err(e) = sluice_tests::lab::run(&sluice_tests::sluice_bin()) {
+    // The bastion installs the agent's package (`cargo xtask test` builds it).
+    let Some(debs) = sluice_tests::package::debs("lab") else {
+        return;
+    };
+    let Some(deb) = sluice_tests::package::deb(&debs, "sluice_") else {
+        return;
+    };
+    if let Err(e) = sluice_tests::lab::run(deb) {
         panic!("the lab failed: {e:#}");
     }
 }

@@ -11,107 +11,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use sluice_tests::package::{AgentUnit, ScratchRoot as Root, debs};
 use sluice_tests::{
-    CLIENT_UID, Cgroup, Postgres, free_port, pg_target, psql_args, require_root, run_bounded, skip,
+    CLIENT_UID, Cgroup, Postgres, free_port, pg_target, psql_args, require_root, run_bounded,
     sluice_bin,
 };
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-/// The two packages, or None (skipped) when they were not built.
-fn debs(test: &str) -> Option<Vec<PathBuf>> {
-    let listed: Vec<PathBuf> = std::env::var_os("SLUICE_DEBS")
-        .map(|v| std::env::split_paths(&v).collect())
-        .unwrap_or_default();
-    let found = ["sluice_", "sluice-collector_"].iter().all(|prefix| {
-        listed.iter().any(|p| {
-            p.exists()
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(prefix))
-        })
-    });
-    if found {
-        Some(listed)
-    } else {
-        skip(
-            test,
-            "the packages were not built: run `cargo xtask test` (it builds them), or set SLUICE_DEBS to the two .deb files of `cargo xtask package`",
-        );
-        None
-    }
-}
-
-/// A scratch root with an empty dpkg database.
-struct Root {
-    dir: tempfile::TempDir,
-}
-
-impl Root {
-    fn new() -> Root {
-        let dir = tempfile::Builder::new()
-            .prefix("sluice-pkg-")
-            .tempdir()
-            .unwrap();
-        for d in [
-            "var/lib/dpkg/info",
-            "var/lib/dpkg/updates",
-            "var/lib/dpkg/triggers",
-            "etc",
-        ] {
-            std::fs::create_dir_all(dir.path().join(d)).unwrap();
-        }
-        std::fs::write(dir.path().join("var/lib/dpkg/status"), "").unwrap();
-        std::fs::write(dir.path().join("var/lib/dpkg/available"), "").unwrap();
-        Root { dir }
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel.trim_start_matches('/'))
-    }
-
-    /// dpkg on this root; the maintainer scripts run on the host with DPKG_ROOT set, and the
-    /// base system the packages depend on (libc6, ...) is not in this root's database.
-    fn dpkg(&self, args: &[&str]) -> sluice_tests::Output {
-        let mut cmd = Command::new("dpkg");
-        cmd.arg(format!("--root={}", self.dir.path().display()))
-            .arg(format!("--log={}", self.path("dpkg.log").display()))
-            .args(["--force-script-chrootless", "--force-depends"])
-            .args(args);
-        let out = run_bounded(&mut cmd, LIMIT).unwrap();
-        assert!(
-            out.status.success(),
-            "dpkg {args:?} failed: {}\n{}",
-            out.stdout,
-            out.stderr
-        );
-        out
-    }
-
-    fn install(&self, debs: &[PathBuf]) {
-        let mut args = vec!["-i".to_string()];
-        args.extend(debs.iter().map(|d| d.display().to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.dpkg(&args);
-    }
-}
-
-/// `Key=value` lines of a unit's `[Service]` section.
-fn service_values(unit: &str, key: &str) -> Vec<String> {
-    let mut section = "";
-    let mut out = Vec::new();
-    for line in unit.lines().map(str::trim) {
-        if line.starts_with('[') {
-            section = line;
-        } else if section == "[Service]"
-            && let Some((k, v)) = line.split_once('=')
-            && k == key
-        {
-            out.push(v.to_string());
-        }
-    }
-    out
-}
 
 #[test]
 fn both_packages_install_into_a_scratch_root_with_their_files_conffiles_and_nothing_enabled() {
@@ -121,8 +27,8 @@ fn both_packages_install_into_a_scratch_root_with_their_files_conffiles_and_noth
         return;
     }
     let Some(debs) = debs(test) else { return };
-    let root = Root::new();
-    root.install(&debs);
+    let root = Root::new().unwrap();
+    root.install(&debs).unwrap();
 
     for file in [
         "usr/bin/sluice",
@@ -232,8 +138,8 @@ fn the_packaged_units_pass_systemd_analyze_verify() {
         return;
     }
     let Some(debs) = debs(test) else { return };
-    let root = Root::new();
-    root.install(&debs);
+    let root = Root::new().unwrap();
+    root.install(&debs).unwrap();
     // What the units refer to on any Debian host with systemd: systemd's own targets and
     // slices, and procps' kill (ExecReload).
     let units = root.path("usr/lib/systemd/system");
@@ -252,7 +158,7 @@ fn the_packaged_units_pass_systemd_analyze_verify() {
         let mut cmd = Command::new("systemd-analyze");
         // The man pages are checked by the installation test (verify would ask the host's man).
         cmd.args(["verify", "--man=no"])
-            .arg(format!("--root={}", root.dir.path().display()))
+            .arg(format!("--root={}", root.dir().display()))
             .arg(root.path(&format!("usr/lib/systemd/system/{unit}")));
         let out = run_bounded(&mut cmd, LIMIT).unwrap();
         assert!(
@@ -309,16 +215,13 @@ fn the_agent_started_as_its_unit_starts_it_intercepts_psql_and_remove_keeps_the_
         return;
     }
     let Some(debs) = debs(test) else { return };
-    let root = Root::new();
-    root.install(&debs);
-    let unit = std::fs::read_to_string(root.path("usr/lib/systemd/system/sluice.service")).unwrap();
+    let root = Root::new().unwrap();
+    root.install(&debs).unwrap();
+    let unit = AgentUnit::installed(root.dir()).unwrap();
 
     // What the unit runs, and with what.
-    let exec = service_values(&unit, "ExecStart");
-    assert_eq!(exec.len(), 1, "{exec:?}");
-    let argv: Vec<&str> = exec[0].split_whitespace().collect();
     assert_eq!(
-        argv,
+        unit.argv,
         [
             "/usr/bin/sluice",
             "agent",
@@ -326,15 +229,10 @@ fn the_agent_started_as_its_unit_starts_it_intercepts_psql_and_remove_keeps_the_
             "/etc/sluice/sluice.toml"
         ]
     );
-    assert_eq!(service_values(&unit, "User"), ["root"]);
-    let caps = service_values(&unit, "CapabilityBoundingSet");
-    assert_eq!(caps.len(), 1, "{caps:?}");
-    let setpriv_caps: Vec<String> = caps[0]
-        .split_whitespace()
-        .map(|c| format!("+{}", c.to_lowercase().trim_start_matches("cap_")))
-        .collect();
-    assert_eq!(service_values(&unit, "NoNewPrivileges"), ["yes"]);
-    assert_eq!(service_values(&unit, "UMask"), ["0077"]);
+    assert_eq!(unit.user, "root");
+    assert_eq!(unit.caps, ["bpf", "net_admin", "perfmon"]);
+    assert!(unit.no_new_privileges);
+    assert_eq!(unit.umask, "0077");
 
     // A backend, a cgroup for the client and one for the agent (the unit's own cgroup).
     let pg = Postgres::start().unwrap();
@@ -353,24 +251,13 @@ fn the_agent_started_as_its_unit_starts_it_intercepts_psql_and_remove_keeps_the_
         root.path("run/sluice/agent.sock").display(),
         pg_target("app-db", &format!("127.0.0.1:{}", pg.port)),
     );
-    let config_path = root.path(argv[3]);
+    let config_path = unit.config(root.dir()).unwrap();
     std::fs::write(&config_path, config).unwrap();
 
     // ExecStart with its paths inside the root, in a cgroup of its own, with the unit's
     // umask, no new privileges and exactly its capability bounding set.
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg("echo $$ > \"$0/cgroup.procs\" && umask 0077 && exec \"$@\"")
-        .arg(&own.path)
-        .arg("setpriv")
-        .arg("--no-new-privs")
-        .arg("--inh-caps=-all")
-        .arg(format!("--bounding-set=-all,{}", setpriv_caps.join(",")))
-        .arg("--")
-        .arg(root.path(argv[0]))
-        .args(&argv[1..3])
-        .arg(&config_path)
-        .env("RUST_LOG", "info")
+    let mut cmd = unit.command(root.dir(), &own.path).unwrap();
+    cmd.env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -412,7 +299,7 @@ fn the_agent_started_as_its_unit_starts_it_intercepts_psql_and_remove_keeps_the_
 
     // dpkg -r: the binaries go; the journal, its keys, the pins and the conffiles stay, and
     // the journal still reads back.
-    root.dpkg(&["-r", "sluice", "sluice-collector"]);
+    root.dpkg(&["-r", "sluice", "sluice-collector"]).unwrap();
     assert!(!root.path("usr/bin/sluice").exists());
     assert!(!root.path("usr/lib/systemd/system/sluice.service").exists());
     assert!(root.path("etc/sluice/sluice.toml").exists());
@@ -422,7 +309,8 @@ fn the_agent_started_as_its_unit_starts_it_intercepts_psql_and_remove_keeps_the_
     assert_eq!(sessions(&sluice_bin()).len(), recorded.len());
 
     // dpkg --purge: the journal, the keys, the pins, the collector's store and the conffiles go.
-    root.dpkg(&["--purge", "sluice", "sluice-collector"]);
+    root.dpkg(&["--purge", "sluice", "sluice-collector"])
+        .unwrap();
     for gone in [
         "var/lib/sluice",
         "sys/fs/bpf/sluice",

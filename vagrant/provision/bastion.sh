@@ -9,11 +9,12 @@
 #   built (target/debian/*.deb under SLUICE_SRC), creates the account `ada`, names `db` in
 #   /etc/hosts, writes /etc/sluice/sluice.toml and starts the unit;
 # - without systemd as PID 1 (`cargo xtask lab`, inside the lab's `bastion` network
-#   namespace): SLUICE_ROOT names a directory standing for the bastion's / (etc/sluice,
-#   var/lib/sluice, run/sluice), SLUICE_BIN the agent binary when no package is built yet,
+#   namespace): SLUICE_ROOT names a directory standing for the bastion's /, into which the
+#   package (SLUICE_DEB, or the one under target/debian) is installed with `dpkg --root`,
 #   ENGINEER_UID the engineer's uid (no account is created on the host), SLUICE_CGROUP the
 #   cgroup the agent attaches to; /etc/hosts is then the namespace's own (the lab mounts
-#   /etc/netns/<ns>/hosts there). The caller starts the agent as the unit would.
+#   /etc/netns/<ns>/hosts there). The caller starts the agent as the installed unit would
+#   (its ExecStart, UMask, NoNewPrivileges and CapabilityBoundingSet).
 #
 # Optional: COLLECTOR (host:port) and COLLECTOR_TOKEN (from `sluice-collector token`) enroll
 # the agent so it ships its journal.
@@ -33,16 +34,24 @@ if [ -z "$ROOT" ] && [ ! -d /run/systemd/system ]; then
   exit 1
 fi
 
-# 1. The agent: the package when one is built, else the binary from the build.
-deb=$(ls "$SRC"/target/debian/sluice_*.deb 2>/dev/null | tail -1 || true)
-if [ -z "$ROOT" ] && [ -n "$deb" ]; then
+# 1. The agent: the package `cargo xtask package` built.
+deb=${SLUICE_DEB:-$(ls "$SRC"/target/debian/sluice_*.deb 2>/dev/null | tail -1 || true)}
+if [ -z "$deb" ] || [ ! -f "$deb" ]; then
+  echo "bastion: no sluice package (SLUICE_DEB, or $SRC/target/debian/sluice_*.deb): run \`cargo xtask package\` first" >&2
+  exit 1
+fi
+if [ -z "$ROOT" ]; then
   echo "bastion: installing $deb"
   apt-get install -y -qq "$deb"
-  BIN=/usr/bin/sluice
 else
-  BIN=$ROOT/usr/bin/sluice
-  install -D -m 755 "${SLUICE_BIN:?SLUICE_BIN must name the sluice binary when no package is built}" "$BIN"
+  # The lab: dpkg installs into SLUICE_ROOT with a database of its own; the maintainer
+  # scripts run here with DPKG_ROOT set, and the base system is this host's.
+  echo "bastion: installing $deb into $ROOT (dpkg --root)"
+  install -d "$ROOT/var/lib/dpkg/info" "$ROOT/var/lib/dpkg/updates" "$ROOT/var/lib/dpkg/triggers" "$ROOT/var/log" "$ROOT/etc"
+  for f in status available; do [ -f "$ROOT/var/lib/dpkg/$f" ] || : > "$ROOT/var/lib/dpkg/$f"; done
+  dpkg --root="$ROOT" --log="$ROOT/var/log/dpkg.log" --force-script-chrootless --force-depends -i "$deb"
 fi
+BIN=$ROOT/usr/bin/sluice
 # The engineers' clients.
 for c in psql:postgresql-client mariadb:mariadb-client; do
   command -v "${c%%:*}" >/dev/null || {

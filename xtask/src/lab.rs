@@ -1,11 +1,12 @@
 //! `cargo xtask lab`: the two-host lab of `vagrant/` on this machine, with network namespaces
 //! instead of virtual machines (see `sluice_tests::lab`, which `tests/tests/lab.rs` runs too).
-//! As root: installs what is missing, builds, then runs the provisioning scripts and the
-//! engineer's walk-through, and removes everything it made.
+//! As root: installs what is missing, builds the Debian packages (`cargo xtask package --dev`;
+//! the bastion installs the agent's), then runs the provisioning scripts and the engineer's
+//! walk-through, and removes everything it made.
 
 use anyhow::bail;
 
-use crate::util::{cargo, is_root, target_dir};
+use crate::util::is_root;
 
 #[derive(clap::Args)]
 pub struct Args {}
@@ -17,6 +18,10 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
         );
     }
     crate::packages::ensure(crate::packages::Need::Lab)?;
-    crate::util::run(cargo().args(["build", "--workspace", "--bins"]))?;
-    sluice_tests::lab::run(&target_dir().join("debug/sluice"))
+    // The packages of the test command's debug build (it builds the workspace first).
+    let debs = crate::package::run_package(&crate::package::Args { dev: true })?;
+    let Some(deb) = sluice_tests::package::deb(&debs, "sluice_") else {
+        bail!("cargo xtask package wrote no sluice_*.deb: {debs:?}");
+    };
+    sluice_tests::lab::run(deb)
 }
