@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::error::JournalError;
 use crate::model::SessionStart;
-use crate::store::{Journal, JournalError, JournalOptions};
+use crate::writer::{Journal, JournalOptions};
 
 /// What one run measured.
 #[derive(Clone, Debug)]

@@ -15,63 +15,13 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use rocksdb::WriteBatch;
-use serde::{Deserialize, Serialize};
 
 use crate::chain::{genesis, link, verify_checkpoint};
-use crate::model::{SessionId, SessionSummary};
-use crate::ship::{IngestReport, SessionAck, ShipBatch, ShipSession};
-use crate::store::{
-    CF_CHECKPOINTS, CF_EVENTS, CF_HASHES, CF_INTEGRITY, Core, JournalError, decode, encode,
-    event_key,
-};
-
-/// The collector's verdict on one session, kept up to date by ingest.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Integrity {
-    /// The enrolled agent that sent it.
-    pub agent: String,
-    /// Events 0..next_seq are stored.
-    pub next_seq: u64,
-    /// The chain hash after event next_seq - 1 (while the chain is unbroken).
-    pub tip: [u8; 32],
-    /// The last event covered by a checkpoint that verified.
-    pub sealed_through: Option<u64>,
-    /// True once a gap made the rest of the chain unverifiable here.
-    pub broken: bool,
-    /// Everything flagged, oldest first.
-    pub problems: Vec<String>,
-}
-
-impl Integrity {
-    /// One word for listings: verified, unsealed (events after the last good checkpoint) or
-    /// flagged.
-    pub fn verdict(&self) -> String {
-        if !self.problems.is_empty() {
-            format!("FLAGGED: {}", self.problems.join("; "))
-        } else if self.next_seq > 0 && self.sealed_through == Some(self.next_seq - 1) {
-            "verified".into()
-        } else {
-            match self.sealed_through {
-                Some(s) => format!("unsealed after event {s}"),
-                None => "unsealed".into(),
-            }
-        }
-    }
-}
-
-pub(crate) fn integrity(
-    core: &Core,
-    session: &SessionId,
-) -> Result<Option<Integrity>, JournalError> {
-    let Some(family) = core.db.cf_handle(CF_INTEGRITY) else {
-        return Ok(None);
-    };
-    core.db
-        .get_cf(family, session.as_bytes())
-        .map_err(|source| JournalError::Read { source })?
-        .map(|v| decode(&v, || format!("integrity of {session}")))
-        .transpose()
-}
+use crate::db::{Core, Integrity};
+use crate::error::JournalError;
+use crate::model::SessionSummary;
+use crate::schema::{CF_CHECKPOINTS, CF_EVENTS, CF_HASHES, CF_INTEGRITY, encode, event_key};
+use crate::wire::{IngestReport, SessionAck, ShipBatch, ShipSession};
 
 /// The collector's store. One process writes it; readers open it with [`crate::Reader`].
 pub struct Store {
@@ -133,7 +83,7 @@ impl Store {
     ) -> Result<SessionAck, JournalError> {
         let core = &self.core;
         let id = s.summary.id;
-        let mut state = integrity(core, &id)?.unwrap_or_else(|| Integrity {
+        let mut state = core.integrity(&id)?.unwrap_or_else(|| Integrity {
             agent: agent.to_string(),
             next_seq: 0,
             tip: genesis(&id),
@@ -270,7 +220,7 @@ impl Store {
             .sessions()?
             .into_iter()
             .map(|s| {
-                let i = integrity(&self.core, &s.id)?;
+                let i = self.core.integrity(&s.id)?;
                 Ok((s, i))
             })
             .collect()
@@ -312,8 +262,9 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::model::{NoteLevel, SessionStart};
-    use crate::store::{Journal, JournalOptions, Reader};
+    use crate::model::{NoteLevel, SessionId, SessionStart};
+    use crate::reader::Reader;
+    use crate::writer::{Journal, JournalOptions};
 
     fn start() -> SessionStart {
         SessionStart {
@@ -554,7 +505,7 @@ mod tests {
         assert_eq!(journal.recovered(), &[id]);
         let reader = Reader::open(&journal_dir).unwrap();
         let s = reader.find(&id.to_string()).unwrap();
-        assert_eq!(s.end_reason.as_deref(), Some(crate::store::INTERRUPTED));
+        assert_eq!(s.end_reason.as_deref(), Some(crate::recovery::INTERRUPTED));
         assert_eq!(s.events, 3);
         let v = reader.verify(&id).unwrap();
         assert_eq!((v.problem, v.sealed_through), (None, Some(2)));
@@ -565,7 +516,7 @@ mod tests {
         let (summary, integrity) = &store.sessions().unwrap()[0];
         assert_eq!(
             summary.end_reason.as_deref(),
-            Some(crate::store::INTERRUPTED)
+            Some(crate::recovery::INTERRUPTED)
         );
         assert_eq!(integrity.as_ref().unwrap().verdict(), "verified");
         drop(store);
@@ -622,7 +573,7 @@ mod tests {
 
     #[test]
     fn tampering_with_the_collectors_store_is_named_at_the_first_bad_event() {
-        use crate::store::{CF_EVENTS, event_key};
+        use crate::schema::{CF_EVENTS, event_key};
         // Each case: a fresh store holding one verified session of 12 events, then a change
         // made by someone with the store's files and its data key.
         type Tamper = fn(&Core, &SessionId);

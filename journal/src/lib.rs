@@ -30,29 +30,37 @@
 //! corrupt value (decoding errors are returned, naming the key).
 #![forbid(unsafe_code)]
 
+// In layers, each file importing only the ones above it in this list (the model, keys and
+// crypto first; the collector's store last).
 pub mod bench;
 pub mod chain;
 mod collector;
+mod db;
+mod error;
 mod keyfile;
 mod model;
+mod reader;
+mod recovery;
+mod schema;
 pub mod seal;
 mod ship;
-mod store;
+mod wire;
+mod writer;
 
-pub use collector::{Integrity, Store};
+pub use collector::Store;
+pub use db::{Integrity, RawEvent, RawSession, Verification};
+pub use error::JournalError;
 pub use keyfile::KeyError;
 pub use model::{
     AccessRequest, AuthInfo, Body, Decision, Direction, Event, MaskFiring, MaskReport, NoteLevel,
     Principal, ProcessInfo, RequestKind, RequestState, Review, SessionId, SessionStart,
     SessionSummary, now_ns, parse_duration,
 };
-pub use ship::{
-    Backlog, IngestReport, SessionAck, ShipBatch, ShipCheckpoint, ShipEvent, ShipSession,
-};
-pub use store::{
-    INTERRUPTED, Journal, JournalError, JournalOptions, RawEvent, RawSession, Reader,
-    SessionRecorder, Verification,
-};
+pub use reader::Reader;
+pub use recovery::INTERRUPTED;
+pub use ship::Backlog;
+pub use wire::{IngestReport, SessionAck, ShipBatch, ShipCheckpoint, ShipEvent, ShipSession};
+pub use writer::{Journal, JournalOptions, SessionRecorder};
 
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {

@@ -1,9 +1,8 @@
-//! Shipping: what an agent sends its collector ([`ShipBatch`]), what the collector answers
-//! ([`IngestReport`]), and the agent's side of it on its [`Journal`]: the next batch after the
-//! persisted cursor, and the acknowledgement that moves the cursor and frees the spool.
+//! Shipping, the agent's side: on its [`Journal`], the next batch after the persisted cursor
+//! and the acknowledgement that moves the cursor and frees the spool (the format is
+//! `wire.rs`).
 //!
 //! ```text
-//! wire   = MAGIC (8 B) ++ postcard(ShipBatch | IngestReport)
 //! cursor = "shipped" family: session id -> next unacknowledged seq (u64 BE)
 //! ```
 //! Events travel as their plain stored values (exactly what the chain hashes), so the collector
@@ -13,113 +12,16 @@
 //! it is sealed and every event of it is acknowledged.
 
 use rocksdb::WriteBatch;
-use serde::{Deserialize, Serialize};
 
-use crate::chain::Checkpoint;
-use crate::model::{SessionId, SessionSummary};
-use crate::store::{CF_SHIPPED, Journal, JournalError};
+use crate::error::JournalError;
+use crate::model::SessionId;
+use crate::schema::CF_SHIPPED;
+use crate::wire::{IngestReport, ShipBatch, ShipCheckpoint, ShipEvent, ShipSession};
+use crate::writer::Journal;
 
-const BATCH_MAGIC: &[u8; 8] = b"SLSHIP01";
-const REPORT_MAGIC: &[u8; 8] = b"SLACK001";
 /// Run a compaction after deleting shipped sessions at most this often (so the spool's size on
 /// disk follows what was deleted).
 const COMPACT_EVERY_NS: u64 = 30_000_000_000;
-
-/// One shipment from an agent to its collector.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShipBatch {
-    pub sessions: Vec<ShipSession>,
-}
-
-/// New events of one session, with its latest summary.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShipSession {
-    pub summary: SessionSummary,
-    /// Contiguous seqs, ascending, starting at the agent's cursor.
-    pub events: Vec<ShipEvent>,
-    /// The signed checkpoints among `events`.
-    pub checkpoints: Vec<ShipCheckpoint>,
-}
-
-/// An event's plain stored value (exactly the bytes its chain hash covers) and the chain hash
-/// the agent recorded for it, so the collector can name an event that changed on the way.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShipEvent {
-    pub seq: u64,
-    pub value: Vec<u8>,
-    /// None for events recorded before per-event hashes existed.
-    pub hash: Option<[u8; 32]>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShipCheckpoint {
-    pub seq: u64,
-    pub checkpoint: Checkpoint,
-}
-
-/// The collector's answer to a batch, sent after its durable write.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IngestReport {
-    pub sessions: Vec<SessionAck>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SessionAck {
-    pub session: SessionId,
-    /// Events 0..next_seq of the session are durably stored at the collector.
-    pub next_seq: u64,
-    /// What the collector flagged in this session (gap, bad or foreign signature, conflicting
-    /// duplicate), if anything; such events are stored flagged, never as good.
-    pub problems: Vec<String>,
-}
-
-fn wire<T: Serialize>(magic: &[u8; 8], value: &T, what: &str) -> Result<Vec<u8>, JournalError> {
-    postcard::to_extend(value, magic.to_vec()).map_err(|source| JournalError::Encode {
-        what: what.into(),
-        source,
-    })
-}
-
-fn unwire<'a, T: Deserialize<'a>>(
-    magic: &[u8; 8],
-    bytes: &'a [u8],
-    what: &str,
-) -> Result<T, JournalError> {
-    let rest = bytes
-        .strip_prefix(magic.as_slice())
-        .ok_or_else(|| JournalError::Format {
-            what: format!("{what} (not a sluice {what}, or another version)"),
-            format: bytes.first().copied().unwrap_or(0),
-        })?;
-    postcard::from_bytes(rest).map_err(|source| JournalError::Decode {
-        what: what.into(),
-        source,
-    })
-}
-
-impl ShipBatch {
-    pub fn encode(&self) -> Result<Vec<u8>, JournalError> {
-        wire(BATCH_MAGIC, self, "batch")
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<ShipBatch, JournalError> {
-        unwire(BATCH_MAGIC, bytes, "batch")
-    }
-
-    pub fn event_count(&self) -> usize {
-        self.sessions.iter().map(|s| s.events.len()).sum()
-    }
-}
-
-impl IngestReport {
-    pub fn encode(&self) -> Result<Vec<u8>, JournalError> {
-        wire(REPORT_MAGIC, self, "ingest report")
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<IngestReport, JournalError> {
-        unwire(REPORT_MAGIC, bytes, "ingest report")
-    }
-}
 
 /// What is waiting to be shipped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -232,9 +134,9 @@ impl Journal {
             if now.saturating_sub(*last) >= COMPACT_EVERY_NS {
                 *last = now;
                 for family in [
-                    crate::store::CF_EVENTS,
-                    crate::store::CF_HASHES,
-                    crate::store::CF_CHECKPOINTS,
+                    crate::schema::CF_EVENTS,
+                    crate::schema::CF_HASHES,
+                    crate::schema::CF_CHECKPOINTS,
                 ] {
                     core.db
                         .compact_range_cf(core.cf(family)?, None::<&[u8]>, None::<&[u8]>);
@@ -248,10 +150,10 @@ impl Journal {
     pub fn compact(&self) -> Result<(), JournalError> {
         let core = &self.core;
         for family in [
-            crate::store::CF_EVENTS,
-            crate::store::CF_HASHES,
-            crate::store::CF_CHECKPOINTS,
-            crate::store::CF_SESSIONS,
+            crate::schema::CF_EVENTS,
+            crate::schema::CF_HASHES,
+            crate::schema::CF_CHECKPOINTS,
+            crate::schema::CF_SESSIONS,
         ] {
             let cf = core.cf(family)?;
             core.db
@@ -279,7 +181,7 @@ impl Journal {
                 && let Some(first) = core.raw_events(id, cursor)?.next()
             {
                 let (seq, plain) = first?;
-                out.oldest_ns = Some(crate::store::decode_event(id, seq, &plain)?.ts_ns);
+                out.oldest_ns = Some(crate::schema::decode_event(id, seq, &plain)?.ts_ns);
             }
         }
         Ok(out)
