@@ -9,7 +9,7 @@
 //! full jitter (200 ms doubling to 30 s). The log says when shipping starts failing, when the
 //! reason changes and when it recovers, never once per retry.
 //!
-//! TLS identities (`sluice_collector::pki`): the agent presents a certificate it self-signs,
+//! TLS identities (`sluice_wire::pki`): the agent presents a certificate it self-signs,
 //! at each start, for its journal signing key, so the collector pins the key that signs the
 //! checkpoints; it accepts the collector's certificate only if its SHA-256 is the pinned one,
 //! learnt at enrollment (`sluice enroll`, [`enroll`]) from the token.
@@ -24,10 +24,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sluice_collector::api::{self, EnrollRequest, EnrollResponse};
-use sluice_collector::http::{self, Request, Response};
-use sluice_collector::pki;
 use sluice_journal::{IngestReport, Journal};
+use sluice_wire::api::{self, EnrollRequest, EnrollResponse};
+use sluice_wire::http::{self, Request, Response};
+use sluice_wire::pki;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
 use tokio_rustls::TlsConnector;
@@ -277,10 +277,7 @@ pub async fn enroll(
     let public_key = ring::signature::KeyPair::public_key(&pair)
         .as_ref()
         .to_vec();
-    let signature = pair.sign(&sluice_collector::registry::enroll_message(
-        secret,
-        &public_key,
-    ));
+    let signature = pair.sign(&sluice_wire::api::enroll_message(secret, &public_key));
     let config = tls_client(&agent.signing_key, pin)?;
     let connector = TlsConnector::from(config);
     let body = EnrollRequest {

@@ -3,18 +3,13 @@
 //! stores it (RocksDB, the journal's own format, so `sluice sessions|replay|export|verify
 //! --journal DIR/store` read it), and purges recordings past their retention.
 //!
-//! - [`http`]: the minimal HTTP/1.1 codec both ends use.
-//! - [`pki`]: certificates (rcgen), fingerprints, the pinning and client-key verifiers.
-//! - [`api`]: the enrollment JSON and the token's text form.
 //! - [`registry`]: enrolled agents, tokens and the audit log (files under the collector dir).
 //! - [`server`]: the HTTPS routes.
 //!
-//! The agent uses `http`, `pki` and `api` for `sluice enroll` and its shipper.
+//! What the agent shares with it (the routes, the enrollment JSON, the HTTP codec, the TLS
+//! identities) is the `sluice_wire` crate; the agent does not link this one.
 #![forbid(unsafe_code)]
 
-pub mod api;
-pub mod http;
-pub mod pki;
 pub mod registry;
 pub mod server;
 

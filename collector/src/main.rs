@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sluice_collector::registry::{Registry, format_ns};
-use sluice_collector::{api, pki};
+use sluice_wire::{api, pki};
 
 mod serve;
 

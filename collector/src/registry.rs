@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::pki::{hex, sha256};
+use sluice_wire::api::enroll_message;
+use sluice_wire::pki::{hex, sha256};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -103,16 +104,6 @@ pub struct AuditRecord {
     /// Sessions concerned (a purge's).
     #[serde(default)]
     pub sessions: Vec<String>,
-}
-
-/// The message an enrolling agent signs with the key it enrolls: a context string, the token
-/// secret and the key itself.
-pub fn enroll_message(secret: &str, public_key: &[u8]) -> Vec<u8> {
-    let mut m = b"sluice-enroll-v1\0".to_vec();
-    m.extend_from_slice(secret.as_bytes());
-    m.push(0);
-    m.extend_from_slice(public_key);
-    m
 }
 
 pub fn format_ns(ns: u64) -> String {

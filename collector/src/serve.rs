@@ -13,9 +13,10 @@ use anyhow::Context;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sluice_collector::registry::{AuditRecord, Registry, format_ns};
+use sluice_collector::server;
 use sluice_collector::server::{IngestError, Server, Sink};
-use sluice_collector::{pki, server};
 use sluice_journal::{ShipBatch, Store};
+use sluice_wire::pki;
 use tracing::{debug, error, info, warn};
 
 use crate::Layout;

@@ -1,5 +1,5 @@
-//! The collector's HTTPS server: TLS with optional client certificates ([`crate::pki`]), one
-//! request per connection ([`crate::http`]), three routes:
+//! The collector's HTTPS server: TLS with optional client certificates ([`sluice_wire::pki`]), one
+//! request per connection ([`sluice_wire::http`]), three routes:
 //!
 //! - `POST /v1/enroll` (no client certificate needed): a one-time token, checked by the
 //!   [`Registry`]; 403 with the reason when refused.
@@ -32,10 +32,10 @@ use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::api::{EnrollRequest, EnrollResponse};
-use crate::http::{self, Request, Response};
-use crate::pki::{self, hex};
 use crate::registry::{AgentRecord, Registry, RegistryError, format_ns};
+use sluice_wire::api::{EnrollRequest, EnrollResponse};
+use sluice_wire::http::{self, Request, Response};
+use sluice_wire::pki::{self, hex};
 
 /// Where shipments go (the collector's store; a seam for tests).
 pub trait Sink: Send + Sync + 'static {
@@ -209,7 +209,7 @@ async fn respond<S: tokio::io::AsyncRead + Unpin>(
             }
         };
     let (limit, within) = match (req.method.as_str(), req.path.as_str()) {
-        ("POST", crate::api::ENROLL_PATH) => {
+        ("POST", sluice_wire::api::ENROLL_PATH) => {
             if !server.enrollments.admit() {
                 return Some(Response::error(
                     429,
@@ -218,12 +218,17 @@ async fn respond<S: tokio::io::AsyncRead + Unpin>(
             }
             (ENROLL_MAX_BODY, HEAD_TIMEOUT)
         }
-        ("POST", crate::api::INGEST_PATH) => match authorize(key, peer, server).await {
+        ("POST", sluice_wire::api::INGEST_PATH) => match authorize(key, peer, server).await {
             Ok(_) => (http::MAX_BODY, BODY_TIMEOUT),
             Err(refusal) => return Some(refusal),
         },
-        ("GET", crate::api::HEALTH_PATH) => (0, HEAD_TIMEOUT),
-        (_, crate::api::ENROLL_PATH | crate::api::INGEST_PATH | crate::api::HEALTH_PATH) => {
+        ("GET", sluice_wire::api::HEALTH_PATH) => (0, HEAD_TIMEOUT),
+        (
+            _,
+            sluice_wire::api::ENROLL_PATH
+            | sluice_wire::api::INGEST_PATH
+            | sluice_wire::api::HEALTH_PATH,
+        ) => {
             return Some(Response::error(405, "method not allowed"));
         }
         (_, path) => return Some(Response::error(404, &format!("no such endpoint {path:?}"))),
@@ -253,8 +258,8 @@ const ENROLL_MAX_BODY: usize = 64 * 1024;
 
 async fn route(req: Request, key: Option<[u8; 32]>, peer: SocketAddr, server: &Server) -> Response {
     match (req.method.as_str(), req.path.as_str()) {
-        ("POST", crate::api::ENROLL_PATH) => enroll(req, peer, server).await,
-        ("POST", crate::api::INGEST_PATH) => ingest(req, key, peer, server).await,
+        ("POST", sluice_wire::api::ENROLL_PATH) => enroll(req, peer, server).await,
+        ("POST", sluice_wire::api::INGEST_PATH) => ingest(req, key, peer, server).await,
         _ => Response::new(
             200,
             "application/json",

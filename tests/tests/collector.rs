@@ -5,7 +5,7 @@
 //!   (root; they skip loudly outside CI and fail under `CI=true`).
 //! - Security and retention need no root: a test "agent" here is a `sluice_journal::Journal`
 //!   in a temp dir with its own Ed25519 key, and the requests are made with the same TLS and
-//!   HTTP code the agent uses (`sluice_collector::{pki, http}`), so each refusal is the
+//!   HTTP code the agent uses (`sluice_wire::{pki, http}`), so each refusal is the
 //!   collector's own answer to a real TLS client.
 #![allow(clippy::unwrap_used)]
 
@@ -15,15 +15,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::Value;
-use sluice_collector::api::{self, EnrollRequest};
-use sluice_collector::http::{self, Request, Response};
-use sluice_collector::{pki, registry};
 use sluice_journal::{IngestReport, Journal, JournalOptions, SessionId, SessionStart, ShipBatch};
 use sluice_tests::collector::{Collector, ServeOptions};
 use sluice_tests::{
     Agent, AgentOptions, CLIENT_UID, Cgroup, Postgres, pg_target, psql_session_args, require_root,
     run_bounded, sluice_bin,
 };
+use sluice_wire::api::{self, EnrollRequest};
+use sluice_wire::http::{self, Request, Response};
+use sluice_wire::pki;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -110,7 +110,7 @@ impl FakeAgent {
         let pair =
             ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&self.pkcs8).unwrap();
         let key = self.public_key();
-        let sig = pair.sign(&registry::enroll_message(secret, &key));
+        let sig = pair.sign(&api::enroll_message(secret, &key));
         let body = EnrollRequest {
             token: secret.into(),
             agent: None,

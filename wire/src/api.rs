@@ -18,7 +18,7 @@ pub struct EnrollRequest {
     pub agent: Option<String>,
     /// Its Ed25519 journal signing key (raw 32 bytes), hex.
     pub public_key: String,
-    /// That key's signature over `registry::enroll_message(token, public key)`, hex.
+    /// That key's signature over `[`enroll_message`]`(token, public key)``, hex.
     pub signature: String,
 }
 
@@ -40,6 +40,16 @@ pub fn parse_token(token: &str) -> Option<(&str, &str)> {
     let (secret, fingerprint) = token.trim().rsplit_once('.')?;
     let hex_ok = fingerprint.len() == 64 && fingerprint.bytes().all(|b| b.is_ascii_hexdigit());
     (!secret.is_empty() && hex_ok).then_some((secret, fingerprint))
+}
+
+/// The message an enrolling agent signs with the key it enrolls: a context string, the token
+/// secret and the key itself.
+pub fn enroll_message(secret: &str, public_key: &[u8]) -> Vec<u8> {
+    let mut m = b"sluice-enroll-v1\0".to_vec();
+    m.extend_from_slice(secret.as_bytes());
+    m.push(0);
+    m.extend_from_slice(public_key);
+    m
 }
 
 #[cfg(test)]
