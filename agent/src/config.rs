@@ -377,6 +377,14 @@ impl Protocol {
             Protocol::Mysql => "mysql",
         }
     }
+
+    /// The protocol's word for what it frames, in end reasons ("a packet of N bytes ...").
+    pub fn unit(self) -> &'static str {
+        match self {
+            Protocol::Postgres => "message",
+            Protocol::Mysql => "packet",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

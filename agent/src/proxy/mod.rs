@@ -19,6 +19,7 @@
 //! This module never parses protocol bytes: that is `postgres/` and `mysql/`, one module per
 //! protocol, on top of `protocol::`.
 
+mod hold;
 mod identify;
 pub mod mysql;
 mod postgres;
@@ -110,8 +111,26 @@ pub(crate) fn strict_denial(
     })
 }
 
-/// Why a proxied session ended, whatever its protocol; the text goes to the journal's end
-/// event and the log.
+/// Which end of a proxied connection something came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    /// The engineer's client.
+    Client,
+    /// The database server.
+    Server,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Client => "client",
+            Side::Server => "server",
+        })
+    }
+}
+
+/// Why a proxied session ended, whatever its protocol: the only way a started session is
+/// sealed ([`End::seal`]); the text goes to the journal's end event and the log.
 #[derive(Debug)]
 pub(crate) enum End {
     ClientClosed,
@@ -119,23 +138,33 @@ pub(crate) enum End {
     ClientClosedMidMessage,
     ServerClosedMidMessage,
     Malformed {
-        from: &'static str,
+        from: Side,
         reason: String,
     },
     Io {
-        from: &'static str,
+        from: Side,
         error: std::io::Error,
     },
     Journal(sluice_journal::JournalError),
     Shutdown,
-    /// sluice refused something mid-session that ends it (the client was told why).
+    /// sluice refused something that ends the session (the client was told why, and the
+    /// refusal is journaled).
     Refused(String),
     /// A message or packet declared longer than `max_message_bytes`.
     TooLarge {
-        from: &'static str,
+        from: Side,
         len: usize,
         max: usize,
     },
+    /// Before the relay: the connect decision denied the session (the client was told why).
+    ConnectDenied,
+    /// Before the relay: the backend could not be dialed (the client was told why).
+    BackendUnreachable,
+    /// Before the relay: sluice's own login to the backend failed (the client was told why).
+    BackendLoginFailed,
+    /// Before the relay: the backend refused the client's own login (passthrough; its error
+    /// went to the client as the backend sent it).
+    BackendRefusedLogin,
 }
 
 impl End {
@@ -162,12 +191,25 @@ impl End {
             End::TooLarge { from, len, max } => format!(
                 "a {unit} of {len} bytes from the {from} exceeds max_message_bytes ({max} bytes)"
             ),
+            End::ConnectDenied => "connect denied by policy".into(),
+            End::BackendUnreachable => "backend unreachable".into(),
+            End::BackendLoginFailed => "backend login failed".into(),
+            End::BackendRefusedLogin => "the backend refused the login".into(),
         }
     }
 
+    /// An end the journal already explains (a close, a shutdown, a refusal the client was
+    /// sent and that was journaled): logged at info and not noted again.
     fn normal(&self) -> bool {
         match self {
-            End::ClientClosed | End::ServerClosed | End::Shutdown | End::Refused(_) => true,
+            End::ClientClosed
+            | End::ServerClosed
+            | End::Shutdown
+            | End::Refused(_)
+            | End::ConnectDenied
+            | End::BackendUnreachable
+            | End::BackendLoginFailed
+            | End::BackendRefusedLogin => true,
             End::Io { error, .. } => error.kind() == std::io::ErrorKind::UnexpectedEof,
             _ => false,
         }
@@ -274,7 +316,7 @@ impl Shared {
         warn!(reason = %text, "connection refused before the session started");
         if let Ok(rec) = self.start_session(routed, params, None) {
             let _ = rec.note(sluice_journal::NoteLevel::Error, text.to_string());
-            let _ = rec.end(text.to_string());
+            End::Refused(text.to_string()).seal(&rec, routed.target.protocol.unit());
         }
     }
 

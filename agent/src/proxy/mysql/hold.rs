@@ -12,22 +12,22 @@
 //! While holding, the client pump forwards nothing more (later pipelined commands keep their
 //! order; the server pump keeps relaying earlier commands' responses) but keeps reading the
 //! client into its buffer, bounded by one packet's worth, so a hang-up is noticed: it withdraws
-//! the request ([`HoldGuard`] marks it abandoned), as does the session ending for any other
+//! the request (`HoldGuard` marks it abandoned), as does the session ending for any other
 //! reason (agent shutdown drops the waiting future), and so does a KILL of the session's
-//! connection id from the same principal ([`super::kill`]; ERR 1317). Never touches the server socket or writes to
-//! the client: the caller does, through the server pump.
+//! connection id from the same principal ([`super::kill`]; ERR 1317). The wait itself is
+//! [`crate::proxy::hold::wait`], shared with PostgreSQL. Never touches the server socket or
+//! writes to the client: the caller does, through the server pump.
 
 use std::sync::atomic::{AtomicU16, Ordering};
 
 use bytes::BytesMut;
-use sluice_journal::{RequestState, Review, SessionRecorder, now_ns};
-use tokio::io::{AsyncRead, AsyncReadExt};
-use tracing::{info, warn};
+use sluice_journal::SessionRecorder;
+use tokio::io::AsyncRead;
 
 use super::Gate;
-use crate::access::{HoldGuard, HoldRequest, Outcome};
 use crate::protocol::mysql::packet::HEADER_LEN;
 use crate::proxy::End;
+use crate::proxy::hold::{Holder, OnTimeout, Settled, Statement, wait};
 
 /// A command an approval policy holds: what policy said, and how its answer is numbered.
 #[derive(Debug, Clone)]
@@ -77,9 +77,9 @@ impl Waiting {
     }
 }
 
-/// Holds a command: records the request (or waits again on the same principal's deferred one
-/// for the same text), journals the Review, and waits for a decision, the timeout, or the client
-/// going away. Err: the session ends (the guard withdraws the request).
+/// Holds a command ([`crate::proxy::hold::wait`], deferred when not decided in time, withdrawn
+/// by a KILL), and turns what became of it into the client's answer. Err: the session ends
+/// (the guard withdraws the request), its parting error answering the held command.
 pub(super) async fn hold<R: AsyncRead + Unpin>(
     held: &Held,
     gate: &Gate,
@@ -88,135 +88,68 @@ pub(super) async fn hold<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     max: usize,
 ) -> Result<HoldOutcome, End> {
-    let (request, mut decided) = match gate.access.hold(HoldRequest {
-        session: gate.session_id,
-        requester: &gate.principal,
-        target: &gate.target,
-        sql: &held.sql,
-        action: held.action,
-        policies: &held.policies,
-        reason: &held.reason,
-        approvers: &held.approvers,
-    }) {
-        Ok(x) => x,
-        Err(e) => {
-            warn!(error = %e, "cannot record a request for approval: the statement is denied");
-            return Ok(HoldOutcome::Refused(format!(
-                "sluice: the statement needs approval, but the request cannot be recorded ({e}), so it is denied"
-            )));
-        }
-    };
-    let id = request.id;
-    let mut guard = HoldGuard::new(&gate.access, &id);
     // Left set if the session ends during the hold: its parting error answers the command.
     gate.waiting.set(Some(held.reply_seq));
-    info!(request = %id, approvers = %held.approvers, action = held.action, "statement held for approval");
-    recorder
-        .review(Review {
-            request: id.clone(),
-            state: RequestState::Pending,
-        })
-        .map_err(End::Journal)?;
-    let timeout = gate.hold_timeout;
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut kill = gate.kill.clone();
-    kill.borrow_and_update();
-    let mut interrupted = false;
-    let waited: Result<Outcome, RequestState> = loop {
-        tokio::select! {
-            Ok(()) = kill.changed() => {
-                interrupted = true;
-                break Err(RequestState::Abandoned {
-                    at_ns: now_ns(),
-                    why: "interrupted by a KILL of its connection".into(),
-                });
-            }
-            o = &mut decided => break o.map_err(|_| RequestState::Abandoned {
-                at_ns: now_ns(),
-                why: "the request was dropped".into(),
-            }),
-            _ = tokio::time::sleep_until(deadline) => break Err(RequestState::Deferred { at_ns: now_ns() }),
-            r = from.read_buf(buf), if buf.len() < max.saturating_add(HEADER_LEN) => match r {
-                Ok(0) => return Err(End::ClientClosed),
-                Ok(_) => {}
-                Err(error) => return Err(End::Io { from: "client", error }),
-            },
-        }
-    };
-    guard.disarm();
-    gate.waiting.set(None);
-    let outcome = match waited {
-        Ok(o) => Some(o),
-        // A decision that crossed the timeout wins.
-        Err(state) => match gate.access.settle(&id, state.clone()) {
-            Ok(Some(o)) => Some(o),
-            Ok(None) => {
-                recorder
-                    .review(Review {
-                        request: id.clone(),
-                        state: state.clone(),
-                    })
-                    .map_err(End::Journal)?;
-                if interrupted {
-                    info!(request = %id, "held statement interrupted by KILL: withdrawn");
-                    return Ok(HoldOutcome::Interrupted(format!(
-                        "sluice: query execution was interrupted: request {id} is withdrawn (KILL of this connection), so the statement did not run"
-                    )));
-                }
-                if matches!(state, RequestState::Deferred { .. }) {
-                    info!(request = %id, "held statement not decided in time: deferred to a re-run");
-                    return Ok(HoldOutcome::Refused(format!(
-                        "sluice: the statement needs approval and was not decided within {} s, so it did not run. Request {id} stays open: a member of \"{}\" runs `sluice approve {id}`; then run the same statement again and it runs once. Reason: {}",
-                        timeout.as_secs(),
-                        held.approvers,
-                        held.reason
-                    )));
-                }
-                None
-            }
-            Err(e) => {
-                warn!(request = %id, error = %e, "cannot record the end of a hold");
-                None
-            }
+    let settled = wait(
+        Holder {
+            access: &gate.access,
+            session: gate.session_id,
+            principal: &gate.principal,
+            target: &gate.target,
+            timeout: gate.hold_timeout,
+            on_timeout: OnTimeout::Deferred,
+            interrupt: gate.kill.clone(),
+            interrupted_by: "interrupted by a KILL of its connection",
         },
-    };
-    Ok(match outcome {
-        Some(Outcome::Approved { by, comment }) => {
-            info!(request = %id, %by, "held statement approved: forwarding it");
-            recorder
-                .review(Review {
-                    request: id.clone(),
-                    state: RequestState::Approved {
-                        by: by.clone(),
-                        comment: comment.clone(),
-                        at_ns: now_ns(),
-                        expires_ns: None,
-                    },
-                })
-                .map_err(End::Journal)?;
-            HoldOutcome::Approved {
-                request: id,
-                by,
-                comment,
-            }
-        }
-        Some(Outcome::Denied { by, reason }) => {
-            info!(request = %id, %by, "held statement denied");
-            recorder
-                .review(Review {
-                    request: id.clone(),
-                    state: RequestState::Denied {
-                        by: by.clone(),
-                        reason: reason.clone(),
-                        at_ns: now_ns(),
-                    },
-                })
-                .map_err(End::Journal)?;
-            HoldOutcome::Refused(format!("sluice: request {id} was denied by {by}: {reason}"))
-        }
-        None => HoldOutcome::Refused(format!(
-            "sluice: request {id} ended without a decision, so the statement did not run"
+        Statement {
+            sql: &held.sql,
+            action: held.action,
+            policies: &held.policies,
+            reason: &held.reason,
+            approvers: &held.approvers,
+        },
+        recorder,
+        from,
+        buf,
+        max.saturating_add(HEADER_LEN),
+        async |_: &str| Ok(()),
+    )
+    .await?;
+    gate.waiting.set(None);
+    Ok(match settled {
+        Settled::Approved {
+            request,
+            by,
+            comment,
+        } => HoldOutcome::Approved {
+            request,
+            by,
+            comment,
+        },
+        Settled::Denied {
+            request,
+            by,
+            reason,
+        } => HoldOutcome::Refused(format!(
+            "sluice: request {request} was denied by {by}: {reason}"
         )),
+        Settled::Unrecordable(e) => HoldOutcome::Refused(format!(
+            "sluice: the statement needs approval, but the request cannot be recorded ({e}), so it is denied"
+        )),
+        Settled::Interrupted { request } => HoldOutcome::Interrupted(format!(
+            "sluice: query execution was interrupted: request {request} is withdrawn (KILL of this connection), so the statement did not run"
+        )),
+        Settled::Deferred { request } => HoldOutcome::Refused(format!(
+            "sluice: the statement needs approval and was not decided within {} s, so it did not run. Request {request} stays open: a member of \"{}\" runs `sluice approve {request}`; then run the same statement again and it runs once. Reason: {}",
+            gate.hold_timeout.as_secs(),
+            held.approvers,
+            held.reason
+        )),
+        Settled::TimedOut { request } | Settled::Undecided { request } => {
+            HoldOutcome::Refused(format!(
+                "sluice: request {request} ended without a decision, so the statement did not run"
+            ))
+        }
     })
 }
 

@@ -90,7 +90,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc};
 use tracing::{Span, debug, info, warn};
 
-use super::{End, Routed, Shared, identify, strict_denial, upstream};
+use super::{End, Routed, Shared, Side, identify, strict_denial, upstream};
 use crate::access::Access;
 use crate::config::{AuthMode, ClientTls, Role, Unparsed};
 use crate::policy::facts::Dialect;
@@ -213,7 +213,7 @@ pub(crate) async fn serve(
         tokio::select! {
         r = tokio::time::timeout(shared.config.startup_timeout(), session.authenticate(client_seq, backend_seq)) => {
             r.unwrap_or_else(|_| Err(End::Malformed {
-                from: "client",
+                from: Side::Client,
                 reason: "the login did not complete in time".into(),
             }))
         }
@@ -226,7 +226,7 @@ pub(crate) async fn serve(
             relay(session, stop).await
         }
         Ok(false) => {
-            let _ = recorder.end("the backend refused the login");
+            End::BackendRefusedLogin.seal(&recorder, "packet");
             info!("backend refused the login");
             return;
         }
@@ -682,17 +682,20 @@ async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connec
     };
     Span::current().record("session", tracing::field::display(recorder.id()));
     let journal_copy = packet(client_seq, &response.without_credentials()).freeze();
-    let mut journaled = recorder.server(hello).is_ok() && recorder.client(journal_copy, 0).is_ok();
-    for (from_server, bytes) in exchange {
-        journaled = journaled
-            && if from_server {
-                recorder.server(bytes).is_ok()
-            } else {
-                recorder.client(bytes, 0).is_ok()
-            };
-    }
-    if !journaled {
-        let _ = recorder.end("journal write failed");
+    let journaled = recorder
+        .server(hello)
+        .and_then(|()| recorder.client(journal_copy, 0))
+        .and_then(|()| {
+            exchange.into_iter().try_for_each(|(from_server, bytes)| {
+                if from_server {
+                    recorder.server(bytes)
+                } else {
+                    recorder.client(bytes, 0)
+                }
+            })
+        });
+    if let Err(e) = journaled {
+        End::Journal(e).seal(&recorder, "packet");
         return None;
     }
 
@@ -730,7 +733,7 @@ async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connec
                     let bytes = err(reply_seq, code::ACCESS_DENIED, &text);
                     let _ = recorder.server(bytes.clone());
                     let _ = client.write_all(&bytes).await;
-                    let _ = recorder.end("connect denied by policy");
+                    End::ConnectDenied.seal(&recorder, "packet");
                     return None;
                 }
             }
@@ -769,7 +772,7 @@ async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connec
             let bytes = err(reply_seq, code::SLUICE, &text);
             let _ = recorder.server(bytes.clone());
             let _ = client.write_all(&bytes).await;
-            let _ = recorder.end("backend unreachable");
+            End::BackendUnreachable.seal(&recorder, "packet");
             return None;
         }
     };
@@ -785,7 +788,11 @@ async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connec
                 *seq = backend_seq;
             }
             if let Err(e) = server.write_all(&forward).await {
-                let _ = recorder.end(format!("i/o error on the server connection: {e}"));
+                End::Io {
+                    from: Side::Server,
+                    error: e,
+                }
+                .seal(&recorder, "packet");
                 return None;
             }
             false
@@ -822,18 +829,18 @@ async fn begin(h: Handshaken, routed: &Routed, shared: &Shared) -> Option<Connec
                     let bytes = err(reply_seq, code::ACCESS_DENIED, &text);
                     let _ = recorder.server(bytes.clone());
                     let _ = client.write_all(&bytes).await;
-                    let _ = recorder.end("backend login failed");
+                    End::BackendLoginFailed.seal(&recorder, "packet");
                     return None;
                 }
             };
             // The client's login succeeds with sluice's OK carrying the backend's status.
             let ok = packet(reply_seq, &ok.encode(0x00, caps)).freeze();
-            if recorder.server(ok.clone()).is_err() {
-                let _ = recorder.end("journal write failed");
+            if let Err(e) = recorder.server(ok.clone()) {
+                End::Journal(e).seal(&recorder, "packet");
                 return None;
             }
             if client.write_all(&ok).await.is_err() {
-                let _ = recorder.end("client closed the connection");
+                End::ClientClosed.seal(&recorder, "packet");
                 return None;
             }
             true
@@ -1273,7 +1280,7 @@ async fn change_user_now(
     max: usize,
 ) -> Result<(), End> {
     let malformed = |reason: String| End::Malformed {
-        from: "client",
+        from: Side::Client,
         reason,
     };
     let wire = crate::protocol::mysql::packet::packet_len(cbuf, max)
@@ -1334,18 +1341,18 @@ impl Session<'_> {
                 r = self.server.read_buf(&mut sbuf) => match r {
                     Ok(0) => return Err(End::ServerClosed),
                     Ok(_) => true,
-                    Err(error) => return Err(End::Io { from: "server", error }),
+                    Err(error) => return Err(End::Io { from: Side::Server, error }),
                 },
                 r = self.client.read_buf(&mut cbuf) => match r {
                     Ok(0) => return Err(End::ClientClosed),
                     Ok(_) => false,
-                    Err(error) => return Err(End::Io { from: "client", error }),
+                    Err(error) => return Err(End::Io { from: Side::Client, error }),
                 },
             };
             let (buf, from) = if from_server {
-                (&mut sbuf, "server")
+                (&mut sbuf, Side::Server)
             } else {
-                (&mut cbuf, "client")
+                (&mut cbuf, Side::Client)
             };
             let whole = whole_packets(buf, login::PRE_AUTH_MAX).map_err(|e| End::Malformed {
                 from,
@@ -1392,7 +1399,7 @@ impl Session<'_> {
                     .server(journal.freeze())
                     .map_err(End::Journal)?;
                 self.client.write_all(&out).await.map_err(|error| End::Io {
-                    from: "client",
+                    from: Side::Client,
                     error,
                 })?;
             } else {
@@ -1400,14 +1407,18 @@ impl Session<'_> {
                     .client(journal.freeze(), 0)
                     .map_err(End::Journal)?;
                 self.server.write_all(&out).await.map_err(|error| End::Io {
-                    from: "server",
+                    from: Side::Server,
                     error,
                 })?;
             }
             if let Some(ok) = done {
                 if !sbuf.is_empty() || !cbuf.is_empty() {
                     return Err(End::Malformed {
-                        from: if sbuf.is_empty() { "client" } else { "server" },
+                        from: if sbuf.is_empty() {
+                            Side::Client
+                        } else {
+                            Side::Server
+                        },
                         reason: "bytes after the login's OK before any command".into(),
                     });
                 }
@@ -1495,7 +1506,7 @@ async fn relay(session: Session<'_>, stop: &mut broadcast::Receiver<()>) -> End 
             }
             (Stopped::ChangeUser, None) => {
                 break End::Malformed {
-                    from: "client",
+                    from: Side::Client,
                     reason: "COM_CHANGE_USER stopped a relay that does not answer it".into(),
                 };
             }
@@ -1515,7 +1526,7 @@ async fn relay(session: Session<'_>, stop: &mut broadcast::Receiver<()>) -> End 
             "sluice: the connection is closed because the agent is shutting down",
         )),
         End::Malformed {
-            from: "client",
+            from: Side::Client,
             reason,
         } if idle => Some(err(
             1,
@@ -1528,7 +1539,7 @@ async fn relay(session: Session<'_>, stop: &mut broadcast::Receiver<()>) -> End 
             "sluice: the journal rejected a write, so the session is closed",
         )),
         End::TooLarge {
-            from: "client",
+            from: Side::Client,
             len,
             max,
         } if idle => Some(err(
@@ -1542,7 +1553,7 @@ async fn relay(session: Session<'_>, stop: &mut broadcast::Receiver<()>) -> End 
         _ => None,
     };
     if let End::TooLarge {
-        from: "client",
+        from: Side::Client,
         len,
         ..
     } = &end
@@ -1582,7 +1593,7 @@ async fn read_whole<R: AsyncRead + Unpin>(
     from: &mut R,
     buf: &mut BytesMut,
     max: usize,
-    side: &'static str,
+    side: Side,
 ) -> Result<usize, End> {
     loop {
         let whole = whole_packets(buf, max).map_err(|e| match e {
@@ -1603,7 +1614,7 @@ async fn read_whole<R: AsyncRead + Unpin>(
             buf.reserve(READ_CHUNK);
         }
         match from.read_buf(buf).await {
-            Ok(0) if side == "client" => return Err(End::ClientClosed),
+            Ok(0) if side == Side::Client => return Err(End::ClientClosed),
             Ok(0) => return Err(End::ServerClosed),
             Ok(_) => {}
             Err(error) => return Err(End::Io { from: side, error }),
@@ -1630,7 +1641,7 @@ where
 {
     let end = |e: End| Stopped::End(e);
     loop {
-        if let Err(e) = read_whole(from, buf, p.max, "client").await {
+        if let Err(e) = read_whole(from, buf, p.max, Side::Client).await {
             return end(e);
         }
         loop {
@@ -1639,7 +1650,7 @@ where
                 Ok(None) => break,
                 Err(reason) => {
                     return end(End::Malformed {
-                        from: "client",
+                        from: Side::Client,
                         reason,
                     });
                 }
@@ -1663,7 +1674,7 @@ where
                 && let Err(error) = to.write_all(&chunk[..gated.forward_len]).await
             {
                 return end(End::Io {
-                    from: "server",
+                    from: Side::Server,
                     error,
                 });
             }
@@ -1695,13 +1706,13 @@ where
                             });
                         if let Err(reason) = placed {
                             return end(End::Malformed {
-                                from: "client",
+                                from: Side::Client,
                                 reason,
                             });
                         }
                         if let Err(error) = to.write_all(&command).await {
                             return end(End::Io {
-                                from: "server",
+                                from: Side::Server,
                                 error,
                             });
                         }
@@ -1761,7 +1772,7 @@ where
                 }
                 if let Err(error) = to.write_all(&bytes).await {
                     return End::Io {
-                        from: "client",
+                        from: Side::Client,
                         error,
                     };
                 }
@@ -1780,7 +1791,7 @@ where
                 }
                 continue;
             }
-            r = read_whole(from, buf, p.max, "server") => match r {
+            r = read_whole(from, buf, p.max, Side::Server) => match r {
                 Ok(n) => n,
                 Err(end) => return end,
             },
@@ -1792,7 +1803,7 @@ where
                 Ok(x) => x,
                 Err(reason) => {
                     return End::Malformed {
-                        from: "server",
+                        from: Side::Server,
                         reason,
                     };
                 }
@@ -1810,7 +1821,7 @@ where
                 });
                 if let Err(reason) = placed {
                     return End::Malformed {
-                        from: "server",
+                        from: Side::Server,
                         reason,
                     };
                 }
@@ -1826,7 +1837,7 @@ where
         }
         if let Err(error) = to.write_all(&chunk).await {
             return End::Io {
-                from: "client",
+                from: Side::Client,
                 error,
             };
         }

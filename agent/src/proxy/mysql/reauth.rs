@@ -20,7 +20,7 @@ use sluice_journal::{AuthInfo, NoteLevel, SessionRecorder};
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
-use super::{End, Identified, Routed, Shared, err, identify, identify_client, login};
+use super::{End, Identified, Routed, Shared, Side, err, identify, identify_client, login};
 use crate::protocol::mysql::handshake::{ChangeUser, Handshake, parse_change_user};
 use crate::protocol::mysql::packet::packet;
 use crate::protocol::mysql::response::ResponseMachine;
@@ -49,7 +49,7 @@ pub(super) async fn change_user(
 ) -> Result<(), End> {
     let caps = machine.capabilities();
     let request = parse_change_user(payload, caps).map_err(|e| End::Malformed {
-        from: "client",
+        from: Side::Client,
         reason: e.to_string(),
     })?;
     journal_client(ctx, packet(0, &request.without_credentials(caps)).freeze())?;
@@ -111,14 +111,14 @@ pub(super) async fn change_user(
         .and_then(|_| machine.server(&ok).map(|_| ()));
     if let Err(e) = placed {
         return Err(End::Malformed {
-            from: "server",
+            from: Side::Server,
             reason: e.to_string(),
         });
     }
     let ok = packet(seq, &ok).freeze();
     ctx.recorder.server(ok.clone()).map_err(End::Journal)?;
     client.write_all(&ok).await.map_err(|error| End::Io {
-        from: "client",
+        from: Side::Client,
         error,
     })?;
     let _ = ctx.recorder.auth(AuthInfo {
@@ -160,7 +160,7 @@ async fn identify_again(
     match identified {
         Err((r, _)) if r.code == "08006" => Err(End::ClientClosed),
         Err((r, _)) if r.code == "08P01" => Err(End::Malformed {
-            from: "client",
+            from: Side::Client,
             reason: r.message,
         }),
         other => Ok(other),

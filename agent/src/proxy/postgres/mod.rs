@@ -62,9 +62,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use sluice_journal::{
-    AuthInfo, Decision, NoteLevel, Principal, RequestState, Review, SessionId, SessionRecorder,
-};
+use sluice_journal::{AuthInfo, Decision, NoteLevel, Principal, SessionId, SessionRecorder};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{Span, debug, info, warn};
@@ -74,8 +72,8 @@ mod catalog;
 mod login;
 mod masking;
 
-use super::{End, Routed, Shared, strict_denial, upstream};
-use crate::access::{Access, HoldRequest, Outcome};
+use super::{End, Routed, Shared, Side, strict_denial, upstream};
+use crate::access::Access;
 use crate::config::{AuthMode, ClientTls, Unparsed};
 use crate::mask::rules::RuleSet;
 use crate::policy::facts::Dialect;
@@ -89,6 +87,7 @@ use crate::protocol::postgres::frontend::{Frontend, decode_frontend};
 use crate::protocol::postgres::startup::{
     StartupPacket, is_tls_client_hello, parse_startup, startup_len,
 };
+use crate::proxy::hold::{Holder, OnTimeout, Settled, Statement, wait};
 use crate::tls::{Socket, Stream};
 pub(crate) use cancel::CancelKeys;
 use cancel::{BackendCancel, CancelRegistration};
@@ -243,7 +242,7 @@ pub(crate) async fn serve(
             let _ = client
                 .write_all(&error_response(Severity::Fatal, "08006", &text))
                 .await;
-            let _ = recorder.end("backend unreachable");
+            End::BackendUnreachable.seal(&recorder, "message");
             return;
         }
     };
@@ -286,7 +285,7 @@ pub(crate) async fn serve(
                     let bytes = error_response(Severity::Fatal, "42501", &text);
                     let _ = recorder.server(bytes.clone());
                     let _ = client.write_all(&bytes).await;
-                    let _ = recorder.end("connect denied by policy");
+                    End::ConnectDenied.seal(&recorder, "message");
                     return;
                 }
             }
@@ -298,7 +297,11 @@ pub(crate) async fn serve(
     let greeted = match &role {
         None => {
             if let Err(e) = server.write_all(&packet).await {
-                let _ = recorder.end(format!("i/o error on the server connection: {e}"));
+                End::Io {
+                    from: Side::Server,
+                    error: e,
+                }
+                .seal(&recorder, "message");
                 return;
             }
             false
@@ -327,7 +330,7 @@ pub(crate) async fn serve(
                     let bytes = error_response(Severity::Fatal, "28000", &text);
                     let _ = recorder.server(bytes.clone());
                     let _ = client.write_all(&bytes).await;
-                    let _ = recorder.end("backend login failed");
+                    End::BackendLoginFailed.seal(&recorder, "message");
                     return;
                 }
             };
@@ -349,12 +352,12 @@ pub(crate) async fn serve(
             hello.extend_from_slice(&auth::backend_key_data(own.0, own.1));
             hello.extend_from_slice(&greeting.ready);
             let hello = hello.freeze();
-            if recorder.server(hello.clone()).is_err() {
-                let _ = recorder.end("journal write failed");
+            if let Err(e) = recorder.server(hello.clone()) {
+                End::Journal(e).seal(&recorder, "message");
                 return;
             }
             if client.write_all(&hello).await.is_err() {
-                let _ = recorder.end("client closed the connection");
+                End::ClientClosed.seal(&recorder, "message");
                 return;
             }
             true
@@ -824,21 +827,6 @@ where
     end
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Side {
-    Client,
-    Server,
-}
-
-impl Side {
-    fn name(self) -> &'static str {
-        match self {
-            Side::Client => "client",
-            Side::Server => "server",
-        }
-    }
-}
-
 /// Reads from `from` until a chunk of whole messages is buffered; returns it, or why the
 /// stream ended. `max` is the cap on one message, asked again after every read (it grows
 /// when the login completes while this read waits).
@@ -866,10 +854,7 @@ async fn read_chunk<R: AsyncRead + Unpin>(
             }
             Ok(_) => {}
             Err(error) => {
-                return Err(End::Io {
-                    from: side.name(),
-                    error,
-                });
+                return Err(End::Io { from: side, error });
             }
         }
     }
@@ -877,7 +862,7 @@ async fn read_chunk<R: AsyncRead + Unpin>(
 
 fn split_whole(buf: &mut BytesMut, side: Side, max: usize) -> Result<Option<Bytes>, End> {
     let whole = whole_messages(buf, max).map_err(|e| End::Malformed {
-        from: side.name(),
+        from: side,
         reason: e.to_string(),
     })?;
     Ok((whole > 0).then(|| buf.split_to(whole).freeze()))
@@ -926,7 +911,7 @@ where
             }
             if let Err(error) = to.write_all(&chunk).await {
                 return End::Io {
-                    from: "server",
+                    from: Side::Server,
                     error,
                 };
             }
@@ -944,7 +929,7 @@ where
                         let _ = recorder.client(copy, n);
                     }
                     return End::Malformed {
-                        from: "client",
+                        from: Side::Client,
                         reason,
                     };
                 }
@@ -970,7 +955,7 @@ where
                 && let Err(error) = to.write_all(&gated.forward).await
             {
                 return End::Io {
-                    from: "server",
+                    from: Side::Server,
                     error,
                 };
             }
@@ -1018,9 +1003,9 @@ struct Resolved {
     outcome: HoldOutcome,
 }
 
-/// Holds a statement: records the request, tells the client, and waits for a decision, the
-/// timeout, or the client going away (meanwhile the client's further bytes are buffered, up to
-/// one message's worth, and the server side keeps relaying earlier responses).
+/// Holds a statement ([`crate::proxy::hold::wait`]: timed out when not decided in time,
+/// withdrawn by a CancelRequest), telling the client with a NoticeResponse once the request
+/// is recorded, and turns what became of it into the client's answer.
 async fn hold<R: AsyncRead + Unpin>(
     held: Held,
     gate: &Gate,
@@ -1030,158 +1015,91 @@ async fn hold<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     max: usize,
 ) -> Result<HoldOutcome, End> {
-    let (request, mut decided) = match gate.access.hold(HoldRequest {
-        session: gate.session_id,
-        requester: &gate.principal,
-        target: &gate.target,
-        sql: &held.sql,
-        action: held.action,
-        policies: &held.policies,
-        reason: &held.reason,
-        approvers: &held.approvers,
-    }) {
-        Ok(x) => x,
-        Err(e) => {
-            warn!(error = %e, "cannot record a request for approval: the statement is denied");
-            return Ok(HoldOutcome::Refused {
-                code: "42501",
-                message: format!(
-                    "sluice: the statement needs approval, but the request cannot be recorded ({e}), so it is denied"
-                ),
-            });
-        }
-    };
-    let id = request.id.clone();
-    // Marks the request abandoned if the session stops waiting without settling it (the
-    // client pump is dropped at shutdown or when the other direction ends).
-    let mut guard = crate::access::HoldGuard::new(&gate.access, &id);
-    info!(request = %id, approvers = %held.approvers, action = held.action, "statement held for approval");
-    if let Err(e) = recorder.review(Review {
-        request: id.clone(),
-        state: RequestState::Pending,
-    }) {
-        return Err(End::Journal(e));
-    }
     let timeout = gate.hold_timeout;
-    let notice = notice_response(
-        NoticeSeverity::Notice,
-        "00000",
-        &format!(
-            "sluice: statement held for approval: request {id}; an approver (group \"{}\") runs `sluice approve {id}` (or `sluice deny {id} --reason ...`); waiting up to {} s. Reason: {}",
-            held.approvers,
-            timeout.as_secs(),
-            held.reason
-        ),
-    );
-    if inject
-        .send(Injection {
-            before_ready: NOW,
-            error: notice,
-        })
-        .await
-        .is_err()
-    {
-        return Err(End::ServerClosed);
-    }
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut cancel = gate.cancel.clone();
-    cancel.borrow_and_update();
-    let mut cancelled = false;
-    let waited: Result<Outcome, RequestState> = loop {
-        tokio::select! {
-            Ok(()) = cancel.changed() => {
-                cancelled = true;
-                break Err(RequestState::Abandoned {
-                    at_ns: sluice_journal::now_ns(),
-                    why: "the client cancelled the statement".into(),
-                });
-            }
-            o = &mut decided => break o.map_err(|_| RequestState::Abandoned {
-                at_ns: sluice_journal::now_ns(),
-                why: "the request was dropped".into(),
-            }),
-            _ = tokio::time::sleep_until(deadline) => break Err(RequestState::TimedOut { at_ns: sluice_journal::now_ns() }),
-            r = from.read_buf(buf), if buf.len() < max.saturating_add(HEADER_LEN) => match r {
-                Ok(0) => return Err(End::ClientClosed),
-                Ok(_) => {}
-                Err(error) => return Err(End::Io { from: "client", error }),
-            },
-        }
+    let announce = async |id: &str| {
+        let notice = notice_response(
+            NoticeSeverity::Notice,
+            "00000",
+            &format!(
+                "sluice: statement held for approval: request {id}; an approver (group \"{}\") runs `sluice approve {id}` (or `sluice deny {id} --reason ...`); waiting up to {} s. Reason: {}",
+                held.approvers,
+                timeout.as_secs(),
+                held.reason
+            ),
+        );
+        inject
+            .send(Injection {
+                before_ready: NOW,
+                error: notice,
+            })
+            .await
+            .map_err(|_| End::ServerClosed)
     };
-    guard.disarm();
-    let outcome = match waited {
-        Ok(o) => Some(o),
-        Err(state) => match gate.access.settle(&id, state.clone()) {
-            Ok(Some(o)) => Some(o),
-            Ok(None) => {
-                let _ = recorder.review(Review {
-                    request: id.clone(),
-                    state,
-                });
-                None
-            }
-            Err(e) => {
-                warn!(request = %id, error = %e, "cannot record the end of a hold");
-                None
-            }
+    let settled = wait(
+        Holder {
+            access: &gate.access,
+            session: gate.session_id,
+            principal: &gate.principal,
+            target: &gate.target,
+            timeout,
+            on_timeout: OnTimeout::TimedOut,
+            interrupt: gate.cancel.clone(),
+            interrupted_by: "the client cancelled the statement",
         },
-    };
-    Ok(match outcome {
-        Some(Outcome::Approved { by, comment }) => {
-            info!(request = %id, %by, "held statement approved: forwarding it");
-            if let Err(e) = recorder.review(Review {
-                request: id.clone(),
-                state: RequestState::Approved {
-                    by: by.clone(),
-                    comment: comment.clone(),
-                    at_ns: sluice_journal::now_ns(),
-                    expires_ns: None,
-                },
-            }) {
-                return Err(End::Journal(e));
-            }
-            HoldOutcome::Approved {
-                request: id,
-                by,
-                comment,
-            }
-        }
-        Some(Outcome::Denied { by, reason }) => {
-            info!(request = %id, %by, "held statement denied");
-            if let Err(e) = recorder.review(Review {
-                request: id.clone(),
-                state: RequestState::Denied {
-                    by: by.clone(),
-                    reason: reason.clone(),
-                    at_ns: sluice_journal::now_ns(),
-                },
-            }) {
-                return Err(End::Journal(e));
-            }
-            HoldOutcome::Refused {
-                code: "42501",
-                message: format!("sluice: request {id} was denied by {by}: {reason}"),
-            }
-        }
-        None if cancelled => {
-            info!(request = %id, "held statement cancelled by the client");
-            HoldOutcome::Refused {
-                code: "57014",
-                message: format!(
-                    "sluice: canceling statement due to user request: request {id} is withdrawn and the statement did not run"
-                ),
-            }
-        }
-        None => {
-            info!(request = %id, "held statement timed out");
-            HoldOutcome::Refused {
-                code: "42501",
-                message: format!(
-                    "sluice: request {id} was not decided within {} s, so the statement did not run; ask an approver and run it again",
-                    timeout.as_secs()
-                ),
-            }
-        }
+        Statement {
+            sql: &held.sql,
+            action: held.action,
+            policies: &held.policies,
+            reason: &held.reason,
+            approvers: &held.approvers,
+        },
+        recorder,
+        from,
+        buf,
+        max.saturating_add(HEADER_LEN),
+        announce,
+    )
+    .await?;
+    let refused = |code, message| HoldOutcome::Refused { code, message };
+    Ok(match settled {
+        Settled::Approved {
+            request,
+            by,
+            comment,
+        } => HoldOutcome::Approved {
+            request,
+            by,
+            comment,
+        },
+        Settled::Denied {
+            request,
+            by,
+            reason,
+        } => refused(
+            "42501",
+            format!("sluice: request {request} was denied by {by}: {reason}"),
+        ),
+        Settled::Unrecordable(e) => refused(
+            "42501",
+            format!(
+                "sluice: the statement needs approval, but the request cannot be recorded ({e}), so it is denied"
+            ),
+        ),
+        Settled::Interrupted { request } => refused(
+            "57014",
+            format!(
+                "sluice: canceling statement due to user request: request {request} is withdrawn and the statement did not run"
+            ),
+        ),
+        Settled::TimedOut { request }
+        | Settled::Deferred { request }
+        | Settled::Undecided { request } => refused(
+            "42501",
+            format!(
+                "sluice: request {request} was not decided within {} s, so the statement did not run; ask an approver and run it again",
+                timeout.as_secs()
+            ),
+        ),
     })
 }
 
@@ -1481,7 +1399,7 @@ where
                 Ok(x) => x,
                 Err(reason) => {
                     return End::Malformed {
-                        from: "server",
+                        from: Side::Server,
                         reason,
                     };
                 }
@@ -1505,7 +1423,7 @@ where
         }
         if let Err(error) = to.write_all(&chunk).await {
             return End::Io {
-                from: "client",
+                from: Side::Client,
                 error,
             };
         }
@@ -1527,7 +1445,7 @@ async fn take_injection<W: AsyncWrite + Unpin>(
     }
     recorder.server(i.error.clone()).map_err(End::Journal)?;
     to.write_all(&i.error).await.map_err(|error| End::Io {
-        from: "client",
+        from: Side::Client,
         error,
     })
 }
